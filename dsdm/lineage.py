@@ -1,0 +1,186 @@
+"""Lineage and result tables in one embedded DuckDB file.
+
+Every materialisation records its artifacts (asset, crawl, URI, sha256, config hash, code
+version, run id, row count) and the artifacts each was made from, so "why was this document
+selected, by which run, from which checkpoints?" is one SQL query. The same file holds the
+tables people query: quarantine, scores, selections.
+
+DuckDB allows one writing process at a time. Each call opens a short-lived connection and
+retries while another process holds the lock, so concurrent runs serialise their writes
+instead of failing.
+"""
+
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS artifacts (
+    artifact_id   VARCHAR PRIMARY KEY,   -- fingerprint of (run_id, uri)
+    asset         VARCHAR NOT NULL,
+    crawl         VARCHAR,
+    uri           VARCHAR NOT NULL,
+    sha256        VARCHAR NOT NULL,
+    size_bytes    BIGINT,
+    config_hash   VARCHAR,
+    code_version  VARCHAR,
+    run_id        VARCHAR,
+    row_count     BIGINT,
+    reused        BOOLEAN DEFAULT FALSE, -- true when found in the store instead of recomputed
+    extra         JSON,
+    recorded_at   TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS artifact_inputs (
+    artifact_id   VARCHAR NOT NULL,      -- the artifact that was made
+    input_uri     VARCHAR NOT NULL,      -- what it was made from (uri + content hash)
+    input_sha256  VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    crawl         VARCHAR NOT NULL,
+    run_id        VARCHAR,
+    file          VARCHAR NOT NULL,
+    "row"         BIGINT,                -- 0-based row (line) within the file; NULL: whole file
+    reason        VARCHAR NOT NULL,
+    detail        VARCHAR,
+    excerpt       VARCHAR
+);
+CREATE TABLE IF NOT EXISTS scores (
+    crawl         VARCHAR NOT NULL,
+    run_id        VARCHAR,
+    scores_id     VARCHAR NOT NULL,      -- fingerprint of the datamodel config and inputs
+    example_id    VARCHAR NOT NULL,
+    task          VARCHAR NOT NULL,
+    score         DOUBLE NOT NULL        -- mean predicted target-loss reduction (larger: better)
+);
+CREATE TABLE IF NOT EXISTS selections (
+    crawl         VARCHAR NOT NULL,
+    run_id        VARCHAR,
+    selection_id  VARCHAR NOT NULL,
+    method        VARCHAR NOT NULL,
+    "rank"        BIGINT NOT NULL,
+    example_id    VARCHAR NOT NULL,
+    doc_id        VARCHAR NOT NULL,
+    source        VARCHAR,
+    score         DOUBLE
+);
+"""
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """One artifact written (or reused) by a materialisation."""
+
+    asset: str
+    uri: str
+    sha256: str
+    crawl: str | None = None
+    size_bytes: int | None = None
+    config_hash: str | None = None
+    code_version: str | None = None
+    run_id: str | None = None
+    row_count: int | None = None
+    reused: bool = False
+    inputs: Sequence[tuple[str, str]] = ()  # (uri, sha256) of what it was made from
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LineageDB:
+    """The lineage/result DuckDB file at ``path`` (created on first use)."""
+
+    def __init__(self, path: str, lock_timeout_s: float = 120.0):
+        self.path = path
+        self.lock_timeout_s = lock_timeout_s
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        with self.connect() as con:
+            con.execute(SCHEMA)
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived connection; waits (with backoff) while another process writes."""
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                con = duckdb.connect(self.path, read_only=read_only)
+                break
+            except duckdb.IOException as error:
+                if "lock" not in str(error).lower() or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
+        """Run a read query and return Arrow (no copies through Python objects)."""
+        with self.connect() as con:
+            return con.sql(sql, params=list(params or [])).to_arrow_table()
+
+    def record_artifacts(self, records: Sequence[ArtifactRecord]) -> list[str]:
+        """Insert artifact rows and their input edges in one transaction; returns their ids."""
+        from dsdm.store import fingerprint
+
+        now = datetime.now(UTC).replace(tzinfo=None)
+        ids = []
+        with self.connect() as con:
+            con.execute("BEGIN")
+            for rec in records:
+                artifact_id = fingerprint(rec.run_id, rec.uri, rec.sha256)
+                ids.append(artifact_id)
+                con.execute("DELETE FROM artifact_inputs WHERE artifact_id = ?", [artifact_id])
+                con.execute(
+                    "INSERT OR REPLACE INTO artifacts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    [
+                        artifact_id, rec.asset, rec.crawl, rec.uri, rec.sha256, rec.size_bytes,
+                        rec.config_hash, rec.code_version, rec.run_id, rec.row_count, rec.reused,
+                        json.dumps(rec.extra, sort_keys=True, default=str), now,
+                    ],
+                )
+                if rec.inputs:
+                    con.executemany(
+                        "INSERT INTO artifact_inputs VALUES (?,?,?)",
+                        [(artifact_id, uri, sha) for uri, sha in rec.inputs],
+                    )
+            con.execute("COMMIT")
+        return ids
+
+    def replace_rows(self, table: str, where: dict[str, Any], rows: pa.Table) -> int:
+        """Replace the rows of ``table`` matching ``where`` by ``rows`` atomically.
+
+        Used for per-crawl result tables (quarantine, scores, selections): a re-run of the
+        same step replaces its rows instead of duplicating them. ``rows`` must carry the
+        table's columns in order.
+        """
+        if table not in {"quarantine", "scores", "selections"}:
+            raise ValueError(f"unknown result table {table!r}")
+        clause = " AND ".join(f'"{k}" = ?' for k in where) or "TRUE"
+        with self.connect() as con:
+            con.execute("BEGIN")
+            con.execute(f"DELETE FROM {table} WHERE {clause}", list(where.values()))
+            if rows.num_rows:
+                con.register("incoming_rows", rows)
+                con.execute(f"INSERT INTO {table} SELECT * FROM incoming_rows")
+                con.unregister("incoming_rows")
+            con.execute("COMMIT")
+        return rows.num_rows
+
+    def find_artifact(self, asset: str, config_hash: str, crawl: str | None) -> list[dict]:
+        """Artifacts an earlier run wrote for the same asset, crawl and config (for reuse)."""
+        table = self.query(
+            "SELECT uri, sha256, row_count, run_id FROM artifacts "
+            "WHERE asset = ? AND config_hash = ? AND crawl IS NOT DISTINCT FROM ? "
+            "ORDER BY recorded_at DESC",
+            [asset, config_hash, crawl],
+        )
+        return table.to_pylist()

@@ -1,0 +1,112 @@
+"""Artifact store: one fsspec root URL (a local folder or ``s3://bucket/prefix``).
+
+Every artifact lives at a path derived from what made it (asset, crawl, a fingerprint of the
+config and inputs), so a re-run with the same inputs finds its artifacts instead of
+recomputing them. Writes are atomic: a reader never sees a half-written file under its
+final name.
+"""
+
+import hashlib
+import io
+import json
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts (configs, input sha256s, code versions)."""
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    """What the lineage table needs to know about one written file."""
+
+    uri: str
+    sha256: str
+    size_bytes: int
+
+
+class ArtifactStore:
+    """Reads and writes artifacts below ``root_url``.
+
+    ``storage_options`` go to fsspec (for S3: ``endpoint_url`` through ``client_kwargs``,
+    never credentials: s3fs reads those from the environment).
+    """
+
+    def __init__(self, root_url: str, storage_options: Mapping[str, Any] | None = None):
+        self.fs, root = fsspec.core.url_to_fs(root_url, **dict(storage_options or {}))
+        self.root = root.rstrip("/")
+        self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self._is_local = self.protocol in ("file", "local")
+        if self._is_local:
+            os.makedirs(self.root, exist_ok=True)
+
+    def path(self, relpath: str) -> str:
+        """Filesystem path (no protocol) of ``relpath`` below the root."""
+        if relpath.startswith("/") or ".." in relpath.split("/"):
+            raise ValueError(f"artifact path must be relative and stay below the root: {relpath!r}")
+        return f"{self.root}/{relpath}"
+
+    def uri(self, relpath: str) -> str:
+        """Full URL of ``relpath``, as recorded in lineage."""
+        path = self.path(relpath)
+        return f"file://{path}" if self._is_local else f"{self.protocol}://{path}"
+
+    def exists(self, relpath: str) -> bool:
+        return self.fs.exists(self.path(relpath))
+
+    def list(self, prefix: str) -> list[str]:
+        """Relative paths of the files below ``prefix`` (sorted; temporary files excluded)."""
+        base = self.path(prefix)
+        if not self.fs.exists(base):
+            return []
+        found = self.fs.find(base)
+        rel = [p[len(self.root) + 1 :] if p.startswith(self.root) else p for p in found]
+        return sorted(r for r in rel if ".part-" not in r.rsplit("/", 1)[-1])
+
+    def write_bytes(self, relpath: str, data: bytes) -> StoredArtifact:
+        """Write ``data`` atomically and return its URI and sha256."""
+        path = self.path(relpath)
+        if self._is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.part-{uuid.uuid4().hex[:8]}"
+            try:
+                with open(tmp, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            # An object-store PUT is atomic: the key appears only once the upload completed.
+            self.fs.pipe_file(path, data)
+        return StoredArtifact(self.uri(relpath), hashlib.sha256(data).hexdigest(), len(data))
+
+    def read_bytes(self, relpath: str) -> bytes:
+        return self.fs.cat_file(self.path(relpath))
+
+    def write_json(self, relpath: str, obj: Any) -> StoredArtifact:
+        return self.write_bytes(relpath, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    def read_json(self, relpath: str) -> Any:
+        return json.loads(self.read_bytes(relpath))
+
+    def write_parquet(self, relpath: str, table: pa.Table) -> StoredArtifact:
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd")
+        return self.write_bytes(relpath, sink.getvalue())
+
+    def read_parquet(self, relpath: str, columns: Iterable[str] | None = None) -> pa.Table:
+        with self.fs.open(self.path(relpath), "rb") as handle:
+            return pq.read_table(handle, columns=list(columns) if columns else None)

@@ -1,0 +1,102 @@
+"""Target tasks: prompt/continuation pairs whose loss selection tries to reduce.
+
+A task is one file ``<tasks_root>/<name>.jsonl[.gz]`` with rows ``id, task, split, prompt,
+continuation``. The ``select`` split drives selection; the ``eval`` split only measures it.
+Only continuation tokens count in the loss.
+"""
+
+import gzip
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import fsspec
+import polars as pl
+import pyarrow as pa
+from tokenizers import Tokenizer
+
+from dsdm.tokenization import encode_prompt_continuation, examples_table
+
+SPLITS = ("select", "eval")
+REQUIRED_FIELDS = ("id", "split", "prompt", "continuation")
+
+
+class TaskFileError(ValueError):
+    """A task file is missing or has a bad row; the message names file, row and reason."""
+
+
+def _task_path(fs: Any, root: str, name: str) -> str:
+    for suffix in (".jsonl.gz", ".jsonl"):
+        if fs.exists(f"{root}/{name}{suffix}"):
+            return f"{root}/{name}{suffix}"
+    available = sorted(
+        p.rsplit("/", 1)[-1].split(".")[0] for p in fs.glob(f"{root}/*.jsonl*")
+    )
+    raise TaskFileError(f"task {name!r} not found in {root}; available: {available}")
+
+
+def read_tasks(
+    tasks_url: str, names: Sequence[str], storage_options: dict[str, Any] | None = None
+) -> pl.DataFrame:
+    """All rows of the named tasks (columns: id, task, split, prompt, continuation, file, row).
+
+    Target rows are curated, so a bad row is an error (file, row, reason), not quarantine.
+    """
+    if not names:
+        raise TaskFileError("no target tasks configured")
+    fs, root = fsspec.core.url_to_fs(tasks_url, **(storage_options or {}))
+    root = root.rstrip("/")
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        path = _task_path(fs, root, name)
+        with fs.open(path, "rb") as raw:
+            stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
+            for row, line in enumerate(stream):
+                rows.append(_parse_task_row(path, row, line, name))
+        if not any(r["task"] == name for r in rows):
+            raise TaskFileError(f"{path}: task file is empty")
+    frame = pl.DataFrame(rows)
+    duplicated = frame.filter(pl.col("id").is_duplicated())
+    if duplicated.height:
+        first = duplicated.row(0, named=True)
+        raise TaskFileError(f"{first['file']} row {first['row']}: duplicate id {first['id']!r}")
+    for name in names:
+        splits = set(frame.filter(pl.col("task") == name)["split"].to_list())
+        if missing := [s for s in SPLITS if s not in splits]:
+            raise TaskFileError(f"task {name!r} has no rows in split(s) {missing}")
+    return frame
+
+
+def _parse_task_row(path: str, row: int, line: bytes, name: str) -> dict[str, Any]:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TaskFileError(f"{path} row {row}: not a UTF-8 JSON line ({error})") from error
+    if not isinstance(record, dict):
+        raise TaskFileError(f"{path} row {row}: expected a JSON object")
+    for key in REQUIRED_FIELDS:
+        if not isinstance(record.get(key), str) or not record[key]:
+            raise TaskFileError(f"{path} row {row}: field {key!r} missing or not a non-empty string")
+    if record["split"] not in SPLITS:
+        raise TaskFileError(f"{path} row {row}: split {record['split']!r} not in {SPLITS}")
+    if record.get("task", name) != name:
+        raise TaskFileError(f"{path} row {row}: task {record['task']!r} in the file of {name!r}")
+    return {"id": record["id"], "task": name, "split": record["split"],
+            "prompt": record["prompt"], "continuation": record["continuation"],
+            "file": path, "row": row}
+
+
+def tokenize_tasks(
+    tokenizer: Tokenizer, tasks: pl.DataFrame, seq_len: int
+) -> tuple[pa.Table, int]:
+    """Examples table (+ ``task`` and ``split`` columns) and the count of truncated prompts."""
+    padded, n_tokens, score_from, truncated = encode_prompt_continuation(
+        tokenizer, tasks["prompt"].to_list(), tasks["continuation"].to_list(), seq_len
+    )
+    table = examples_table(
+        tasks["id"].to_list(), tasks["id"].to_list(), tasks["task"].to_list(),
+        padded, n_tokens, score_from,
+    )
+    table = table.append_column("task", pa.array(tasks["task"].to_list(), pa.string()))
+    table = table.append_column("split", pa.array(tasks["split"].to_list(), pa.string()))
+    return table, truncated

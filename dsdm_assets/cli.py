@@ -1,0 +1,56 @@
+"""``dsdm``: the few operations Dagster's own CLI has no command for.
+
+    dsdm add-crawl NAME [NAME ...]   register crawls as partitions (needs DAGSTER_HOME)
+    dsdm crawls                      list registered crawls
+"""
+
+import argparse
+import re
+import sys
+
+CRAWL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def validate_crawl_name(name: str) -> str:
+    """Crawl names become partition keys and path segments: no traversal, no odd characters."""
+    if not CRAWL_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"invalid crawl name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dsdm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    add = commands.add_parser("add-crawl", help="register crawl partitions")
+    add.add_argument("names", nargs="+")
+    commands.add_parser("crawls", help="list registered crawl partitions")
+    args = parser.parse_args(argv)
+
+    import dagster as dg
+
+    from dsdm_assets.partitions import crawl_partitions
+
+    instance = dg.DagsterInstance.get()
+    if args.command == "add-crawl":
+        try:
+            names = [validate_crawl_name(n) for n in args.names]
+        except ValueError as error:
+            print(f"dsdm: {error}", file=sys.stderr)
+            return 2
+        known = set(instance.get_dynamic_partitions(crawl_partitions.name))
+        new = [n for n in names if n not in known]
+        if new:
+            instance.add_dynamic_partitions(crawl_partitions.name, new)
+        print(f"crawls added: {new or 'none'}; already registered: {sorted(set(names) - set(new)) or 'none'}")
+    else:
+        for name in instance.get_dynamic_partitions(crawl_partitions.name):
+            print(name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

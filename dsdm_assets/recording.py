@@ -1,0 +1,147 @@
+"""What every asset does around its engine call: find reusable work, write artifacts under a
+content-derived folder, write a manifest, record lineage rows, find upstream manifests.
+
+Large data never travels through Dagster's IO managers. Each materialisation writes a
+``manifest.json`` (files, sha256s, row counts, config) into the artifact store and puts its
+path in the materialisation metadata under ``MANIFEST_KEY``; downstream assets read it there.
+"""
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dagster as dg
+import pyarrow as pa
+
+from dsdm import __version__
+from dsdm.lineage import ArtifactRecord, LineageDB
+from dsdm.store import ArtifactStore, StoredArtifact, fingerprint
+
+MANIFEST_KEY = "dsdm/manifest"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """An upstream asset's manifest, read from the store."""
+
+    path: str
+    uri: str
+    sha256: str
+    manifest: dict[str, Any]
+
+    def files(self, kind: str | None = None) -> list[dict[str, Any]]:
+        return [f for f in self.manifest["files"] if kind is None or f["kind"] == kind]
+
+
+def read_upstream(
+    context: dg.AssetExecutionContext, store: ArtifactStore, asset: str
+) -> Upstream:
+    """Latest materialisation of ``asset`` for this crawl, resolved to its manifest."""
+    crawl = context.partition_key
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[crawl]), limit=1
+    ).records
+    if not records:
+        raise dg.Failure(f"{asset} has not been materialised for crawl {crawl!r}; run it first")
+    metadata = records[0].asset_materialization.metadata
+    if MANIFEST_KEY not in metadata:
+        raise dg.Failure(f"latest {asset} materialisation for {crawl!r} has no manifest path")
+    path = metadata[MANIFEST_KEY].value
+    data = store.read_bytes(path)
+    return Upstream(path, store.uri(path), hashlib.sha256(data).hexdigest(), json.loads(data))
+
+
+@dataclass
+class AssetWriter:
+    """Artifacts of one asset for one crawl under ``<asset>/<crawl>/<fingerprint>/``."""
+
+    context: dg.AssetExecutionContext
+    store: ArtifactStore
+    lineage: LineageDB
+    asset: str
+    config: dict[str, Any]
+    inputs: Sequence[tuple[str, str]]  # (uri, sha256) of everything it is made from
+    code_version: str = "1"
+    written: list[tuple[str, StoredArtifact, int | None, str]] = field(default_factory=list)
+
+    @property
+    def crawl(self) -> str:
+        return self.context.partition_key
+
+    @property
+    def config_hash(self) -> str:
+        return fingerprint(self.asset, self.code_version, __version__, self.config, sorted(self.inputs))
+
+    @property
+    def folder(self) -> str:
+        return f"{self.asset}/{self.crawl}/{self.config_hash}"
+
+    @property
+    def manifest_path(self) -> str:
+        return f"{self.folder}/manifest.json"
+
+    def existing(self) -> dict[str, Any] | None:
+        """The manifest of an earlier run with identical config and inputs, if complete."""
+        if self.store.exists(self.manifest_path):
+            return self.store.read_json(self.manifest_path)
+        return None
+
+    def write_parquet(self, name: str, table: pa.Table, kind: str) -> StoredArtifact:
+        stored = self.store.write_parquet(f"{self.folder}/{name}", table)
+        self.written.append((name, stored, table.num_rows, kind))
+        return stored
+
+    def write_bytes(self, name: str, data: bytes, kind: str, rows: int | None = None) -> StoredArtifact:
+        stored = self.store.write_bytes(f"{self.folder}/{name}", data)
+        self.written.append((name, stored, rows, kind))
+        return stored
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Write the manifest last (its presence marks the folder complete); record lineage."""
+        manifest = {
+            "asset": self.asset, "crawl": self.crawl, "config": self.config,
+            "config_hash": self.config_hash, "code_version": self.code_version,
+            "dsdm_version": __version__, "run_id": self.context.run_id,
+            "inputs": [{"uri": u, "sha256": s} for u, s in self.inputs],
+            "files": [
+                {"name": name, "path": f"{self.folder}/{name}", "uri": s.uri, "sha256": s.sha256,
+                 "size_bytes": s.size_bytes, "rows": rows, "kind": kind}
+                for name, s, rows, kind in self.written
+            ],
+            "summary": summary,
+        }
+        self.store.write_json(self.manifest_path, manifest)
+        self.record(manifest, reused=False)
+        return manifest
+
+    def record(self, manifest: dict[str, Any], reused: bool) -> None:
+        """One lineage row per file and one for the manifest, with input edges."""
+        common = dict(
+            asset=self.asset, crawl=self.crawl, config_hash=self.config_hash,
+            code_version=f"{self.asset}@{self.code_version}/dsdm@{__version__}",
+            run_id=self.context.run_id, reused=reused, inputs=list(self.inputs),
+        )
+        manifest_bytes = self.store.read_bytes(self.manifest_path)
+        records = [
+            ArtifactRecord(uri=f["uri"], sha256=f["sha256"], size_bytes=f["size_bytes"],
+                           row_count=f["rows"], extra={"kind": f["kind"]}, **common)
+            for f in manifest["files"]
+        ]
+        records.append(ArtifactRecord(
+            uri=self.store.uri(self.manifest_path),
+            sha256=hashlib.sha256(manifest_bytes).hexdigest(),
+            size_bytes=len(manifest_bytes), extra={"kind": "manifest"}, **common,
+        ))
+        self.lineage.record_artifacts(records)
+
+    def base_metadata(self, manifest: dict[str, Any], reused: bool) -> dict[str, Any]:
+        return {
+            MANIFEST_KEY: self.manifest_path,
+            "manifest_uri": dg.MetadataValue.path(self.store.uri(self.manifest_path)),
+            "config_hash": self.config_hash,
+            "reused": reused,
+            "files": len(manifest["files"]),
+            "bytes": sum(f["size_bytes"] for f in manifest["files"]),
+        }

@@ -1,0 +1,46 @@
+"""Where artifacts are written and where crawls are read from (local folder or S3)."""
+
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from dsdm.store import ArtifactStore
+
+
+def _s3_options(endpoint_url: str | None, region: str | None) -> dict[str, Any]:
+    # Credentials are never configuration: s3fs reads AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY
+    # (or a profile/instance role) from the environment, so they cannot leak into metadata.
+    client_kwargs = {k: v for k, v in {"endpoint_url": endpoint_url, "region_name": region}.items() if v}
+    return {"client_kwargs": client_kwargs} if client_kwargs else {}
+
+
+class ArtifactStoreResource(dg.ConfigurableResource):
+    """Artifact store root: ``./.dsdm/store`` by default, ``s3://bucket/prefix`` in production."""
+
+    root_url: str = Field(".dsdm/store", description="fsspec URL of the artifact root.")
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, R2, moto); None for AWS."
+    )
+    region: str | None = Field(None, description="S3 region, if the endpoint needs one.")
+
+    def storage_options(self) -> dict[str, Any]:
+        return _s3_options(self.endpoint_url, self.region) if self.root_url.startswith("s3://") else {}
+
+    def get_store(self) -> ArtifactStore:
+        return ArtifactStore(self.root_url, self.storage_options())
+
+
+class CrawlSourceResource(dg.ConfigurableResource):
+    """The folder (or S3 prefix) under which each crawl is a sub-folder named after it."""
+
+    root_url: str = Field("data/crawls", description="fsspec URL holding one folder per crawl.")
+    tasks_url: str = Field("data/tasks", description="fsspec URL holding <task>.jsonl.gz files.")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, if any.")
+    region: str | None = Field(None, description="S3 region, if the endpoint needs one.")
+
+    def crawl_url(self, crawl: str) -> str:
+        return f"{self.root_url.rstrip('/')}/{crawl}"
+
+    def storage_options(self) -> dict[str, Any]:
+        return _s3_options(self.endpoint_url, self.region) if self.root_url.startswith("s3://") else {}
