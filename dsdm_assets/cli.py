@@ -2,6 +2,7 @@
 
     dsdm add-crawl NAME [NAME ...]   register crawls as partitions (needs DAGSTER_HOME)
     dsdm crawls                      list registered crawls
+    dsdm report CRAWL                what the lineage database holds for a crawl
 """
 
 import argparse
@@ -28,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     add = commands.add_parser("add-crawl", help="register crawl partitions")
     add.add_argument("names", nargs="+")
     commands.add_parser("crawls", help="list registered crawl partitions")
+    report = commands.add_parser("report", help="summarise a crawl's rows in the lineage DB")
+    report.add_argument("crawl")
     args = parser.parse_args(argv)
+    if args.command == "report":
+        return print_report(args.crawl)
 
     import dagster as dg
 
@@ -54,3 +59,31 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+REPORT_QUERIES = {
+    "artifacts (latest run per asset)": """
+        SELECT asset, count(*) AS files, sum(row_count) AS rows, bool_or(reused) AS reused,
+               any_value(run_id) AS run_id
+        FROM artifacts a
+        WHERE crawl = $crawl AND recorded_at = (
+            SELECT max(recorded_at) FROM artifacts b WHERE b.asset = a.asset AND b.crawl = $crawl)
+        GROUP BY asset ORDER BY min(recorded_at)""",
+    "quarantine": """
+        SELECT reason, count(*) AS rows FROM quarantine WHERE crawl = $crawl
+        GROUP BY reason ORDER BY rows DESC""",
+}
+
+
+def print_report(crawl: str) -> int:
+    """Print the lineage tables' rows for ``crawl`` (the DB named by DSDM_LINEAGE_DB)."""
+    from resources import default_resources
+
+    db = default_resources()["lineage"].get_db()
+    print(f"lineage database: {db.path}")
+    for title, sql in REPORT_QUERIES.items():
+        with db.connect() as con:
+            relation = con.sql(sql, params={"crawl": crawl})
+            print(f"\n{title}:")
+            relation.show(max_width=120)
+    return 0

@@ -31,6 +31,10 @@ class Upstream:
     sha256: str
     manifest: dict[str, Any]
 
+    def path_of(self, name: str) -> str:
+        """Store path of a file of this upstream, by its name within the asset folder."""
+        return f"{self.path.rsplit('/', 1)[0]}/{name}"
+
     def files(self, kind: str | None = None) -> list[dict[str, Any]]:
         return [f for f in self.manifest["files"] if kind is None or f["kind"] == kind]
 
@@ -97,6 +101,18 @@ class AssetWriter:
         stored = self.store.write_bytes(f"{self.folder}/{name}", data)
         self.written.append((name, stored, rows, kind))
         return stored
+
+    def has(self, name: str) -> bool:
+        return self.store.exists(f"{self.folder}/{name}")
+
+    def adopt(self, name: str, kind: str, rows: int | None = None) -> bytes:
+        """Take a file an interrupted earlier attempt finished (writes are atomic, so an
+        existing file is complete) into this manifest instead of recomputing it."""
+        path = f"{self.folder}/{name}"
+        data = self.store.read_bytes(path)
+        stored = StoredArtifact(self.store.uri(path), hashlib.sha256(data).hexdigest(), len(data))
+        self.written.append((name, stored, rows, kind))
+        return data
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Write the manifest last (its presence marks the folder complete); record lineage."""

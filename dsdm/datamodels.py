@@ -1,0 +1,93 @@
+"""From proxies and feature shards to DsDm scores: the ensemble bookkeeping around `trak`.
+
+`trak.py` holds the estimator's math; this module decides which examples train which proxy,
+how feature shards are stored, and how the per-proxy estimates stream into one score per
+candidate and target task without holding the pool in memory.
+"""
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from dsdm import trak
+from dsdm.features import Features
+
+FEATURE_FORMAT = "dsdm-features/1"
+
+
+def proxy_subsets(n: int, num_proxies: int, fraction: float, seed: int) -> list[np.ndarray]:
+    """Sorted example indices each proxy trains on: a seeded random ``fraction`` of ``n``.
+
+    Proxies see different subsets, which is what makes the ensemble average informative.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+    size = max(1, round(fraction * n))
+    subsets = []
+    for m in range(num_proxies):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + m)
+        subsets.append(np.sort(torch.randperm(n, generator=generator)[:size].numpy()))
+    return subsets
+
+
+def features_to_bytes(features: Features, example_ids: Sequence[str], **meta: str) -> bytes:
+    """One feature shard as safetensors (no pickle). The header records the example-id hash,
+    so a shard is never paired with the wrong corpus shard."""
+    digest = hashlib.sha256("\n".join(example_ids).encode()).hexdigest()
+    tensors = {"phi": features.phi.contiguous(), "q": features.q.contiguous(),
+               "margin": features.margin.contiguous()}
+    header = {"format": FEATURE_FORMAT, "example_ids_sha256": digest,
+              "rows": str(len(example_ids)), **meta}
+    return safetensors_save(tensors, metadata=header)
+
+
+def features_from_bytes(data: bytes) -> Features:
+    tensors = safetensors_load(data)
+    return Features(phi=tensors["phi"], q=tensors["q"], margin=tensors["margin"])
+
+
+def feature_header(data: bytes) -> dict[str, str]:
+    """The safetensors metadata of a feature shard (read without loading tensors)."""
+    length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + length]).get("__metadata__", {})
+
+
+def ensemble_scores(
+    load_shard: Callable[[int, int], Features],
+    num_shards: int,
+    target_phi: Sequence[torch.Tensor],
+    lam_relative: float = 0.01,
+) -> Iterator[torch.Tensor]:
+    """Yields tau [rows of shard k, T] for k = 0..num_shards-1.
+
+    ``load_shard(m, k)`` returns proxy m's features of corpus shard k; ``target_phi[m]`` is
+    G_m [T, d]. Two passes over the shards: one to build each proxy's kernel, one to score.
+    Peak memory is one shard per proxy plus M kernels [d, d] (float64).
+    """
+    num_proxies = len(target_phi)
+    inverses = []
+    for m in range(num_proxies):
+        k = trak.kernel(load_shard(m, s).phi for s in range(num_shards))
+        inverses.append(trak.regularised_inverse(k, trak.default_lambda(k, lam_relative)))
+    for s in range(num_shards):
+        per_proxy, q_per_proxy = [], []
+        for m in range(num_proxies):
+            shard = load_shard(m, s)
+            (block,) = trak.scores([shard.phi], inverses[m], target_phi[m])
+            per_proxy.append(block)
+            q_per_proxy.append(shard.q)
+        yield trak.ensemble(per_proxy, q_per_proxy)
+
+
+def task_means(tau: torch.Tensor, target_tasks: Sequence[str]) -> dict[str, np.ndarray]:
+    """Mean of tau's columns per task: candidate -> predicted loss reduction on that task."""
+    tasks = np.asarray(target_tasks)
+    if tau.shape[1] != len(tasks):
+        raise ValueError(f"tau has {tau.shape[1]} target columns, {len(tasks)} task labels")
+    values = tau.to(torch.float64).numpy()
+    return {name: values[:, tasks == name].mean(axis=1) for name in sorted(set(tasks))}

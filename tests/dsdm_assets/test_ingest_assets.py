@@ -1,0 +1,82 @@
+"""Materialise the ingest assets on the demo crawl into a temp store; check DuckDB and reuse."""
+
+import dagster as dg
+import duckdb
+import pytest
+
+from dsdm_assets.ingest import documents, target_tasks, tokenized_corpus, tokenizer
+from dsdm_assets.partitions import crawl_partitions
+
+INGEST_ASSETS = [documents, tokenizer, tokenized_corpus, target_tasks]
+
+
+@pytest.fixture(scope="module")
+def materialised(tmp_path_factory, demo_rows, demo_resources):
+    tmp = tmp_path_factory.mktemp("ingest")
+    resources = demo_resources(tmp)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(crawl_partitions.name, ["demo"])
+    first = dg.materialize(INGEST_ASSETS, partition_key="demo", instance=instance,
+                           resources=resources)
+    second = dg.materialize(INGEST_ASSETS, partition_key="demo", instance=instance,
+                            resources=resources)
+    return first, second, tmp / "lineage.duckdb", len(demo_rows)
+
+
+def _metadata(result: dg.ExecuteInJobResult, asset: str) -> dict:
+    (event,) = result.asset_materializations_for_node(asset)
+    return {k: v.value for k, v in event.metadata.items()}
+
+
+def test_documents_reconcile_with_the_crawl(materialised) -> None:
+    first, _, db_path, rows_in_crawl = materialised
+    meta = _metadata(first, "documents")
+    assert meta["rows_read"] == rows_in_crawl
+    assert meta["rows_read"] == meta["accepted"] + meta["quarantined"] + meta["duplicates"]
+    con = duckdb.connect(str(db_path), read_only=True)
+    quarantined = con.sql("SELECT count(*) FROM quarantine WHERE crawl = 'demo'").fetchone()[0]
+    assert quarantined == meta["quarantined"] + meta["duplicates"]
+    assert "| source |" in meta["per_source"]
+
+
+def test_every_artifact_is_in_lineage_with_inputs(materialised) -> None:
+    first, _, db_path, _ = materialised
+    con = duckdb.connect(str(db_path), read_only=True)
+    run = first.run_id
+    assets = dict(con.sql(
+        "SELECT asset, count(*) FROM artifacts WHERE run_id = ? GROUP BY 1", params=[run]
+    ).fetchall())
+    shards = _metadata(first, "tokenized_corpus")["shards"]
+    assert assets == {"documents": 3, "tokenizer": 2, "tokenized_corpus": shards + 1,
+                      "target_tasks": 2}
+    # tokenized_corpus was made from the documents and tokenizer manifests of the same run
+    made_from = {r[0] for r in con.sql(
+        """SELECT DISTINCT up.asset FROM artifacts a JOIN artifact_inputs i USING (artifact_id)
+           JOIN artifacts up ON up.uri = i.input_uri AND up.sha256 = i.input_sha256
+           WHERE a.asset = 'tokenized_corpus' AND a.run_id = ? AND up.run_id = ?""",
+        params=[run, run]).fetchall()}
+    assert made_from == {"documents", "tokenizer"}
+    missing = con.sql("SELECT count(*) FROM artifacts WHERE sha256 IS NULL OR uri IS NULL")
+    assert missing.fetchone()[0] == 0
+
+
+def test_corpus_and_tasks_metadata(materialised) -> None:
+    first, *_ = materialised
+    corpus = _metadata(first, "tokenized_corpus")
+    assert corpus["seq_len"] == 128 and corpus["examples"] > 1000
+    tasks = _metadata(first, "target_tasks")
+    for task in ("wiki_qa", "lambada_cloze", "tech_faq"):
+        assert f"| {task} | select |" in tasks["per_task"]
+        assert f"| {task} | eval |" in tasks["per_task"]
+
+
+def test_second_run_reuses_every_artifact(materialised) -> None:
+    first, second, db_path, _ = materialised
+    for asset in ("documents", "tokenizer", "tokenized_corpus", "target_tasks"):
+        assert _metadata(first, asset)["reused"] is False
+        assert _metadata(second, asset)["reused"] is True
+        assert _metadata(second, asset)["config_hash"] == _metadata(first, asset)["config_hash"]
+    con = duckdb.connect(str(db_path), read_only=True)
+    reused = con.sql("SELECT bool_and(reused) FROM artifacts WHERE run_id = ?",
+                     params=[second.run_id]).fetchone()[0]
+    assert reused is True
