@@ -40,7 +40,6 @@ dev: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev
 
 bench-corpus: install
-	$(BIN)/python -m pip install --quiet -e '.[corpus]'
 	$(BIN)/python scripts/build_corpus.py --size bench
 
 clean:

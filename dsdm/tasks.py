@@ -88,8 +88,8 @@ def _parse_task_row(path: str, row: int, line: bytes, name: str) -> dict[str, An
 
 def tokenize_tasks(
     tokenizer: Tokenizer, tasks: pl.DataFrame, seq_len: int
-) -> tuple[pa.Table, int]:
-    """Examples table (+ ``task`` and ``split`` columns) and the count of truncated prompts."""
+) -> tuple[pa.Table, dict[str, int]]:
+    """Examples table (+ ``task`` and ``split`` columns) and truncation counts."""
     padded, n_tokens, score_from, truncated = encode_prompt_continuation(
         tokenizer, tasks["prompt"].to_list(), tasks["continuation"].to_list(), seq_len
     )

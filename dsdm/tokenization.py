@@ -131,36 +131,37 @@ def chunk_documents(
 
 def encode_prompt_continuation(
     tokenizer: Tokenizer, prompts: Sequence[str], continuations: Sequence[str], seq_len: int
-) -> tuple[list[list[int]], list[int], list[int], int]:
-    """Token ids of prompt + continuation, left-truncating the prompt to fit ``seq_len``.
+) -> tuple[list[list[int]], list[int], list[int], dict[str, int]]:
+    """Token ids of prompt + continuation fitted into ``seq_len``; only continuation is scored.
 
-    Returns (padded ids, n_tokens, score_from, truncated_count). Only continuation tokens
-    are scored. A continuation that alone does not fit raises ValueError.
+    A continuation longer than half the window keeps its first ``seq_len // 2`` tokens (the
+    loss is then measured on that prefix); the prompt is cut from the left to fill the rest,
+    so the tokens nearest the continuation are kept. Returns (padded ids, n_tokens,
+    score_from, {"truncated_prompts": .., "truncated_continuations": ..}).
     """
     _, pad = special_ids(tokenizer)
     prompt_enc = tokenizer.encode_batch(list(prompts))
     cont_enc = tokenizer.encode_batch(list(continuations))
-    padded, n_tokens, score_from, truncated = [], [], [], 0
+    padded, n_tokens, score_from = [], [], []
+    counts = {"truncated_prompts": 0, "truncated_continuations": 0}
     for i, (p, c) in enumerate(zip(prompt_enc, cont_enc, strict=True)):
         prompt_ids, cont_ids = p.ids, c.ids
         if not cont_ids:
             raise ValueError(f"target row {i}: empty continuation after tokenisation")
-        if len(cont_ids) >= seq_len:
-            raise ValueError(
-                f"target row {i}: continuation has {len(cont_ids)} tokens, "
-                f"seq_len {seq_len} leaves no room for the prompt"
-            )
+        if not prompt_ids:
+            raise ValueError(f"target row {i}: empty prompt (a scored token needs context)")
+        if len(cont_ids) > seq_len // 2:
+            cont_ids = cont_ids[: seq_len // 2]
+            counts["truncated_continuations"] += 1
         room = seq_len - len(cont_ids)
         if len(prompt_ids) > room:
             prompt_ids = prompt_ids[len(prompt_ids) - room :]
-            truncated += 1
-        if not prompt_ids:
-            raise ValueError(f"target row {i}: empty prompt (a scored token needs context)")
+            counts["truncated_prompts"] += 1
         ids = prompt_ids + cont_ids
         padded.append(ids + [pad] * (seq_len - len(ids)))
         n_tokens.append(len(ids))
         score_from.append(len(prompt_ids))
-    return padded, n_tokens, score_from, truncated
+    return padded, n_tokens, score_from, counts
 
 
 EXAMPLE_SCHEMA = pa.schema([

@@ -329,7 +329,7 @@ def datamodel_weights(
     long = scores.unpivot(index="example_id", on=tasks, variable_name="task", value_name="score")
     n = long.height
     db.replace_rows("scores", {"crawl": writer.crawl, "scores_id": writer.config_hash}, pa.table({
-        "crawl": [writer.crawl] * n, "run_id": [context.run_id] * n,
+        "crawl": [writer.crawl] * n, "run_id": [context.run.run_id] * n,
         "scores_id": [writer.config_hash] * n, "example_id": long["example_id"],
         "task": long["task"], "score": long["score"],
     }))

@@ -121,7 +121,7 @@ def documents(
         "quarantine", {"crawl": writer.crawl},
         pa.table({
             "crawl": [writer.crawl] * quarantine.height,
-            "run_id": [context.run_id] * quarantine.height,
+            "run_id": [context.run.run_id] * quarantine.height,
             "file": quarantine["file"].to_list(), "row": quarantine["row"].to_list(),
             "reason": quarantine["reason"].to_list(), "detail": quarantine["detail"].to_list(),
             "excerpt": quarantine["excerpt"].to_list(),
@@ -281,10 +281,11 @@ def target_tasks(
                  (pl.col("n_tokens") - pl.col("score_from")).mean().alias("scored_tokens_mean"))
             .sort("task", "split")
         )
-        manifest = writer.finish({"truncated_prompts": truncated, "per_task": per_task.to_dicts()})
+        manifest = writer.finish({**truncated, "per_task": per_task.to_dicts()})
     summary = manifest["summary"]
     return dg.MaterializeResult(metadata={
         **writer.base_metadata(manifest, reused),
         "truncated_prompts": summary["truncated_prompts"],
+        "truncated_continuations": summary["truncated_continuations"],
         "per_task": dg.MetadataValue.md(markdown_table(pl.DataFrame(summary["per_task"]))),
     })

@@ -119,7 +119,7 @@ class AssetWriter:
         manifest = {
             "asset": self.asset, "crawl": self.crawl, "config": self.config,
             "config_hash": self.config_hash, "code_version": self.code_version,
-            "dsdm_version": __version__, "run_id": self.context.run_id,
+            "dsdm_version": __version__, "run_id": self.context.run.run_id,
             "inputs": [{"uri": u, "sha256": s} for u, s in self.inputs],
             "files": [
                 {"name": name, "path": f"{self.folder}/{name}", "uri": s.uri, "sha256": s.sha256,
@@ -137,7 +137,7 @@ class AssetWriter:
         common = dict(
             asset=self.asset, crawl=self.crawl, config_hash=self.config_hash,
             code_version=f"{self.asset}@{self.code_version}/dsdm@{__version__}",
-            run_id=self.context.run_id, reused=reused, inputs=list(self.inputs),
+            run_id=self.context.run.run_id, reused=reused, inputs=list(self.inputs),
         )
         manifest_bytes = self.store.read_bytes(self.manifest_path)
         records = [

@@ -116,7 +116,7 @@ def selected_subset(
     n = selection.height
     db.replace_rows("selections", {"crawl": writer.crawl, "selection_id": writer.config_hash},
                     pa.table({
-                        "crawl": [writer.crawl] * n, "run_id": [context.run_id] * n,
+                        "crawl": [writer.crawl] * n, "run_id": [context.run.run_id] * n,
                         "selection_id": [writer.config_hash] * n, "method": ["dsdm"] * n,
                         "rank": selection["rank"], "example_id": selection["example_id"],
                         "doc_id": selection["doc_id"], "source": selection["source"],

@@ -41,3 +41,32 @@ def demo_resources():
         }
 
     return build
+
+
+@pytest.fixture(scope="session")
+def small_crawl_root(tmp_path_factory, demo_rows: list[dict]) -> Path:
+    """A crawl named ``small``: every 8th demo document (all domains, a fast pipeline run)."""
+    root = tmp_path_factory.mktemp("crawls")
+    (root / "small").mkdir()
+    with gzip.open(root / "small" / "part-00000.jsonl.gz", "wt", encoding="utf-8") as handle:
+        for row in demo_rows[::8]:
+            handle.write(json.dumps(row) + "\n")
+    (root / "small" / "_SUCCESS").write_text("")
+    return root
+
+
+@pytest.fixture(scope="session")
+def fast_run_config() -> dict:
+    """Tiny proxies and projections: the pipeline's logic, not its quality, is under test."""
+    return FAST_RUN_CONFIG
+
+
+FAST_RUN_CONFIG = {
+    "ops": {
+        "tokenizer": {"config": {"vocab_size": 1024}},
+        "tokenized_corpus": {"config": {"shard_size": 256}},
+        "proxy_checkpoints": {"config": {"num_proxies": 2, "model": {
+            "hidden_size": 32, "num_layers": 1, "num_heads": 2, "epochs": 2, "batch_size": 16}}},
+        "gradient_shards": {"config": {"target_dim": 256, "batch_size": 32}},
+    }
+}

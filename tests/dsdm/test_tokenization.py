@@ -67,15 +67,22 @@ def test_loss_mask_scores_only_real_tokens_after_score_from() -> None:
 
 def test_prompt_is_left_truncated_and_only_continuation_scored(demo_tokenizer) -> None:
     prompt = "Question: what does the kernel scheduler do with idle tasks? " * 5 + "\nAnswer:"
-    padded, n_tokens, score_from, truncated = encode_prompt_continuation(
+    padded, n_tokens, score_from, counts = encode_prompt_continuation(
         demo_tokenizer, [prompt, "Q: short?\nAnswer:"], [" it sleeps", " yes"], seq_len=32
     )
-    assert truncated == 1 and n_tokens[0] == 32
+    assert counts == {"truncated_prompts": 1, "truncated_continuations": 0}
+    assert n_tokens[0] == 32
     cont = demo_tokenizer.encode(" it sleeps").ids
     assert padded[0][score_from[0]:n_tokens[0]] == cont
     assert demo_tokenizer.decode(padded[1][score_from[1]:n_tokens[1]]) == " yes"
-    with pytest.raises(ValueError, match="no room for the prompt"):
-        encode_prompt_continuation(demo_tokenizer, ["p"], [" word" * 40], seq_len=16)
+    long_answer = " the scheduler sleeps" * 20
+    padded, n_tokens, score_from, counts = encode_prompt_continuation(
+        demo_tokenizer, [prompt], [long_answer], seq_len=32)
+    assert counts == {"truncated_prompts": 1, "truncated_continuations": 1}
+    assert score_from[0] == 16 and n_tokens[0] == 32
+    assert padded[0][16:] == demo_tokenizer.encode(long_answer).ids[:16]
+    with pytest.raises(ValueError, match="empty prompt"):
+        encode_prompt_continuation(demo_tokenizer, [""], [" yes"], seq_len=16)
 
 
 def test_pretrained_tokenizer_loads_from_local_gpt2_style_files(tmp_path: Path, demo_tokenizer):

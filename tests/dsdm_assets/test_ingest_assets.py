@@ -23,7 +23,7 @@ def materialised(tmp_path_factory, demo_rows, demo_resources):
     return first, second, tmp / "lineage.duckdb", len(demo_rows)
 
 
-def _metadata(result: dg.ExecuteInJobResult, asset: str) -> dict:
+def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
     (event,) = result.asset_materializations_for_node(asset)
     return {k: v.value for k, v in event.metadata.items()}
 
@@ -34,7 +34,7 @@ def test_documents_reconcile_with_the_crawl(materialised) -> None:
     assert meta["rows_read"] == rows_in_crawl
     assert meta["rows_read"] == meta["accepted"] + meta["quarantined"] + meta["duplicates"]
     con = duckdb.connect(str(db_path), read_only=True)
-    quarantined = con.sql("SELECT count(*) FROM quarantine WHERE crawl = 'demo'").fetchone()[0]
+    quarantined = con.execute("SELECT count(*) FROM quarantine WHERE crawl = 'demo'").fetchone()[0]
     assert quarantined == meta["quarantined"] + meta["duplicates"]
     assert "| source |" in meta["per_source"]
 
@@ -43,20 +43,20 @@ def test_every_artifact_is_in_lineage_with_inputs(materialised) -> None:
     first, _, db_path, _ = materialised
     con = duckdb.connect(str(db_path), read_only=True)
     run = first.run_id
-    assets = dict(con.sql(
-        "SELECT asset, count(*) FROM artifacts WHERE run_id = ? GROUP BY 1", params=[run]
+    assets = dict(con.execute(
+        "SELECT asset, count(*) FROM artifacts WHERE run_id = ? GROUP BY 1", [run]
     ).fetchall())
     shards = _metadata(first, "tokenized_corpus")["shards"]
     assert assets == {"documents": 3, "tokenizer": 2, "tokenized_corpus": shards + 1,
                       "target_tasks": 2}
     # tokenized_corpus was made from the documents and tokenizer manifests of the same run
-    made_from = {r[0] for r in con.sql(
+    made_from = {r[0] for r in con.execute(
         """SELECT DISTINCT up.asset FROM artifacts a JOIN artifact_inputs i USING (artifact_id)
            JOIN artifacts up ON up.uri = i.input_uri AND up.sha256 = i.input_sha256
            WHERE a.asset = 'tokenized_corpus' AND a.run_id = ? AND up.run_id = ?""",
-        params=[run, run]).fetchall()}
+        [run, run]).fetchall()}
     assert made_from == {"documents", "tokenizer"}
-    missing = con.sql("SELECT count(*) FROM artifacts WHERE sha256 IS NULL OR uri IS NULL")
+    missing = con.execute("SELECT count(*) FROM artifacts WHERE sha256 IS NULL OR uri IS NULL")
     assert missing.fetchone()[0] == 0
 
 
@@ -77,6 +77,6 @@ def test_second_run_reuses_every_artifact(materialised) -> None:
         assert _metadata(second, asset)["reused"] is True
         assert _metadata(second, asset)["config_hash"] == _metadata(first, asset)["config_hash"]
     con = duckdb.connect(str(db_path), read_only=True)
-    reused = con.sql("SELECT bool_and(reused) FROM artifacts WHERE run_id = ?",
-                     params=[second.run_id]).fetchone()[0]
+    reused = con.execute("SELECT bool_and(reused) FROM artifacts WHERE run_id = ?",
+                     [second.run_id]).fetchone()[0]
     assert reused is True

