@@ -12,6 +12,7 @@ import polars as pl
 import pyarrow as pa
 from pydantic import Field
 
+from dsdm.contamination import find_overlaps
 from dsdm.ingest import IngestConfig, ingest_crawl, list_shards
 from dsdm.tasks import read_tasks, tokenize_tasks
 from dsdm.tokenization import (
@@ -243,7 +244,12 @@ def tokenized_corpus(
 
 @dg.asset(
     group_name=GROUP, partitions_def=crawl_partitions, code_version="1",
-    deps=[tokenizer, tokenized_corpus],
+    deps=[documents, tokenizer, tokenized_corpus],
+    check_specs=[dg.AssetCheckSpec(
+        "targets_not_in_pool", asset="target_tasks",
+        description="No target prompt + continuation shares a 13-word n-gram with a pool "
+        "document (a leak rewards memorisation, not transfer). Warns, listing the leaks.",
+    )],
     description="Target tasks (prompt -> continuation) tokenised like the corpus; only "
     "continuation tokens are scored. 'select' drives selection, 'eval' only measures it.",
 )
@@ -255,6 +261,7 @@ def target_tasks(
     lineage: LineageResource,
 ) -> dg.MaterializeResult:
     artifacts, db = store.get_store(), lineage.get_db()
+    docs_up = read_upstream(context, artifacts, "documents")
     tok_up = read_upstream(context, artifacts, "tokenizer")
     corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
     seq_len = corpus_up.manifest["summary"]["seq_len"]
@@ -264,7 +271,8 @@ def target_tasks(
     ).hexdigest()
     writer = AssetWriter(
         context, artifacts, db, "target_tasks", {**config.model_dump(), "seq_len": seq_len},
-        [(tok_up.uri, tok_up.sha256), (f"{crawls.tasks_url}#{','.join(config.tasks)}", task_digest)],
+        [(docs_up.uri, docs_up.sha256), (tok_up.uri, tok_up.sha256),
+         (f"{crawls.tasks_url}#{','.join(config.tasks)}", task_digest)],
     )
     manifest = writer.existing()
     reused = manifest is not None
@@ -281,11 +289,22 @@ def target_tasks(
                  (pl.col("n_tokens") - pl.col("score_from")).mean().alias("scored_tokens_mean"))
             .sort("task", "split")
         )
-        manifest = writer.finish({**truncated, "per_task": per_task.to_dicts()})
+        (doc_file,) = docs_up.files("documents")
+        pool = artifacts.read_parquet(doc_file["path"], columns=["text"]).column("text")
+        overlaps = find_overlaps((t.as_py() for t in pool),
+                                 (tasks["prompt"] + " " + tasks["continuation"]).to_list())
+        leaked = sorted({tasks["id"][o.target_index] for o in overlaps})
+        manifest = writer.finish({**truncated, "per_task": per_task.to_dicts(), "leaked": leaked})
     summary = manifest["summary"]
     return dg.MaterializeResult(metadata={
         **writer.base_metadata(manifest, reused),
         "truncated_prompts": summary["truncated_prompts"],
         "truncated_continuations": summary["truncated_continuations"],
         "per_task": dg.MetadataValue.md(markdown_table(pl.DataFrame(summary["per_task"]))),
-    })
+    }, check_results=[dg.AssetCheckResult(
+        check_name="targets_not_in_pool", passed=not summary["leaked"],
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"leaked_targets": len(summary["leaked"]),
+                  "first_leaks": dg.MetadataValue.json(summary["leaked"][:20])},
+    )])
+

@@ -80,3 +80,30 @@ def test_second_run_reuses_every_artifact(materialised) -> None:
     reused = con.execute("SELECT bool_and(reused) FROM artifacts WHERE run_id = ?",
                      [second.run_id]).fetchone()[0]
     assert reused is True
+
+
+
+def test_a_target_copied_from_the_pool_is_flagged(tmp_path, demo_rows, demo_resources) -> None:
+    import gzip
+    import json
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    leak = " ".join(demo_rows[7]["text"].split()[:40])
+    rows = [
+        {"id": "leak", "split": "select", "prompt": leak, "continuation": " end"},
+        {"id": "clean", "split": "eval", "prompt": "Question: what is a datamodel?\nAnswer:",
+         "continuation": " a linear predictor"},
+    ]
+    with gzip.open(tasks / "leaky.jsonl.gz", "wt") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in rows)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(crawl_partitions.name, ["demo"])
+    result = dg.materialize(
+        INGEST_ASSETS, partition_key="demo", instance=instance,
+        resources=demo_resources(tmp_path, tasks=tasks),
+        run_config={"ops": {"target_tasks": {"config": {"tasks": ["leaky"]}}}},
+    )
+    (check,) = result.get_asset_check_evaluations()
+    assert check.check_name == "targets_not_in_pool" and check.passed is False
+    assert check.metadata["first_leaks"].value == ["leak"]

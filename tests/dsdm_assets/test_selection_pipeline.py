@@ -67,7 +67,7 @@ def test_asset_checks_ran_and_passed(first_run) -> None:
     _, _, result, *_ = first_run
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"loss_fell": True, "features_finite": True, "scores_finite": True,
-                      "size_matches_budget": True}
+                      "size_matches_budget": True, "targets_not_in_pool": True}
 
 
 def test_selection_metadata_shows_source_shares(first_run) -> None:

@@ -1,0 +1,460 @@
+"""Gradient features phi(z) and out-to-loss weights q(z) of examples under a proxy model.
+
+For an example z with scored tokens t (`loss_mask[t]`), p_t the probability of the correct
+token t given positions < t:
+
+- TRAK model output (multi-class margin): f(z) = sum_t log(p_t / (1 - p_t)),
+- feature: phi(z) = P^T grad_W f(z), P a seeded random projection (`dsdm.projection`),
+- out-to-loss weight: q(z) = mean_t (1 - p_t)  (0 for an example with no scored token).
+
+Which parameters are featurised (the one place this is decided, `featurised_layers`): the
+weight of every `nn.Linear` in the model except the output embedding (LM head), which is
+included only with `include_lm_head=True`. Biases, norm gains and the input embedding are not
+featurised. Any other module owning a parameter of two or more dimensions (GPT-2's
+`Conv1D`, convolutions, ...) raises `UnsupportedLayerError` rather than being skipped.
+
+Two featurisers implement one interface (`GradientFeaturizer`):
+- `ExactFeaturizer`: per-example weight gradients with `torch.func` (`vmap(grad)`), then
+  projected; a reference for tests and small models.
+- `FactoredFeaturizer` (default): hooks on one ordinary forward/backward of sum_i f(z_i)
+  collect, per linear layer, inputs x_t and output gradients delta_t; the per-example
+  gradient sum_t delta_t x_t^T is projected as sum_t (P_out delta_t)(P_in x_t)^T without ever
+  being formed. With a summed objective the output gradients of example i depend on example i
+  only (no batch-coupling layers such as batch norm exist in the proxy), so one batched
+  backward gives every example's factors.
+
+Padding: an optional `attention_mask` [N, L] marks real tokens; position ids count real tokens
+only, so left or right padding leaves phi unchanged. Padded positions get no attention and
+contribute nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from dsdm.projection import DenseProjector, LayerProjection, ProjectionKind, make_layer_projection
+
+logger = logging.getLogger(__name__)
+
+AutocastDtype = Literal["float32", "bfloat16"]
+
+
+class UnsupportedLayerError(TypeError):
+    """The model holds a weight matrix in a module type the featurisers do not handle."""
+
+
+class FeatureConfig(BaseModel):
+    """How phi is computed; saved beside every gradient shard so shards stay comparable."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    method: Literal["factored", "exact"] = "factored"
+    """'factored' (hooks, cost near one training step) or 'exact' (torch.func reference)."""
+    projection: ProjectionKind = "rademacher"
+    """Distribution of the projection entries."""
+    seed: int = 0
+    """Base seed; layer projections use derive_seed(seed, layer name). Same for all examples
+    of one proxy (candidates and targets)."""
+    target_dim: int = Field(2048, gt=0)
+    """Total d to aim for; `choose_layer_dims` splits it across layers (roughly)."""
+    k_out: int | None = Field(None, gt=0)
+    """If set together with k_in: the same (k_out, k_in) for every layer, ignoring target_dim."""
+    k_in: int | None = Field(None, gt=0)
+    """See k_out."""
+    include_lm_head: bool = False
+    """Also featurise the output embedding (LM head) weight."""
+    batch_size: int = Field(16, gt=0)
+    """Examples per forward/backward."""
+    autocast_dtype: AutocastDtype = "float32"
+    """'bfloat16' runs the model under bf16 autocast (meant for CUDA); projections are
+    accumulated in float32 either way."""
+
+
+@dataclass(frozen=True)
+class Features:
+    """Per-example outputs of a featuriser."""
+
+    phi: torch.Tensor
+    """[N, d] float32 projected gradients of f."""
+    q: torch.Tensor
+    """[N] float32 out-to-loss weights, mean over scored tokens of (1 - p_t)."""
+    margin: torch.Tensor
+    """[N] float32 model outputs f(z)."""
+
+
+def featurised_layers(model: nn.Module, *, include_lm_head: bool) -> dict[str, nn.Linear]:
+    """The linear layers whose weights are featurised, by module name, in model order."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    layers: dict[str, nn.Linear] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            if module is not head or include_lm_head:
+                layers[name] = module
+        elif not isinstance(module, nn.Embedding):
+            for pname, p in module.named_parameters(recurse=False):
+                if p.ndim >= 2:
+                    raise UnsupportedLayerError(
+                        f"{name}.{pname} of type {type(module).__name__} has a "
+                        f"{p.ndim}-D weight; only nn.Linear weights can be featurised "
+                        "(GPT-2's Conv1D stores weights transposed: use a GPT-NeoX/Llama proxy)"
+                    )
+    if not layers:
+        raise UnsupportedLayerError("the model has no nn.Linear layer to featurise")
+    return layers
+
+
+def choose_layer_dims(
+    shapes: Mapping[str, tuple[int, int]], target_dim: int
+) -> dict[str, tuple[int, int]]:
+    """Per-layer (k_out, k_in) with sum of k_out * k_in close to `target_dim`.
+
+    shapes: layer name -> (out_features, in_features). Each layer gets an equal share
+    target_dim / n_layers, split into near-square factors no larger than the layer itself.
+    """
+    if target_dim <= 0 or not shapes:
+        raise ValueError("need a positive target_dim and at least one layer")
+    share = target_dim / len(shapes)
+    dims: dict[str, tuple[int, int]] = {}
+    for name, (out_f, in_f) in shapes.items():
+        k_in = min(in_f, max(1, round(math.sqrt(share))))
+        k_out = min(out_f, max(1, round(share / k_in)))
+        k_in = min(in_f, max(1, round(share / k_out)))
+        dims[name] = (k_out, k_in)
+    return dims
+
+
+def layer_projections(
+    model: nn.Module, config: FeatureConfig, *, device: torch.device | str = "cpu"
+) -> list[LayerProjection]:
+    """The seeded (P_out, P_in) pairs for every featurised layer of `model`, in model order."""
+    layers = featurised_layers(model, include_lm_head=config.include_lm_head)
+    shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
+    if (config.k_out is None) != (config.k_in is None):
+        raise ValueError("set both k_out and k_in, or neither (then target_dim is used)")
+    if config.k_out is not None and config.k_in is not None:
+        dims = {n: (config.k_out, config.k_in) for n in shapes}
+    else:
+        dims = choose_layer_dims(shapes, config.target_dim)
+    return [
+        make_layer_projection(
+            n, *shapes[n], *dims[n], kind=config.projection, seed=config.seed, device=device
+        )
+        for n in shapes
+    ]
+
+
+def margins_and_q(
+    logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """f [B] and q [B] from logits [B, L, V] (position t-1 predicts token t).
+
+    log(p/(1-p)) = z_y - logsumexp_{j != y} z_j and 1 - p = exp(logsumexp_{j != y} z_j -
+    logsumexp_j z_j): both stay finite for any logits, unlike log(p) - log1p(-p).
+    """
+    z = logits[:, :-1].float()
+    y = input_ids[:, 1:, None]
+    scored = loss_mask[:, 1:]
+    z_y = z.gather(-1, y).squeeze(-1)
+    lse_all = z.logsumexp(-1)
+    lse_other = z.scatter(-1, y, float("-inf")).logsumexp(-1)
+    zero = torch.zeros_like(z_y)
+    f = torch.where(scored, z_y - lse_other, zero).sum(-1)
+    one_minus_p = torch.where(scored, torch.exp(lse_other - lse_all), zero)
+    q = one_minus_p.sum(-1) / scored.sum(-1).clamp_min(1).to(z.dtype)
+    return f, q
+
+
+def model_inputs(attention_mask: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """4-D additive attention mask [B, 1, L, L] and position ids [B, L] from a [B, L] mask.
+
+    A query attends to earlier real tokens; a padded query attends to itself only, so its
+    (unused) activations stay finite and never turn into NaN that could leak through 0-weights.
+    """
+    b, length = attention_mask.shape
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=attention_mask.device))
+    allowed = causal & attention_mask[:, None, :]
+    allowed |= torch.eye(length, dtype=torch.bool, device=attention_mask.device)
+    additive = torch.zeros(b, 1, length, length, dtype=dtype, device=attention_mask.device)
+    additive.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    return {"attention_mask": additive, "position_ids": position_ids}
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class GradientFeaturizer(ABC):
+    """Computes `Features` for a batch stream; subclasses differ in how gradients are formed.
+
+    `projections` fix the featurised layers (by name, in order) and the (P_out, P_in) pairs.
+    """
+
+    def __init__(
+        self,
+        projections: Sequence[LayerProjection],
+        *,
+        batch_size: int = 16,
+        autocast_dtype: AutocastDtype = "float32",
+    ) -> None:
+        if not projections:
+            raise ValueError("at least one layer projection is needed")
+        self.projections = list(projections)
+        self.batch_size = batch_size
+        self.autocast_dtype = autocast_dtype
+
+    def __call__(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        loss_mask: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Features:
+        """All of `batches`, concatenated: phi [N, d], q [N], margin [N] on the CPU."""
+        parts = list(self.batches(model, input_ids, loss_mask, attention_mask=attention_mask,
+                                  device=device))
+        return Features(
+            phi=torch.cat([p.phi for p in parts]),
+            q=torch.cat([p.q for p in parts]),
+            margin=torch.cat([p.margin for p in parts]),
+        )
+
+    def batches(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        loss_mask: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Iterator[Features]:
+        """Features of consecutive batches of `batch_size` rows, for writing as they come.
+
+        input_ids [N, L] long, loss_mask [N, L] bool, attention_mask [N, L] bool or None
+        (None: every token is real). The model is moved to `device` and run in eval mode;
+        yielded tensors are float32 on the CPU.
+        """
+        if input_ids.ndim != 2 or loss_mask.shape != input_ids.shape:
+            raise ValueError(f"need input_ids [N, L] and a loss_mask of the same shape, got "
+                             f"{tuple(input_ids.shape)} and {tuple(loss_mask.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(loss_mask, dtype=torch.bool)
+        loss_mask, attention_mask = loss_mask.bool(), attention_mask.bool()
+        if loss_mask[:, 0].any():
+            raise ValueError("loss_mask[:, 0] must be False: the first token has no prefix")
+        if (loss_mask & ~attention_mask).any():
+            raise ValueError("a scored token is marked as padding in attention_mask")
+        device = torch.device(device)
+        if self.autocast_dtype == "bfloat16" and device.type != "cuda":
+            logger.warning("bfloat16 autocast on %s: supported, but meant for CUDA", device)
+        layers = featurised_layers(model, include_lm_head=self._includes_head(model))
+        names = [p.name for p in self.projections]
+        if list(layers) != names:
+            raise ValueError(f"projections are for layers {names}, model has {list(layers)}")
+        model.to(device)
+        projs = [replace(p, p_out=p.p_out.to(device), p_in=p.p_in.to(device))
+                 for p in self.projections]
+        with _eval_mode(model):
+            for start in range(0, input_ids.shape[0], self.batch_size):
+                sl = slice(start, start + self.batch_size)
+                phi, f, q = self._batch(
+                    model,
+                    layers,
+                    projs,
+                    input_ids[sl].to(device),
+                    loss_mask[sl].to(device),
+                    attention_mask[sl].to(device),
+                )
+                yield Features(
+                    phi=phi.detach().float().cpu(),
+                    q=q.detach().float().cpu(),
+                    margin=f.detach().float().cpu(),
+                )
+
+    @property
+    def dim(self) -> int:
+        """d = sum over layers of k_out * k_in (the width of phi for factored projections)."""
+        return sum(p.dim for p in self.projections)
+
+    def _includes_head(self, model: nn.Module) -> bool:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        modules = dict(model.named_modules())
+        return head is not None and any(modules.get(p.name) is head for p in self.projections)
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager[None]:
+        enabled = self.autocast_dtype == "bfloat16"
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    @abstractmethod
+    def _batch(
+        self,
+        model: nn.Module,
+        layers: dict[str, nn.Linear],
+        projs: list[LayerProjection],
+        input_ids: torch.Tensor,
+        loss_mask: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One batch on the model's device -> (phi [B, d], f [B], q [B])."""
+
+
+class FactoredFeaturizer(GradientFeaturizer):
+    """LoGra-style features from hooks on one batched forward/backward of sum_i f(z_i).
+
+    The forward hook of each layer stores P_in x_t [B, T, k_in]; a hook on the layer's output
+    receives delta_t = d(sum_i f_i)/d y_t [B, T, out] and forms sum_t (P_out delta_t)(P_in x_t)^T
+    per example with one batched matmul. The full gradient [B, out, in] is never built, and
+    `autograd.grad` is asked only for the input embeddings, so weight gradients are skipped.
+    """
+
+    def _batch(self, model, layers, projs, input_ids, loss_mask, attention_mask):
+        device = input_ids.device
+        real = attention_mask[..., None].float()
+        x_proj: dict[str, torch.Tensor] = {}
+        feats: dict[str, torch.Tensor] = {}
+
+        def make_hook(proj: LayerProjection):
+            def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+                if proj.name in x_proj or proj.name in feats:
+                    raise RuntimeError(
+                        f"layer {proj.name} ran twice in one forward; shared weights are not "
+                        "supported by the factored featuriser"
+                    )
+                # Padded positions are zeroed here too; their output gradient is 0 already.
+                x_proj[proj.name] = (args[0].detach().float() @ proj.p_in.T) * real
+
+                def grad_hook(delta: torch.Tensor) -> None:
+                    delta_proj = delta.float() @ proj.p_out.T
+                    feats[proj.name] = proj.project_factors(delta_proj, x_proj.pop(proj.name))
+
+                output.register_hook(grad_hook)
+
+            return forward_hook
+
+        handles = [layers[p.name].register_forward_hook(make_hook(p)) for p in projs]
+        try:
+            embed = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+            with self._autocast(device):
+                logits = model(
+                    inputs_embeds=embed, **model_inputs(attention_mask, embed.dtype)
+                ).logits
+            f, q = margins_and_q(logits, input_ids, loss_mask)
+            # sum_i f_i: per-token output gradients of example i only involve example i.
+            torch.autograd.grad(f.sum(), embed)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [p.name for p in projs if p.name not in feats]
+        if missing:
+            raise RuntimeError(f"no output gradient reached layers {missing}")
+        return torch.cat([feats[p.name] for p in projs], dim=1), f, q
+
+
+class ExactFeaturizer(GradientFeaturizer):
+    """Reference features from full per-example gradients (`functional_call` + `vmap(grad)`).
+
+    `output` chooses what is done with the per-example gradient of each layer G [out, in]:
+    'factored' gives vec(P_out G P_in^T) per layer (same layout as `FactoredFeaturizer`),
+    'dense' projects the concatenated flat gradient with `dense` (a `DenseProjector`),
+    'full' returns the unprojected flat gradient (D = sum out * in columns).
+    """
+
+    def __init__(
+        self,
+        projections: Sequence[LayerProjection],
+        *,
+        output: Literal["factored", "dense", "full"] = "factored",
+        dense: DenseProjector | None = None,
+        batch_size: int = 16,
+        autocast_dtype: AutocastDtype = "float32",
+    ) -> None:
+        super().__init__(projections, batch_size=batch_size, autocast_dtype=autocast_dtype)
+        if (output == "dense") != (dense is not None):
+            raise ValueError("pass a DenseProjector exactly when output='dense'")
+        self.output = output
+        self.dense = dense
+
+    def _batch(self, model, layers, projs, input_ids, loss_mask, attention_mask):
+        device = input_ids.device
+        weights = {f"{p.name}.weight": layers[p.name].weight.detach() for p in projs}
+        inputs = model_inputs(attention_mask, torch.float32)
+
+        def margin_one(w, ids, scored, mask4, pos):
+            with self._autocast(device):
+                logits = functional_call(
+                    model,
+                    w,
+                    args=(),
+                    kwargs={"input_ids": ids[None], "attention_mask": mask4[None],
+                            "position_ids": pos[None]},
+                    strict=False,
+                ).logits
+            f, q = margins_and_q(logits, ids[None], scored[None])
+            return f[0], (f[0], q[0])
+
+        # torch.func.grad ignores an outer no_grad for its own inputs; the no_grad only stops
+        # ordinary autograd from recording the (unused) graph of the other parameters.
+        with torch.no_grad():
+            grads, (f, q) = vmap(grad(margin_one, has_aux=True), in_dims=(None, 0, 0, 0, 0))(
+                weights, input_ids, loss_mask, inputs["attention_mask"], inputs["position_ids"]
+            )
+        per_layer = [grads[f"{p.name}.weight"] for p in projs]
+        if self.output == "factored":
+            phi = torch.cat([p.project_gradient(g) for p, g in zip(projs, per_layer, strict=True)],
+                            dim=1)
+        else:
+            phi = torch.cat([g.float().reshape(g.shape[0], -1) for g in per_layer], dim=1)
+            if self.dense is not None:
+                phi = self.dense.project(phi)
+        return phi, f, q
+
+
+def featurize(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    config: FeatureConfig,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> Features:
+    """phi [N, d], q [N], f [N] for `input_ids` [N, L] under `model`, as `config` says.
+
+    Both methods use the same seeded factored projection, so their phi agree to float
+    tolerance; 'factored' is the fast path.
+    """
+    featurizer = make_featurizer(model, config, device=device)
+    logger.info(
+        "featurising %d examples with %s, d=%d over %d layers",
+        input_ids.shape[0], config.method, featurizer.dim, len(featurizer.projections),
+    )
+    return featurizer(model, input_ids, loss_mask, attention_mask=attention_mask, device=device)
+
+
+def make_featurizer(
+    model: nn.Module, config: FeatureConfig, *, device: torch.device | str = "cpu"
+) -> GradientFeaturizer:
+    """The featuriser `config` describes, with projections for `model`'s layers (use its
+    `batches` method to stream features of a large shard)."""
+    projs = layer_projections(model, config, device=device)
+    cls = FactoredFeaturizer if config.method == "factored" else ExactFeaturizer
+    return cls(projs, batch_size=config.batch_size, autocast_dtype=config.autocast_dtype)
