@@ -95,17 +95,22 @@ class ArtifactRecord:
 class LineageDB:
     """The lineage/result DuckDB file at ``path`` (created on first use)."""
 
-    def __init__(self, path: str, lock_timeout_s: float = 120.0):
+    def __init__(self, path: str, lock_timeout_s: float = 120.0, read_only: bool = False):
         self.path = path
         self.lock_timeout_s = lock_timeout_s
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
+        self.read_only = read_only
+        if read_only:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"lineage database {path} does not exist (no run yet?)")
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with self.connect() as con:
             con.execute(SCHEMA)
 
     @contextmanager
-    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    def connect(self, read_only: bool | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived connection; waits (with backoff) while another process writes."""
+        read_only = self.read_only if read_only is None else read_only
         deadline = time.monotonic() + self.lock_timeout_s
         delay = 0.05
         while True:

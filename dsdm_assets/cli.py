@@ -69,6 +69,13 @@ REPORT_QUERIES = {
         WHERE crawl = $crawl AND recorded_at = (
             SELECT max(recorded_at) FROM artifacts b WHERE b.asset = a.asset AND b.crawl = $crawl)
         GROUP BY asset ORDER BY min(recorded_at)""",
+    "selections": """
+        SELECT selection_id, method, count(*) AS examples, round(min(score), 6) AS min_score,
+               any_value(run_id) AS run_id
+        FROM selections WHERE crawl = $crawl GROUP BY ALL""",
+    "selected examples per source (all selections)": """
+        SELECT source, count(*) AS examples, round(count(*) / sum(count(*)) OVER (), 3) AS share
+        FROM selections WHERE crawl = $crawl GROUP BY source ORDER BY examples DESC""",
     "quarantine": """
         SELECT reason, count(*) AS rows FROM quarantine WHERE crawl = $crawl
         GROUP BY reason ORDER BY rows DESC""",
@@ -77,9 +84,10 @@ REPORT_QUERIES = {
 
 def print_report(crawl: str) -> int:
     """Print the lineage tables' rows for ``crawl`` (the DB named by DSDM_LINEAGE_DB)."""
+    from dsdm.lineage import LineageDB
     from resources import default_resources
 
-    db = default_resources()["lineage"].get_db()
+    db = LineageDB(default_resources()["lineage"].database, read_only=True)
     print(f"lineage database: {db.path}")
     for title, sql in REPORT_QUERIES.items():
         with db.connect() as con:

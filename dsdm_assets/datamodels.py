@@ -239,8 +239,8 @@ def gradient_shards(
                     writer.write_bytes(file, data, kind="targets" if name == "targets" else "features",
                                        rows=table.num_rows)
                     computed += 1
-                    context.log.info(f"proxy {m} {name}: {table.num_rows} examples, "
-                                     f"{table.num_rows / max(seconds, 1e-9):.1f} ex/s so far")
+                    context.log.info(f"proxy {m} {name}: {table.num_rows} examples; "
+                                     f"{rows / max(seconds, 1e-9):.1f} examples/s overall")
                 features = features_from_bytes(data)
                 nonfinite += int((~torch.isfinite(features.phi)).sum() + (~torch.isfinite(features.q)).sum())
                 dim = features.phi.shape[1]

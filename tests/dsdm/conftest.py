@@ -34,7 +34,7 @@ def docs_by_source() -> dict[str, list[dict]]:
     """Every document of the demo crawl (a few MB), grouped by its `source` field."""
     files = sorted(CRAWL.glob("*.jsonl.gz"))
     if not files:
-        pytest.skip(f"no demo crawl at {CRAWL} (*.jsonl.gz); these tests need real text")
+        pytest.fail(f"no demo crawl at {CRAWL} (*.jsonl.gz); these tests need real text")
     groups: dict[str, list[dict]] = {}
     for path in files:
         for doc in _read_jsonl_gz(path, None):
@@ -55,7 +55,7 @@ def task_rows() -> list[dict]:
     """Up to 64 prompt/continuation rows of the first target task file."""
     files = sorted(TASKS.glob("*.jsonl.gz"))
     if not files:
-        pytest.skip(f"no target tasks at {TASKS} (*.jsonl.gz); these tests need real tasks")
+        pytest.fail(f"no target tasks at {TASKS} (*.jsonl.gz); these tests need real tasks")
     return _read_jsonl_gz(files[0], 64)
 
 
