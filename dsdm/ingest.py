@@ -123,10 +123,14 @@ def _iter_jsonl(fs: Any, path: str) -> Iterator[_RawRow]:
         row = -1
         try:
             for row, line in enumerate(stream):
-                yield _parse_json_line(path, row, line)
+                # A byte-order mark is an encoding artefact, not content.
+                yield _parse_json_line(path, row, line.removeprefix(b"\xef\xbb\xbf") if row == 0 else line)
         except (EOFError, OSError, zlib.error) as error:
             # A truncated or corrupt gzip: rows read so far stand, the rest is unreadable.
             yield _RawRow(path, row + 1, None, "unreadable_file", f"{type(error).__name__}: {error}")
+            return
+        if row == -1:
+            yield _RawRow(path, None, None, "empty_file", "the file has no rows")
 
 
 def _parse_json_line(path: str, row: int, line: bytes) -> _RawRow:
@@ -160,13 +164,17 @@ def _iter_parquet(fs: Any, path: str, text_field: str) -> Iterator[_RawRow]:
             for record in batch.to_pylist():
                 yield _RawRow(path, row, record)
                 row += 1
+        if row == 0:
+            yield _RawRow(path, None, None, "empty_file", "the file has no rows")
 
 
 def _validate(raw: _RawRow, config: IngestConfig) -> _RawRow | tuple[str, dict[str, Any]]:
     """Either a quarantine row, or (normalised text, record)."""
     record = raw.record or {}
     text = record.get(config.text_field)
-    excerpt = str(text)[:EXCERPT_CHARS] if text is not None else json.dumps(record)[:EXCERPT_CHARS]
+    raw_excerpt = str(text) if text is not None else json.dumps(record)
+    # Excerpts go to Parquet and DuckDB, so they must be valid UTF-8 even when the text is not.
+    excerpt = raw_excerpt[:EXCERPT_CHARS].encode("utf-8", "backslashreplace").decode("utf-8")
     if text is None:
         return _RawRow(raw.file, raw.row, None, "missing_text", f"no {config.text_field!r}", excerpt)
     if not isinstance(text, str):

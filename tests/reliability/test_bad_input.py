@@ -1,0 +1,119 @@
+"""The bad-input matrix: every kind of broken crawl file, on real text, ends in a clear
+quarantine reason (or error) and the counts reconcile: rows read = accepted + rejected."""
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dsdm.ingest import IngestConfig, doc_id_of, ingest_crawl, normalise_text
+
+
+def _crawl(tmp_path: Path, files: dict[str, bytes]) -> Path:
+    crawl = tmp_path / "crawl"
+    crawl.mkdir(exist_ok=True)
+    for name, data in files.items():
+        (crawl / name).write_bytes(data)
+    return crawl
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+
+
+def _reasons(result) -> list[tuple[str, int | None, str]]:
+    return [(Path(r["file"]).name, r["row"], r["reason"]) for r in result.quarantine.to_dicts()]
+
+
+def test_empty_files_are_reported_not_skipped(tmp_path, demo_rows) -> None:
+    crawl = _crawl(tmp_path, {
+        "a.jsonl": b"", "b.jsonl.gz": gzip.compress(b""),
+        "c.parquet": b"", "d.jsonl": _jsonl(demo_rows[:3]),
+    })
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), crawl / "c.parquet")
+    result = ingest_crawl(str(crawl))
+    assert sorted(_reasons(result)) == [("a.jsonl", None, "empty_file"),
+                                        ("b.jsonl.gz", None, "empty_file"),
+                                        ("c.parquet", None, "empty_file")]
+    assert result.documents.height == 3 and result.reconciles()
+
+
+def test_a_50_mb_document_is_quarantined_as_too_long(tmp_path, demo_rows) -> None:
+    text = demo_rows[0]["text"]
+    huge = (text + "\n\n") * (50_000_000 // (len(text) + 2) + 1)
+    crawl = _crawl(tmp_path, {"big.jsonl": _jsonl([{"id": "big", "text": huge}, demo_rows[1]])})
+    result = ingest_crawl(str(crawl))
+    (row,) = result.quarantine.to_dicts()
+    assert row["reason"] == "too_long" and row["row"] == 0
+    assert "max_chars 1000000" in row["detail"] and len(row["excerpt"]) <= 200
+    assert result.documents.height == 1 and result.reconciles()
+
+
+def test_byte_order_mark_and_mixed_encodings(tmp_path, demo_rows) -> None:
+    latin1 = '{"id": "l1", "text": "Caf\xe9 cr\xe8me in a latin-1 line of text"}'.encode("latin-1")
+    data = b"\xef\xbb\xbf" + _jsonl(demo_rows[:2]) + latin1 + b"\n" + _jsonl(demo_rows[2:4])
+    result = ingest_crawl(str(_crawl(tmp_path, {"mixed.jsonl": data})))
+    assert _reasons(result) == [("mixed.jsonl", 2, "invalid_utf8")]
+    assert result.documents.height == 4 and result.reconciles()
+
+
+def test_lone_surrogate_in_json_escape_is_invalid_utf8(tmp_path, demo_rows) -> None:
+    line = b'{"id": "s", "text": "broken \\ud800 surrogate in an otherwise fine sentence"}\n'
+    result = ingest_crawl(str(_crawl(tmp_path, {"s.jsonl": line + _jsonl(demo_rows[:1])})))
+    assert _reasons(result) == [("s.jsonl", 0, "invalid_utf8")]
+
+
+def test_parquet_with_wrong_text_type_is_quarantined_per_row(tmp_path, demo_rows) -> None:
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    pq.write_table(pa.table({"text": [1, 2, 3]}), crawl / "ints.parquet")
+    pq.write_table(pa.table({"text": [r["text"] for r in demo_rows[:2]], "source": ["x", "y"]}),
+                   crawl / "ok.parquet")
+    result = ingest_crawl(str(crawl))
+    assert [r[2] for r in _reasons(result)] == ["wrong_type"] * 3
+    assert result.documents.height == 2 and result.reconciles()
+
+
+# Property-based: the reader and the normaliser on arbitrary text.
+
+texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200)
+
+
+@given(texts)
+def test_normalise_is_idempotent_and_tidy(text: str) -> None:
+    once = normalise_text(text)
+    assert normalise_text(once) == once
+    assert once == once.strip()
+    assert "\n\n\n" not in once and "  " not in once and "\t" not in once
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(texts, st.just("same text repeated, long enough"), st.none(),
+                          st.integers()), max_size=30))
+def test_reader_accounts_for_every_row(tmp_path_factory, values: list) -> None:
+    crawl = tmp_path_factory.mktemp("prop")
+    rows = [{"id": str(i), "text": v} for i, v in enumerate(values)]
+    (crawl / "p.jsonl").write_bytes(_jsonl(rows))
+    result = ingest_crawl(str(crawl), IngestConfig(min_chars=5))
+    assert result.reconciles()
+    valid = [normalise_text(v) for v in values
+             if isinstance(v, str) and "\x00" not in v and len(normalise_text(v)) >= 5]
+    assert result.documents.height == len(set(valid))
+    assert result.duplicates == len(valid) - len(set(valid))
+    for doc in result.documents.to_dicts():
+        assert doc["doc_id"] == doc_id_of(doc["text"])
+    if not values:
+        assert _reasons(result) == [("p.jsonl", None, "empty_file")]
+
+
+def test_impossible_config_values_name_the_field() -> None:
+    with pytest.raises(ValueError, match="min_chars"):
+        IngestConfig(min_chars=0)
+    with pytest.raises(ValueError, match="extra"):
+        IngestConfig(text_feild="body")
