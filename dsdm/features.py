@@ -42,6 +42,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from transformers import GPTNeoXForCausalLM
 
 from dsdm.projection import DenseProjector, LayerProjection, ProjectionKind, make_layer_projection
 
@@ -192,13 +193,53 @@ def model_inputs(attention_mask: torch.Tensor, dtype: torch.dtype) -> dict[str, 
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def _featurising(model: nn.Module) -> Iterator[None]:
+    """Eval mode, and no parameter requires grad: phi needs d f / d (layer outputs) only, so
+    autograd then neither keeps layer inputs for weight gradients nor computes them."""
     was_training = model.training
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.eval()
+    for p in trainable:
+        p.requires_grad_(False)
     try:
         yield
     finally:
+        for p in trainable:
+            p.requires_grad_(True)
         model.train(was_training)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host batch -> device; on CUDA through pinned memory, without blocking the host."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class _HostCopy:
+    """Features of one batch on their way to host memory (float32 on the CPU).
+
+    On CUDA, the copies go to pinned buffers without blocking and `wait` synchronises on an
+    event recorded after them; elsewhere the copy is made at once.
+    """
+
+    def __init__(self, phi: torch.Tensor, q: torch.Tensor, margin: torch.Tensor) -> None:
+        tensors = [t.detach().float() for t in (phi, q, margin)]
+        self.event = None
+        if tensors[0].device.type == "cuda":
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for h, t in zip(host, tensors, strict=True):
+                h.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+            tensors = host
+        self.tensors = [t.cpu() for t in tensors]
+
+    def wait(self) -> Features:
+        if self.event is not None:
+            self.event.synchronize()
+        phi, q, margin = self.tensors
+        return Features(phi=phi, q=q, margin=margin)
 
 
 class GradientFeaturizer(ABC):
@@ -273,22 +314,27 @@ class GradientFeaturizer(ABC):
         model.to(device)
         projs = [replace(p, p_out=p.p_out.to(device), p_in=p.p_in.to(device))
                  for p in self.projections]
-        with _eval_mode(model):
+        pending: _HostCopy | None = None
+        with _featurising(model):
             for start in range(0, input_ids.shape[0], self.batch_size):
                 sl = slice(start, start + self.batch_size)
                 phi, f, q = self._batch(
                     model,
                     layers,
                     projs,
-                    input_ids[sl].to(device),
-                    loss_mask[sl].to(device),
-                    attention_mask[sl].to(device),
+                    *(_to_device(t[sl], device) for t in (input_ids, loss_mask, attention_mask)),
                 )
-                yield Features(
-                    phi=phi.detach().float().cpu(),
-                    q=q.detach().float().cpu(),
-                    margin=f.detach().float().cpu(),
-                )
+                copy = _HostCopy(phi, q, f)
+                if copy.event is None:
+                    yield copy.wait()
+                    continue
+                # On CUDA the copy to the host is asynchronous: batch k is handed out while
+                # the device already works on batch k + 1.
+                done, pending = pending, copy
+                if done is not None:
+                    yield done.wait()
+        if pending is not None:
+            yield pending.wait()
 
     @property
     def dim(self) -> int:
@@ -317,13 +363,61 @@ class GradientFeaturizer(ABC):
         """One batch on the model's device -> (phi [B, d], f [B], q [B])."""
 
 
+_HEAD_CHUNK_ELEMENTS = 1 << 20
+"""Logit entries (rows x vocabulary) that the factored path handles at once: 4 MB in float32,
+so a chunk of logits stays in cache while f, q and d f / d logits are formed in place in it.
+Materialising the batch's [B, L, V] logits and differentiating through logsumexp with autograd
+took over 40% of the featurisation time at V = 4096 (docs/PERFORMANCE.md)."""
+_ACCELERATOR_CHUNK_ELEMENTS = 1 << 25
+"""The same on an accelerator (128 MB in float32): large enough that kernel launches do not
+dominate, small enough to leave memory for big batches."""
+
+
+def _margin_grad_(z: torch.Tensor, y: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Per-row margins log(p / (1 - p)) [n]; overwrites float32 logits z [n, V] with d f / d z.
+
+    y [n]: the token each row predicts; scored [n] bool. For f = sum over scored rows of
+    z_y - logsumexp_{j != y} z_j, d f / d z_y = 1 and d f / d z_j = -exp(z_j - logsumexp_{k != y}
+    z_k) on scored rows, 0 elsewhere. The same arithmetic as `margins_and_q` (max-shifted
+    log-sum-exp over the other tokens), so both paths agree to float rounding.
+    """
+    y = y[:, None]
+    z_y = z.gather(1, y).squeeze(1)
+    z.scatter_(1, y, float("-inf"))
+    top = z.amax(1, keepdim=True)
+    z.sub_(top).exp_()
+    total = z.sum(1, keepdim=True)
+    margin = z_y - (top + total.log()).squeeze(1)
+    weight = scored.to(z.dtype)[:, None]
+    z.mul_(-weight / total)
+    z.scatter_(1, y, weight)
+    return margin
+
+
+def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(body, head) when logits are exactly head(body(...).last_hidden_state), else None.
+
+    Listed explicitly: other causal LMs may rescale or cap logits after the head.
+    """
+    if isinstance(model, GPTNeoXForCausalLM):
+        return model.gpt_neox, model.get_output_embeddings()
+    return None
+
+
 class FactoredFeaturizer(GradientFeaturizer):
     """LoGra-style features from hooks on one batched forward/backward of sum_i f(z_i).
 
-    The forward hook of each layer stores P_in x_t [B, T, k_in]; a hook on the layer's output
-    receives delta_t = d(sum_i f_i)/d y_t [B, T, out] and forms sum_t (P_out delta_t)(P_in x_t)^T
-    per example with one batched matmul. The full gradient [B, out, in] is never built, and
-    `autograd.grad` is asked only for the input embeddings, so weight gradients are skipped.
+    The forward hook of each body layer stores P_in x_t [B, T, k_in]; a hook on the layer's
+    output receives delta_t = d(sum_i f_i)/d y_t [B, T, out] and forms sum_t (P_out delta_t)
+    (P_in x_t)^T per example with one batched matmul. The full gradient [B, out, in] is never
+    built, and `autograd.grad` is asked only for the input embeddings, so weight gradients are
+    skipped.
+
+    The loss end is done by hand, in chunks of `_HEAD_CHUNK_ELEMENTS` logits: f, q and
+    d f / d logits in closed form (`_margin_grad_`), then for a GPT-NeoX proxy d f / d hidden =
+    (d f / d logits) W_head chunk by chunk, so the [B, L, V] logits are never held at once and
+    the LM head's factors (hidden states and d f / d logits) are projected in the same chunks.
+    Other models run their full forward and get d f / d logits as the backward's seed.
     """
 
     def _batch(self, model, layers, projs, input_ids, loss_mask, attention_mask):
@@ -331,6 +425,9 @@ class FactoredFeaturizer(GradientFeaturizer):
         real = attention_mask[..., None].float()
         x_proj: dict[str, torch.Tensor] = {}
         feats: dict[str, torch.Tensor] = {}
+        split = _body_and_head(model)
+        head = model.get_output_embeddings() if split is not None else None
+        head_proj = next((p for p in projs if layers[p.name] is head), None)
 
         def make_hook(proj: LayerProjection):
             def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -340,7 +437,9 @@ class FactoredFeaturizer(GradientFeaturizer):
                         "supported by the factored featuriser"
                     )
                 # Padded positions are zeroed here too; their output gradient is 0 already.
-                x_proj[proj.name] = (args[0].detach().float() @ proj.p_in.T) * real
+                # Projections are float32 also inside the model's bf16 autocast.
+                with torch.autocast(device.type, enabled=False):
+                    x_proj[proj.name] = (args[0].detach().float() @ proj.p_in.T) * real
 
                 def grad_hook(delta: torch.Tensor) -> None:
                     delta_proj = delta.float() @ proj.p_out.T
@@ -350,16 +449,23 @@ class FactoredFeaturizer(GradientFeaturizer):
 
             return forward_hook
 
-        handles = [layers[p.name].register_forward_hook(make_hook(p)) for p in projs]
+        hooked = [p for p in projs if p is not head_proj]
+        handles = [layers[p.name].register_forward_hook(make_hook(p)) for p in hooked]
         try:
             embed = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+            inputs = model_inputs(attention_mask, embed.dtype)
             with self._autocast(device):
-                logits = model(
-                    inputs_embeds=embed, **model_inputs(attention_mask, embed.dtype)
-                ).logits
-            f, q = margins_and_q(logits, input_ids, loss_mask)
-            # sum_i f_i: per-token output gradients of example i only involve example i.
-            torch.autograd.grad(f.sum(), embed)
+                if split is None:
+                    out = model(inputs_embeds=embed, **inputs).logits
+                else:
+                    out = split[0](inputs_embeds=embed, **inputs).last_hidden_state
+            with torch.no_grad():  # gradients of the loss end are formed by hand
+                f, q, seed, head_feats = self._loss_end(out, head, head_proj, input_ids,
+                                                        loss_mask)
+            if head_feats is not None:
+                feats[head_proj.name] = head_feats
+            if hooked:
+                torch.autograd.grad(out, embed, grad_outputs=seed)
         finally:
             for h in handles:
                 h.remove()
@@ -367,6 +473,59 @@ class FactoredFeaturizer(GradientFeaturizer):
         if missing:
             raise RuntimeError(f"no output gradient reached layers {missing}")
         return torch.cat([feats[p.name] for p in projs], dim=1), f, q
+
+    def _loss_end(
+        self,
+        out: torch.Tensor,
+        head: nn.Linear | None,
+        head_proj: LayerProjection | None,
+        input_ids: torch.Tensor,
+        loss_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """f [B], q [B], d f / d out (the backward's seed) and the head's phi part (or None).
+
+        out: logits [B, L, V] when head is None, else the hidden states [B, L, H] fed to head.
+        Rows are positions; row (b, t) predicts token t + 1, and the last position of every
+        example predicts nothing (it is treated as an unscored row).
+        """
+        b, length = input_ids.shape
+        rows = out.detach().reshape(b * length, -1)
+        y = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1).reshape(-1)
+        scored = torch.cat([loss_mask[:, 1:], torch.zeros_like(loss_mask[:, :1])], 1).reshape(-1)
+        vocab = rows.shape[1] if head is None else head.out_features
+        seed = torch.empty_like(rows)
+        margin = torch.empty(b * length, dtype=torch.float32, device=rows.device)
+        if head_proj is not None:
+            d_proj = rows.new_empty(b * length, head_proj.p_out.shape[0], dtype=torch.float32)
+            x_proj = rows.new_empty(b * length, head_proj.p_in.shape[0], dtype=torch.float32)
+        chunk = _HEAD_CHUNK_ELEMENTS if rows.device.type == "cpu" else _ACCELERATOR_CHUNK_ELEMENTS
+        step = max(1, chunk // vocab)
+        for start in range(0, b * length, step):
+            sl = slice(start, start + step)
+            if head is None:
+                z = rows[sl].to(torch.float32, copy=True)
+            else:
+                with self._autocast(rows.device):
+                    z = nn.functional.linear(rows[sl], head.weight, head.bias)
+                z = z.float()
+            margin[sl] = _margin_grad_(z, y[sl], scored[sl])
+            if head is None:
+                seed[sl] = z
+                continue
+            with self._autocast(rows.device):
+                seed[sl] = z @ head.weight
+            if head_proj is not None:
+                d_proj[sl] = z @ head_proj.p_out.T
+                x_proj[sl] = rows[sl].float() @ head_proj.p_in.T
+        weight = scored.to(torch.float32).view(b, length)
+        margin = margin.view(b, length)
+        f = (margin * weight).sum(1)
+        q = (torch.sigmoid(-margin) * weight).sum(1) / weight.sum(1).clamp_min(1)
+        head_feats = None
+        if head_proj is not None:
+            head_feats = head_proj.project_factors(d_proj.view(b, length, -1),
+                                                   x_proj.view(b, length, -1))
+        return f, q, seed.view_as(out), head_feats
 
 
 class ExactFeaturizer(GradientFeaturizer):

@@ -7,8 +7,9 @@ import logging
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from dsdm import features
 from dsdm.features import (
     ExactFeaturizer,
     FactoredFeaturizer,
@@ -119,6 +120,83 @@ def test_margins_are_stable_for_extreme_logits() -> None:
     torch.testing.assert_close(q, torch.tensor([(0.0 + 2 / 3) / 2]))
     f0, q0 = margins_and_q(logits, ids, torch.zeros(1, 3, dtype=torch.bool))
     assert f0.item() == 0.0 and q0.item() == 0.0
+
+
+def test_closed_form_logit_gradient_equals_autograd() -> None:
+    # The factored path forms f and d f / d logits by hand; margins_and_q + autograd is the
+    # reference, including a token whose probability rounds to 1 in float32.
+    gen = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(3, 7, 11, generator=gen)
+    ids = torch.randint(0, 11, (3, 7), generator=gen)
+    logits[0, 2, ids[0, 3]] = 1e4
+    mask = torch.rand(3, 7, generator=gen) > 0.3
+    mask[:, 0] = False
+    mask[0, 3] = True
+    ref = logits.clone().requires_grad_(True)
+    f, _ = margins_and_q(ref, ids, mask)
+    (grad,) = torch.autograd.grad(f.sum(), ref)
+    z = logits[:, :-1].reshape(-1, 11).clone()
+    margin = features._margin_grad_(z, ids[:, 1:].reshape(-1), mask[:, 1:].reshape(-1))
+    torch.testing.assert_close((margin * mask[:, 1:].reshape(-1)).view(3, 6).sum(1), f)
+    torch.testing.assert_close(z.view(3, 6, 11), grad[:, :-1])
+    assert grad[:, -1].abs().max() == 0 and torch.isfinite(z).all()
+
+
+def test_factored_loss_end_chunks_straddle_examples(
+    trained_tiny: TrainResult, batch: tuple[torch.Tensor, torch.Tensor], monkeypatch
+) -> None:
+    model, (ids, mask) = trained_tiny.model, batch
+    projs = layer_projections(model, FeatureConfig(target_dim=512, include_lm_head=True))
+    ref = ExactFeaturizer(projs, batch_size=4)(model, ids, mask)
+    # 37 rows of 257 logits per chunk: chunks end inside examples of 64 positions.
+    monkeypatch.setattr(features, "_HEAD_CHUNK_ELEMENTS", 37 * 257)
+    fast = FactoredFeaturizer(projs, batch_size=5)(model, ids, mask)
+    scale = ref.phi.abs().max()
+    torch.testing.assert_close(fast.phi / scale, ref.phi / scale, rtol=0, atol=2e-5)
+    torch.testing.assert_close(fast.q, ref.q)
+    torch.testing.assert_close(fast.margin, ref.margin, rtol=1e-5, atol=1e-4)
+
+
+def test_factored_equals_exact_on_a_llama_model(demo_docs: list[dict], encode_bytes) -> None:
+    # Models other than GPT-NeoX run their full forward and seed the backward with the
+    # closed-form d f / d logits; the LM head is then featurised through its hooks.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        llama = LlamaForCausalLM(LlamaConfig(
+            vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+            tie_word_embeddings=False, attn_implementation="eager",
+        )).eval()
+    ids, mask = encode_bytes([d["text"][: 30 + 3 * i] for i, d in enumerate(demo_docs[:9])], 64)
+    attention = ids != PAD
+    projs = layer_projections(llama, FeatureConfig(target_dim=512, include_lm_head=True))
+    assert projs[-1].name == "lm_head" and len(projs) == 15
+    fast = FactoredFeaturizer(projs, batch_size=4)(llama, ids, mask, attention_mask=attention)
+    ref = ExactFeaturizer(projs, batch_size=3)(llama, ids, mask, attention_mask=attention)
+    scale = ref.phi.abs().max()
+    torch.testing.assert_close(fast.phi / scale, ref.phi / scale, rtol=0, atol=2e-5)
+    torch.testing.assert_close(fast.q, ref.q)
+    torch.testing.assert_close(fast.margin, ref.margin, rtol=1e-5, atol=1e-4)
+
+
+def test_featurising_restores_training_mode_and_requires_grad(
+    trained_tiny: TrainResult, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    # Parameters are frozen while phi is computed (no weight gradients); the caller's
+    # settings must come back, whichever they were.
+    model, (ids, mask) = trained_tiny.model, batch
+    embedding = model.get_input_embeddings().weight
+    try:
+        model.train()
+        embedding.requires_grad_(False)
+        before = {n: p.requires_grad for n, p in model.named_parameters()}
+        featurize(model, ids[:3], mask[:3], FeatureConfig(target_dim=64))
+        assert model.training
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+        assert not before["gpt_neox.embed_in.weight"] and before["lm_head.weight"]
+    finally:
+        model.eval()
+        embedding.requires_grad_(True)
 
 
 def test_phi_invariant_to_batch_size(
@@ -242,3 +320,27 @@ def test_cuda_bf16_features_match_cpu(
     scale = ref.phi.abs().max()
     torch.testing.assert_close(fp32.phi / scale, ref.phi / scale, rtol=0, atol=1e-4)
     assert torch.nn.functional.cosine_similarity(ref.phi, bf16.phi, dim=1).min() > 0.95
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_streamed_batches_match_cpu(
+    trained_tiny: TrainResult, tiny_train_data: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    # On CUDA, inputs go through pinned memory and batch k is copied back while batch k + 1
+    # runs; every batch must still arrive, in order, complete, on the CPU.
+    model = trained_tiny.model
+    ids, mask = tiny_train_data[0][:80], tiny_train_data[1][:80]
+    projs = layer_projections(model, FeatureConfig(target_dim=512, include_lm_head=True))
+    ref = FactoredFeaturizer(projs, batch_size=32)(model, ids, mask)
+    try:
+        streamed = list(FactoredFeaturizer(projs, batch_size=32).batches(model, ids, mask,
+                                                                          device="cuda"))
+    finally:
+        model.to("cpu")
+    assert [len(b.phi) for b in streamed] == [32, 32, 16]
+    assert all(b.phi.device.type == "cpu" and b.phi.dtype == torch.float32 for b in streamed)
+    phi = torch.cat([b.phi for b in streamed])
+    scale = ref.phi.abs().max()
+    torch.testing.assert_close(phi / scale, ref.phi / scale, rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.cat([b.q for b in streamed]), ref.q, rtol=1e-4, atol=1e-5)

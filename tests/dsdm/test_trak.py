@@ -41,6 +41,16 @@ def test_kernel_is_float64_and_streams(phi: tuple[torch.Tensor, torch.Tensor]) -
         trak.kernel([cand, cand[:, :4]])
 
 
+def test_kernel_tiles_cover_the_matrix(phi: tuple[torch.Tensor, torch.Tensor], monkeypatch) -> None:
+    # Only tiles on and above the diagonal are multiplied; the mirror must fill the rest,
+    # also when d is not a multiple of the tile width.
+    cand, _ = phi
+    monkeypatch.setattr(trak, "_KERNEL_TILE", 5)
+    k = trak.kernel(cand.split(7))
+    torch.testing.assert_close(k, cand.double().T @ cand.double())
+    assert torch.equal(k, k.T)
+
+
 def test_regularised_inverse(phi: tuple[torch.Tensor, torch.Tensor]) -> None:
     k = trak.kernel([phi[0]])
     lam = trak.default_lambda(k)
@@ -197,3 +207,16 @@ def test_trak_tracks_leave_one_out_truth(loo_case: dict[str, torch.Tensor]) -> N
     # Controls: the same criterion rejects shuffled scores and the opposite sign convention.
     assert abs(sum(shuffled) / len(rho)) < 0.3
     assert sum(_per_target(spearman, -tau, truth)) / len(rho) < 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kernel_and_scores_on_cuda_match_cpu(phi: tuple[torch.Tensor, torch.Tensor]) -> None:
+    cand, target = phi
+    k_inv = trak.regularised_inverse(trak.kernel(cand.split(7)))
+    expected = torch.cat(list(trak.scores(cand.split(7), k_inv, target)))
+    k_cuda = trak.kernel(b.cuda() for b in cand.split(7))
+    assert k_cuda.device.type == "cuda" and k_cuda.dtype == torch.float64
+    inv_cuda = trak.regularised_inverse(k_cuda)
+    got = torch.cat(list(trak.scores((b.cuda() for b in cand.split(7)), inv_cuda, target.cuda())))
+    torch.testing.assert_close(got.cpu(), expected)
