@@ -71,6 +71,18 @@ CREATE TABLE IF NOT EXISTS selections (
     source        VARCHAR,
     score         DOUBLE
 );
+CREATE TABLE IF NOT EXISTS evaluations (
+    crawl         VARCHAR NOT NULL,
+    run_id        VARCHAR,
+    evaluation_id VARCHAR NOT NULL,      -- fingerprint of the evaluation config and inputs
+    method        VARCHAR NOT NULL,      -- dsdm, random, dsir, ...; random@2x for curve points
+    selection_id  VARCHAR,               -- the evaluated selection (NULL when drawn here)
+    budget        DOUBLE,                -- training budget in multiples of the selection budget
+    seed          BIGINT,                -- evaluation model seed (NULL for aggregates)
+    task          VARCHAR NOT NULL,      -- target task, or heldout_text
+    metric        VARCHAR NOT NULL,      -- loss (nats/token), multiplier, lds, lds_task_level
+    value         DOUBLE
+);
 """
 
 
@@ -167,7 +179,7 @@ class LineageDB:
         same step replaces its rows instead of duplicating them. ``rows`` must carry the
         table's columns in order.
         """
-        if table not in {"quarantine", "scores", "selections"}:
+        if table not in {"quarantine", "scores", "selections", "evaluations"}:
             raise ValueError(f"unknown result table {table!r}")
         clause = " AND ".join(f'"{k}" = ?' for k in where) or "TRUE"
         with self.connect() as con:

@@ -1,0 +1,166 @@
+"""The paper's comparison at small scale: DsDm vs random, DSIR, classifier and SemDeDup.
+
+    python bench/selection_quality.py                       # the bench crawl, all documents
+    python bench/selection_quality.py --docs 2000 --seeds 0 1   # a subset (every k-th document)
+
+Materialises every asset of the code location (ingest -> proxies -> datamodels -> the five
+selections -> evaluation models -> LDS) on one crawl with the run config built from the
+flags, in a store and DuckDB file under bench/out/selection_quality/<name>/ (re-runs with the
+same flags reuse finished assets). Writes bench/out/selection_quality-<name>.json (losses per
+method x task with sd over seeds, multipliers, LDS, wall time per asset) and the report PNG
+beside it, and prints the JSON. The bench crawl is built by `make bench-corpus`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import dagster as dg  # noqa: E402
+import duckdb  # noqa: E402
+
+from dsdm_assets import datamodels, evaluation, ingest, selection  # noqa: E402
+from dsdm_assets.partitions import crawl_partitions  # noqa: E402
+from resources import (  # noqa: E402
+    ArtifactStoreResource,
+    ComputeResource,
+    CrawlSourceResource,
+    LineageResource,
+)
+
+OUT = REPO / "bench" / "out"
+ASSETS = dg.load_assets_from_modules([ingest, datamodels, selection, evaluation])
+ASSET_NAMES = {key.to_user_string() for a in ASSETS for key in a.keys}
+
+
+def subset_crawl(source: Path, docs: int | None, folder: Path) -> Path:
+    """A crawl folder with every k-th document of ``source`` (all sources kept), or all."""
+    rows = []
+    for path in sorted(source.glob("*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            rows.extend(handle.readlines())
+    if not rows:
+        raise SystemExit(f"no documents under {source}; build the bench crawl: make bench-corpus")
+    if docs is not None and docs < len(rows):
+        step = len(rows) / docs
+        rows = [rows[int(i * step)] for i in range(docs)]
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(folder / "part-00000.jsonl.gz", "wt", encoding="utf-8") as handle:
+        handle.writelines(rows)
+    (folder / "_SUCCESS").write_text("")
+    return folder
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    proxy = {"hidden_size": args.proxy_hidden, "num_layers": args.proxy_layers, "num_heads": 4,
+             "epochs": args.proxy_epochs}
+    evaluation = {"hidden_size": args.eval_hidden, "num_layers": args.eval_layers, "num_heads": 4,
+                  "epochs": 1}
+    return {"ops": {
+        "tokenizer": {"config": {"vocab_size": args.vocab}},
+        "proxy_checkpoints": {"config": {"num_proxies": args.proxies, "model": proxy}},
+        # gradient features of candidates and targets must share the projection
+        **{asset: {"config": {"target_dim": args.target_dim}}
+           for asset in ("gradient_shards", "target_gradients") if asset in ASSET_NAMES},
+        "datamodel_weights": {"config": {"lambda_relative": args.lambda_relative}},
+        **{asset: {"config": {"fraction": args.fraction}} for asset in (
+            "selected_subset", "random_subset", "dsir_subset", "classifier_subset", "semdedup_subset")},
+        "evaluations": {"config": {"seeds": args.seeds, "random_multiples": args.multiples,
+                                   "model": evaluation}},
+        "datamodel_lds": {"config": {"num_models": args.lds_models}},
+    }}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--crawl", type=Path, default=REPO / ".dsdm" / "bench" / "crawls" / "bench")
+    parser.add_argument("--tasks", type=Path, default=REPO / ".dsdm" / "bench" / "tasks")
+    parser.add_argument("--docs", type=int, default=None, help="every k-th document, N in all")
+    parser.add_argument("--name", default=None, help="run name (default: bench-<docs>)")
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--proxies", type=int, default=2)
+    parser.add_argument("--proxy-hidden", type=int, default=128)
+    parser.add_argument("--proxy-layers", type=int, default=2)
+    parser.add_argument("--proxy-epochs", type=int, default=1)
+    parser.add_argument("--target-dim", type=int, default=2048)
+    parser.add_argument("--lambda-relative", type=float, default=0.01)
+    parser.add_argument("--fraction", type=float, default=0.2)
+    parser.add_argument("--eval-hidden", type=int, default=160)
+    parser.add_argument("--eval-layers", type=int, default=3)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--multiples", type=float, nargs="+", default=[2.0, 4.0])
+    parser.add_argument("--lds-models", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = parser.parse_args()
+
+    name = args.name or f"bench-{args.docs or 'all'}"
+    folder = OUT / "selection_quality" / name
+    crawl = subset_crawl(args.crawl, args.docs, folder / "crawls" / name)
+    resources = {
+        "store": ArtifactStoreResource(root_url=str(folder / "store")),
+        "crawls": CrawlSourceResource(root_url=str(crawl.parent), tasks_url=str(args.tasks)),
+        "lineage": LineageResource(database=str(folder / "lineage.duckdb")),
+        "compute": ComputeResource(device="auto", threads=args.threads),
+    }
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(crawl_partitions.name, [name])
+    start = time.perf_counter()
+    result = dg.materialize(ASSETS, partition_key=name, instance=instance,
+                            resources=resources, run_config=run_config(args))
+    wall = time.perf_counter() - start
+    if not result.success:
+        raise SystemExit("the run failed; see the log above")
+    print(json.dumps(summary(result, folder, name, args, wall), indent=2))
+
+
+def summary(result, folder: Path, name: str, args: argparse.Namespace, wall: float) -> dict:
+    con = duckdb.connect(str(folder / "lineage.duckdb"), read_only=True)
+    losses = con.execute("""
+        SELECT method, task, avg(value), coalesce(stddev_pop(value), 0), count(*)
+        FROM evaluations WHERE metric = 'loss' AND crawl = ? GROUP BY 1, 2 ORDER BY 2, 1""",
+                         [name]).fetchall()
+    mults = con.execute("SELECT method, task, value FROM evaluations "
+                        "WHERE metric = 'multiplier' AND crawl = ? ORDER BY 2, 1", [name]).fetchall()
+    lds = con.execute("SELECT task, metric, value FROM evaluations "
+                      "WHERE metric LIKE 'lds%' AND crawl = ? ORDER BY 1, 2", [name]).fetchall()
+    meta = {}
+    for event in result.get_asset_materialization_events():
+        materialization = event.step_materialization_data.materialization
+        meta[materialization.asset_key.to_user_string()] = {
+            k: v.value for k, v in materialization.metadata.items()}
+    durations = {}
+    for event in result.all_events:
+        if event.is_step_success:
+            durations[event.step_key] = round(event.event_specific_data.duration_ms / 1000, 1)
+    png = Path(meta["evaluations"]["plot"].removeprefix("file://"))
+    plot = OUT / f"selection_quality-{name}.png"
+    shutil.copyfile(png, plot)
+    report = {
+        "crawl": name, "documents": args.docs or "all",
+        "examples": meta["tokenized_corpus"]["examples"],
+        "selected_per_method": meta["selected_subset"]["selected"],
+        "flags": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "loss": [{"method": m, "task": t, "mean": round(v, 4), "sd": round(s, 4), "seeds": n}
+                 for m, t, v, s, n in losses],
+        "multiplier": [{"method": m, "task": t, "value": round(v, 3)} for m, t, v in mults],
+        "lds": [{"task": t, "metric": k, "value": round(v, 3)} for t, k, v in lds],
+        "report_markdown": meta["evaluations"]["report"],
+        "wall_s": round(wall, 1), "step_seconds": durations,
+        "plot": str(plot.relative_to(REPO)),
+    }
+    path = OUT / f"selection_quality-{name}.json"
+    path.write_text(json.dumps(report, indent=2))
+    report["json"] = str(path.relative_to(REPO))
+    return report
+
+
+if __name__ == "__main__":
+    main()

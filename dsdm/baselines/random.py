@@ -1,0 +1,33 @@
+"""Random selection: the reference every other method is measured against."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from dsdm.baselines.base import BaselineMethod, PoolData
+
+
+class RandomSelection(BaseModel, BaselineMethod):
+    """Uniform sampling without replacement, seeded.
+
+    Each example gets an independent uniform key; taking the top k keys is a uniform sample
+    of size k, and samples of growing budgets are nested (the 2x random subset contains the 1x
+    one), which is what the compute-multiplier curve wants.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    name: ClassVar[str] = "random"
+
+    seed: int = 0
+    """Seeds the keys; the same seed and pool give the same selection."""
+
+    def scores(self, pool: PoolData) -> np.ndarray:
+        return uniform_keys(len(pool.texts), self.seed)
+
+
+def uniform_keys(n: int, seed: int) -> np.ndarray:
+    """[n] float64 uniform keys in [0, 1) from a generator of its own (never the global RNG)."""
+    return np.random.default_rng(seed).random(n)

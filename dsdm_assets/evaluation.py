@@ -1,0 +1,352 @@
+"""Evaluation group: how good each selection is, and how good the datamodels are.
+
+`evaluations` trains an evaluation LM per (method, seed) on exactly each selection, plus
+random selections at larger budgets for the compute-multiplier curve, and measures the
+eval-split target losses; `datamodel_lds` trains models on random subsets of the pool and
+correlates their target losses with what the datamodel weights predict. Each trained model's
+result is written as soon as it exists, so an interrupted run resumes with the rest.
+"""
+
+import json
+
+import dagster as dg
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import torch
+from pydantic import Field, field_validator
+from safetensors.torch import load as safetensors_load
+
+from dsdm.baselines.random import uniform_keys
+from dsdm.datamodels import proxy_subsets
+from dsdm.evaluation import (
+    example_losses,
+    linear_datamodeling_score,
+    target_losses,
+    train_evaluation_model,
+)
+from dsdm.lineage import LineageDB
+from dsdm.proxy import ProxyConfig
+from dsdm.report import multipliers, plot_png, summarise, wide_table
+from dsdm.selection import select_top
+from dsdm.store import ArtifactStore
+from dsdm.tokenization import to_tensors
+from dsdm_assets.datamodels import GPU_STEP_TAGS, datamodel_weights, proxy_checkpoints
+from dsdm_assets.ingest import target_tasks, tokenized_corpus, tokenizer
+from dsdm_assets.partitions import crawl_partitions
+from dsdm_assets.recording import AssetWriter, Upstream, read_upstream
+from dsdm_assets.selection import (
+    SELECTION_ASSETS,
+    classifier_subset,
+    dsir_subset,
+    random_subset,
+    selected_subset,
+    semdedup_subset,
+)
+from dsdm_assets.tables import markdown_table
+from resources import ArtifactStoreResource, ComputeResource, LineageResource
+
+GROUP = "evaluation"
+
+
+class EvalModelConfig(dg.Config, ProxyConfig):
+    """Evaluation LM architecture and recipe (default: larger than the default proxy).
+    vocab_size and seq_len come from the tokenizer and corpus."""
+
+    hidden_size: int = Field(192, gt=0)
+    num_layers: int = Field(3, gt=0)
+    num_heads: int = Field(4, gt=0)
+
+
+class EvaluationConfig(dg.Config):
+    """Which selections to evaluate, with what model, seeds and random budgets."""
+
+    methods: list[str] = Field(
+        default_factory=lambda: list(SELECTION_ASSETS),
+        description=f"Selections to evaluate, among {sorted(SELECTION_ASSETS)}; random is required.",
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1,
+                             description="Evaluation model seeds (init and data order).")
+    random_multiples: list[float] = Field(
+        default_factory=lambda: [2.0],
+        description="Random budgets beyond 1x for the multiplier curve, e.g. [2, 4].")
+    eval_batch_size: int = Field(64, ge=1, description="Examples per forward when scoring.")
+    model: EvalModelConfig = Field(default_factory=EvalModelConfig)
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, methods: list[str]) -> list[str]:
+        unknown = sorted(set(methods) - set(SELECTION_ASSETS))
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose among {sorted(SELECTION_ASSETS)}")
+        if "random" not in methods:
+            raise ValueError("methods must include 'random': multipliers are measured against it")
+        return methods
+
+    @field_validator("random_multiples")
+    @classmethod
+    def _above_one(cls, multiples: list[float]) -> list[float]:
+        if not multiples or any(not m > 1 for m in multiples):
+            raise ValueError(f"random_multiples must be non-empty and each > 1, got {multiples}")
+        return sorted(set(multiples))
+
+
+class LdsConfig(dg.Config):
+    """Linear datamodeling score: models on random subsets of the pool (proxy recipe)."""
+
+    num_models: int = Field(8, ge=3, description="Random subsets / models (the Spearman's n).")
+    fraction: float | None = Field(None, gt=0, le=1,
+                                   description="Subset share of the pool; None: the proxies' train_fraction.")
+    seed: int = Field(1000, description="Seeds subsets and models; differ from the proxies' seeds.")
+    eval_batch_size: int = Field(64, ge=1, description="Examples per forward when scoring.")
+
+
+def _derived_model(base: dg.Config, tok_up: Upstream, corpus_up: Upstream) -> ProxyConfig:
+    derived = {"vocab_size": tok_up.manifest["summary"]["vocab_size"],
+               "seq_len": corpus_up.manifest["summary"]["seq_len"]}
+    for key, value in derived.items():
+        if key in base.model_fields_set and getattr(base, key) != value:
+            raise dg.Failure(f"model.{key}={getattr(base, key)} contradicts the data ({value}); leave it unset")
+    return ProxyConfig.model_validate({**base.model_dump(), **derived})
+
+
+def _read_examples(artifacts: ArtifactStore, upstream: Upstream, kind: str) -> pa.Table:
+    return pa.concat_tables([artifacts.read_parquet(f["path"]) for f in upstream.files(kind)])
+
+
+def _train_and_score(
+    context: dg.AssetExecutionContext, writer: AssetWriter, name: str, config: ProxyConfig,
+    examples: pa.Table, targets: pa.Table, compute: ComputeResource, batch_size: int,
+) -> dict:
+    """One evaluation model's losses, adopted from an interrupted run when already written."""
+    file = f"runs/{name}.json"
+    if writer.has(file):
+        return json.loads(writer.adopt(file, kind="run"))
+    device = compute.setup()
+    context.log.info(f"{name}: training on {examples.num_rows} examples")
+    model, curve = train_evaluation_model(config, examples, device=device,
+                                          bf16=compute.dtype == "bfloat16" and device.type == "cuda")
+    losses = target_losses(model, targets, batch_size=batch_size, device=device)
+    result = {"losses": losses.to_dicts(), "examples": examples.num_rows, "steps": len(curve),
+              "final_train_loss": float(np.mean(curve[-max(1, len(curve) // 10):]))}
+    writer.write_bytes(file, json.dumps(result).encode(), kind="run")
+    return result
+
+
+@dg.asset(
+    group_name=GROUP, partitions_def=crawl_partitions, code_version="1", op_tags=GPU_STEP_TAGS,
+    deps=[selected_subset, random_subset, dsir_subset, classifier_subset, semdedup_subset,
+          tokenized_corpus, tokenizer, target_tasks],
+    description="Evaluation LMs trained on each selection (and on random selections at larger "
+    "budgets); eval-split loss per target task and on held-out text, each method's compute "
+    "multiplier vs random, a report (markdown + PNG) and rows in the DuckDB evaluations table.",
+)
+def evaluations(
+    context: dg.AssetExecutionContext, config: EvaluationConfig, compute: ComputeResource,
+    store: ArtifactStoreResource, lineage: LineageResource,
+) -> dg.MaterializeResult:
+    artifacts, db = store.get_store(), lineage.get_db()
+    tok_up = read_upstream(context, artifacts, "tokenizer")
+    corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
+    targets_up = read_upstream(context, artifacts, "target_tasks")
+    selections = {m: read_upstream(context, artifacts, SELECTION_ASSETS[m]) for m in config.methods}
+    model = _derived_model(config.model, tok_up, corpus_up)
+    writer = AssetWriter(
+        context, artifacts, db, "evaluations",
+        {"methods": sorted(config.methods), "seeds": config.seeds,
+         "random_multiples": config.random_multiples, "model": model.to_dict()},
+        [(u.uri, u.sha256) for u in (tok_up, corpus_up, targets_up, *selections.values())],
+    )
+    manifest = writer.existing()
+    reused = manifest is not None
+    if reused:
+        writer.record(manifest, reused=True)
+        results = pl.from_arrow(artifacts.read_parquet(f"{writer.folder}/results.parquet"))
+    else:
+        targets = artifacts.read_parquet(targets_up.files("targets")[0]["path"])
+        runs = {m: (1.0, _read_examples(artifacts, up, "examples")) for m, up in selections.items()}
+        pool = _read_examples(artifacts, corpus_up, "examples")
+        random_config = selections["random"].manifest["config"]
+        keys = uniform_keys(pool.num_rows, random_config["seed"])
+        tokens = pool.column("n_tokens").to_numpy() - 1
+        for multiple in config.random_multiples:
+            budget = _scaled_budget(random_config, multiple, pool.num_rows, int(tokens.sum()))
+            order = select_top(keys, pool.column("example_id").to_numpy(zero_copy_only=False),
+                               token_counts=tokens, **budget)
+            runs[f"random@{multiple:g}x"] = (multiple, pool.take(pa.array(np.sort(order))))
+        rows = []
+        for label, (multiple, examples) in runs.items():
+            for seed in config.seeds:
+                result = _train_and_score(context, writer, f"{label}-seed{seed}",
+                                          model.model_copy(update={"seed": seed}), examples,
+                                          targets, compute, config.eval_batch_size)
+                for entry in result["losses"]:
+                    rows.append({"method": label.split("@")[0], "budget": multiple, "seed": seed,
+                                 "task": entry["task"], "loss": entry["loss"],
+                                 "examples": result["examples"], "steps": result["steps"]})
+        results = pl.DataFrame(rows)
+        writer.write_parquet("results.parquet", results.to_arrow(), kind="results")
+        summary = summarise(results)
+        mults = multipliers(summary)
+        table = wide_table(summary, mults)
+        report = _report_markdown(table, mults, model, config)
+        writer.write_bytes("report.md", report.encode(), kind="report")
+        writer.write_bytes("report.png", plot_png(summary, f"crawl {writer.crawl}"), kind="plot")
+        writer.write_parquet("multipliers.parquet", mults.to_arrow(), kind="multipliers")
+        manifest = writer.finish({"models": len(runs) * len(config.seeds), "methods": config.methods,
+                                  "multipliers": mults.to_dicts()})
+    summary = summarise(results)
+    mults = multipliers(summary)
+    _record_rows(db, writer, context.run.run_id, results, mults, selections)
+    return dg.MaterializeResult(data_version=writer.data_version, metadata={
+        **writer.base_metadata(manifest, reused),
+        "report": dg.MetadataValue.md(artifacts.read_bytes(f"{writer.folder}/report.md").decode()),
+        "plot": dg.MetadataValue.path(artifacts.uri(f"{writer.folder}/report.png")),
+        "models": manifest["summary"]["models"],
+        **{f"multiplier_{r['method']}_{r['task']}": float(r["multiplier"]) for r in mults.to_dicts()},
+    })
+
+
+def _scaled_budget(random_config: dict, multiple: float, n: int, pool_tokens: int) -> dict:
+    if random_config.get("token_budget"):
+        budget = round(random_config["token_budget"] * multiple)
+        if budget > pool_tokens:
+            raise dg.Failure(f"random at {multiple:g}x needs {budget} tokens; the pool has "
+                             f"{pool_tokens}: lower random_multiples or the selection budget")
+        return {"token_budget": budget}
+    fraction = random_config["fraction"] * multiple
+    if fraction > 1:
+        raise dg.Failure(f"random at {multiple:g}x the fraction {random_config['fraction']} exceeds "
+                         "the pool: lower random_multiples or the selection fraction")
+    return {"fraction": fraction}
+
+
+def _report_markdown(table: pl.DataFrame, mults: pl.DataFrame, model: ProxyConfig,
+                     config: EvaluationConfig) -> str:
+    arch = f"{model.num_layers} layers, hidden {model.hidden_size}, {model.num_heads} heads"
+    lines = [
+        "# Selection comparison",
+        "",
+        f"Evaluation model: GPT-NeoX, {arch}; one pass over each selection; seeds {config.seeds}.",
+        "Loss: mean next-token loss (nats) over the continuation tokens of each task's eval "
+        "split; heldout_text scores every token of the eval split's prompt + continuation.",
+        "Columns 'x task': compute multiplier vs random (random budget matching the loss, "
+        "log-interpolated; 'extrap.' = outside the random curve).",
+        "",
+        markdown_table(table, float_digits=4),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _record_rows(db: LineageDB, writer: AssetWriter, run_id: str, results: pl.DataFrame,
+                 mults: pl.DataFrame, selections: dict[str, Upstream]) -> None:
+    selection_ids = {m: up.manifest["config_hash"] for m, up in selections.items()}
+    loss_rows = results.select(
+        pl.col("method"), pl.col("budget"), pl.col("seed").cast(pl.Int64), pl.col("task"),
+        pl.lit("loss").alias("metric"), pl.col("loss").alias("value"))
+    mult_rows = mults.select(
+        pl.col("method"), pl.lit(1.0).alias("budget"), pl.lit(None, pl.Int64).alias("seed"),
+        pl.col("task"), pl.lit("multiplier").alias("metric"), pl.col("multiplier").alias("value"))
+    rows = pl.concat([loss_rows, mult_rows])
+    rows = rows.with_columns(
+        pl.when(pl.col("budget") == 1.0).then(pl.col("method").replace_strict(
+            selection_ids, default=None)).otherwise(None).alias("selection_id"),
+        pl.Series("method", [m if b == 1.0 else f"{m}@{b:g}x" for m, b in
+                             zip(rows["method"].to_list(), rows["budget"].to_list(), strict=True)]))
+    _replace_evaluations(db, writer, run_id, rows)
+
+
+def _replace_evaluations(db: LineageDB, writer: AssetWriter, run_id: str, rows: pl.DataFrame) -> None:
+    n = rows.height
+    db.replace_rows("evaluations", {"crawl": writer.crawl, "evaluation_id": writer.config_hash},
+                    pa.table({
+                        "crawl": [writer.crawl] * n, "run_id": [run_id] * n,
+                        "evaluation_id": [writer.config_hash] * n,
+                        "method": rows["method"].to_arrow(),
+                        "selection_id": rows["selection_id"].cast(pl.String).to_arrow(),
+                        "budget": rows["budget"].cast(pl.Float64).to_arrow(),
+                        "seed": rows["seed"].cast(pl.Int64).to_arrow(),
+                        "task": rows["task"].to_arrow(), "metric": rows["metric"].to_arrow(),
+                        "value": rows["value"].cast(pl.Float64).to_arrow(),
+                    }))
+
+
+@dg.asset(
+    group_name=GROUP, partitions_def=crawl_partitions, code_version="1", op_tags=GPU_STEP_TAGS,
+    deps=[datamodel_weights, proxy_checkpoints, tokenized_corpus, target_tasks],
+    description="Linear datamodeling score: models with the proxy recipe trained on random "
+    "subsets of the pool; Spearman over subsets of each select-split target's measured loss vs "
+    "the loss the datamodel weights predict (-sum of tau over the subset), averaged per task.",
+)
+def datamodel_lds(
+    context: dg.AssetExecutionContext, config: LdsConfig, compute: ComputeResource,
+    store: ArtifactStoreResource, lineage: LineageResource,
+) -> dg.MaterializeResult:
+    artifacts, db = store.get_store(), lineage.get_db()
+    weights_up = read_upstream(context, artifacts, "datamodel_weights")
+    proxies_up = read_upstream(context, artifacts, "proxy_checkpoints")
+    corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
+    targets_up = read_upstream(context, artifacts, "target_tasks")
+    fraction = config.fraction or proxies_up.manifest["config"]["train_fraction"]
+    entry = proxies_up.files("config")[0]
+    recipe = ProxyConfig.model_validate(artifacts.read_json(entry["path"]))
+    writer = AssetWriter(
+        context, artifacts, db, "datamodel_lds",
+        {"num_models": config.num_models, "fraction": fraction, "seed": config.seed,
+         "model": recipe.to_dict()},
+        [(u.uri, u.sha256) for u in (weights_up, proxies_up, corpus_up, targets_up)],
+    )
+    manifest = writer.existing()
+    reused = manifest is not None
+    if reused:
+        writer.record(manifest, reused=True)
+        scores = pl.from_arrow(artifacts.read_parquet(f"{writer.folder}/lds.parquet"))
+    else:
+        columns = pl.from_arrow(artifacts.read_parquet(weights_up.path_of("target_columns.parquet")))
+        tau = np.concatenate([safetensors_load(artifacts.read_bytes(f["path"]))["tau"].numpy()
+                              for f in weights_up.files("tau")])
+        pool = _read_examples(artifacts, corpus_up, "examples")
+        if tau.shape != (pool.num_rows, columns.height):
+            raise dg.Failure(f"tau is {tau.shape}, expected [pool={pool.num_rows}, "
+                             f"targets={columns.height}]; re-materialise datamodel_weights")
+        targets = pl.from_arrow(artifacts.read_parquet(targets_up.files("targets")[0]["path"]))
+        order = {e: i for i, e in enumerate(targets["example_id"].to_list())}
+        missing = [e for e in columns["example_id"].to_list() if e not in order]
+        if missing:
+            raise dg.Failure(f"tau columns name targets missing from target_tasks: {missing[:5]}")
+        chosen = targets[[order[e] for e in columns["example_id"].to_list()]].to_arrow()
+        target_ids, target_mask = to_tensors(chosen)
+        subsets = proxy_subsets(pool.num_rows, config.num_models, fraction, config.seed)
+        measured = []
+        for k, subset in enumerate(subsets):
+            file = f"runs/model-{k:02d}.json"
+            if writer.has(file):
+                losses = json.loads(writer.adopt(file, kind="run"))["losses"]
+            else:
+                device = compute.setup()
+                index = torch.from_numpy(subset)
+                model, _ = train_evaluation_model(
+                    recipe.model_copy(update={"seed": config.seed + k}),
+                    pool.take(pa.array(subset)), device=device)
+                sums, counts = example_losses(model, target_ids, target_mask,
+                                              batch_size=config.eval_batch_size, device=device)
+                losses = (sums / np.maximum(counts, 1)).tolist()
+                writer.write_bytes(file, json.dumps({"losses": losses, "examples": len(index)}).encode(),
+                                   kind="run")
+                context.log.info(f"LDS model {k + 1}/{len(subsets)} done")
+            measured.append(losses)
+        scores = linear_datamodeling_score(tau, subsets, np.asarray(measured), columns["task"].to_list())
+        writer.write_parquet("lds.parquet", scores.to_arrow(), kind="lds")
+        manifest = writer.finish({"lds": scores.to_dicts(), "models": len(subsets), "fraction": fraction})
+    rows = pl.concat([
+        scores.select(pl.col("task"), pl.lit("lds").alias("metric"), pl.col("lds").alias("value")),
+        scores.select(pl.col("task"), pl.lit("lds_task_level").alias("metric"),
+                      pl.col("task_level").alias("value")),
+    ]).with_columns(pl.lit("dsdm").alias("method"), pl.lit(None, pl.String).alias("selection_id"),
+                    pl.lit(None, pl.Float64).alias("budget"), pl.lit(None, pl.Int64).alias("seed"))
+    _replace_evaluations(db, writer, context.run.run_id, rows)
+    return dg.MaterializeResult(data_version=writer.data_version, metadata={
+        **writer.base_metadata(manifest, reused),
+        "lds": dg.MetadataValue.md(markdown_table(scores, float_digits=3)),
+        **{f"lds_{r['task']}": float(r["lds"]) for r in scores.to_dicts()},
+    })
