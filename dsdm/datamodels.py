@@ -43,7 +43,17 @@ def features_to_bytes(features: Features, example_ids: Sequence[str], **meta: st
                "margin": features.margin.contiguous()}
     header = {"format": FEATURE_FORMAT, "example_ids_sha256": digest,
               "rows": str(len(example_ids)), **meta}
-    return safetensors_save(tensors, metadata=header)
+    return _sorted_header(safetensors_save(tensors, metadata=header))
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """safetensors writes its metadata map in hash order, which differs between processes;
+    with sorted keys, equal tensors and metadata give equal bytes (and sha256s) whichever
+    process wrote them. The header stays space-padded to 8 bytes, as the format asks."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + length]), sort_keys=True, separators=(",", ":"))
+    encoded = header.encode() + b" " * (-len(header.encode()) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded + data[8 + length :]
 
 
 def features_from_bytes(data: bytes) -> Features:

@@ -8,10 +8,14 @@ ties in score are broken by a stable key (e.g. example_id), smaller key first.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+#: a selection with at least this share from one source (of a multi-source pool) is degenerate
+DEGENERATE_SHARE = 0.9
 
 
 def combine_task_scores(
@@ -115,3 +119,21 @@ def select_top(
             f"({int(counts[order[0]])} tokens); raise it to at least that"
         )
     return order[:k]
+
+
+def dominant_source(selected_sources: Sequence[str], pool_sources: Sequence[str]) -> dict:
+    """The source with the largest share of a selection, and its share of selection and pool.
+
+    ``degenerate`` is true when the pool offers several sources but the selection is almost
+    all one of them, a sign that the scores track a source artefact (length, boilerplate)
+    rather than usefulness; ``DEGENERATE_SHARE`` sets "almost all".
+    """
+    if not selected_sources:
+        raise ValueError("empty selection")
+    counts = Counter(selected_sources)
+    source, count = max(sorted(counts.items()), key=lambda item: item[1])
+    share = count / len(selected_sources)
+    pool = Counter(pool_sources)
+    return {"source": source, "selected_share": share,
+            "pool_share": pool[source] / max(len(pool_sources), 1),
+            "degenerate": len(pool) > 1 and share >= DEGENERATE_SHARE}

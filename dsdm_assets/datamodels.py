@@ -2,10 +2,16 @@
 
 Each asset is resumable: files are written atomically one proxy / shard at a time into the
 asset's content-derived folder, and an interrupted run's finished files are adopted on retry.
+``gradient_shards`` is a graph of ops, one step per (proxy, corpus shard), so an executor
+with several processes (or pods) featurises shards side by side; ``target_gradients`` holds
+the target features apart, so new target tasks do not recompute the candidates.
 """
 
 import json
+import os
 import time
+import warnings
+from collections.abc import Mapping
 
 import dagster as dg
 import numpy as np
@@ -25,15 +31,34 @@ from dsdm.datamodels import (
 )
 from dsdm.features import FeatureConfig, featurize
 from dsdm.proxy import ProxyConfig, load_proxy, proxy_to_bytes, train_proxy
-from dsdm.store import ArtifactStore
+from dsdm.store import ArtifactStore, StoredArtifact
 from dsdm.tokenization import to_tensors
 from dsdm_assets.ingest import target_tasks, tokenized_corpus, tokenizer
 from dsdm_assets.partitions import crawl_partitions
-from dsdm_assets.recording import AssetWriter, Upstream, read_upstream
+from dsdm_assets.recording import AssetWriter, Upstream, adopt_file, read_upstream
 from dsdm_assets.tables import markdown_table
 from resources import ArtifactStoreResource, ComputeResource, LineageResource
+from resources.storage import step_json_io_manager
 
 GROUP = "datamodels"
+GRADIENTS_VERSION = "2"  # 2: target features moved to target_gradients
+STEP_IO = "step_json_io"
+
+
+def k8s_gpu_tags(environ: Mapping[str, str]) -> dict:
+    """Op tags asking Kubernetes for ``DSDM_K8S_GPUS_PER_STEP`` GPUs for each torch step
+    (proxy training, one featurisation step, target features). The k8s job executor reads
+    ``dagster-k8s/config``; other executors ignore it. No tags when the variable is unset."""
+    gpus = environ.get("DSDM_K8S_GPUS_PER_STEP")
+    if not gpus:
+        return {}
+    if not gpus.isdigit() or int(gpus) < 1:
+        raise ValueError(f"DSDM_K8S_GPUS_PER_STEP={gpus!r}: expected a whole number of GPUs >= 1")
+    limits = {"nvidia.com/gpu": gpus}
+    return {"dagster-k8s/config": {"container_config": {"resources": {"limits": limits}}}}
+
+
+GPU_STEP_TAGS = k8s_gpu_tags(os.environ)
 
 
 class ProxyModelConfig(dg.Config, ProxyConfig):
@@ -74,16 +99,8 @@ def _attention(table: pa.Table) -> torch.Tensor:
     return torch.arange(length)[None, :] < n_tokens[:, None]
 
 
-def _load_proxies(store: ArtifactStore, proxies: Upstream, device: torch.device) -> list:
-    models = []
-    for entry in proxies.files("checkpoint"):
-        config = store.read_json(entry["path"].replace("model.safetensors", "config.json"))
-        models.append(load_proxy(config, store.read_bytes(entry["path"]), device=device))
-    return models
-
-
 @dg.asset(
-    group_name=GROUP, partitions_def=crawl_partitions, code_version="1",
+    group_name=GROUP, partitions_def=crawl_partitions, code_version="1", op_tags=GPU_STEP_TAGS,
     deps=[tokenizer, tokenized_corpus],
     check_specs=[dg.AssetCheckSpec("loss_fell", asset="proxy_checkpoints", blocking=True,
                                    description="Every proxy's late training loss is below its early loss.")],
@@ -168,6 +185,7 @@ def proxy_checkpoints(
     fell = [p["last_loss"] < p["first_loss"] for p in proxies]
     table = pl.DataFrame([{k: v for k, v in p.items() if k != "curve"} for p in proxies])
     return dg.MaterializeResult(
+        data_version=writer.data_version,
         metadata={
             **writer.base_metadata(manifest, reused),
             "proxies": dg.MetadataValue.md(markdown_table(table)),
@@ -182,16 +200,191 @@ def proxy_checkpoints(
     )
 
 
-@dg.asset(
-    group_name=GROUP, partitions_def=crawl_partitions, code_version="1",
-    deps=[proxy_checkpoints, tokenized_corpus, target_tasks],
-    check_specs=[dg.AssetCheckSpec("features_finite", asset="gradient_shards", blocking=True,
-                                   description="No NaN/inf in any projected gradient or q.")],
-    description="Per proxy and corpus shard: projected per-example gradients phi of the TRAK "
-    "model output and out-to-loss weights q (one safetensors file each), plus the target "
-    "examples' features under the same projection.",
+# --- gradient features --------------------------------------------------------------------
+# Candidate features depend only on the proxies and the corpus, target features only on the
+# proxies and the target tasks: a new target-task set reuses every candidate shard.
+
+
+def _load_proxy(store: ArtifactStore, checkpoint_path: str, device: torch.device):
+    config = store.read_json(checkpoint_path.replace("model.safetensors", "config.json"))
+    return load_proxy(config, store.read_bytes(checkpoint_path), device=device)
+
+
+def _featurise(model, table: pa.Table, config: FeatureConfig, proxy: int, source: str,
+               device: torch.device) -> tuple[bytes, float]:
+    """Proxy ``proxy``'s features of ``table``'s examples as a feature file, and the seconds
+    featurisation took. Proxy m projects with seed + m, for candidates and targets alike."""
+    ids, mask = to_tensors(table)
+    start = time.perf_counter()
+    features = featurize(model, ids, mask, config.model_copy(update={"seed": config.seed + proxy}),
+                         attention_mask=_attention(table), device=device)
+    seconds = time.perf_counter() - start
+    data = features_to_bytes(features, table.column("example_id").to_pylist(),
+                             proxy=str(proxy), source=source)
+    return data, seconds
+
+
+def _nonfinite(data: bytes) -> tuple[int, int]:
+    """(NaN/inf values in phi and q, feature dimension d) of a feature file."""
+    features = features_from_bytes(data)
+    bad = (~torch.isfinite(features.phi)).sum() + (~torch.isfinite(features.q)).sum()
+    return int(bad), int(features.phi.shape[1])
+
+
+def _rate(rows: int, seconds: float) -> float | None:
+    return rows / seconds if seconds else None
+
+
+def _feature_metadata(summary: dict, files: int, reused: bool) -> dict:
+    """This run's view: a reused folder computed nothing and reused every file."""
+    counts = {"files_computed": 0, "files_reused": files} if reused else {
+        "files_computed": summary["files_computed"], "files_reused": summary["files_reused"]}
+    return {**{k: v for k, v in summary.items() if v is not None and k not in counts}, **counts}
+
+
+@dg.op(
+    ins={"proxy_checkpoints": dg.In(dg.Nothing), "tokenized_corpus": dg.In(dg.Nothing)},
+    out={"plan": dg.Out(dict, io_manager_key=STEP_IO),
+         "work": dg.DynamicOut(dict, io_manager_key=STEP_IO)},
+    description="Finds the gradient_shards folder for these inputs and lists the (proxy, "
+    "shard) files still to make; nothing when a complete folder exists.",
 )
-def gradient_shards(
+def plan_gradient_shards(context: dg.OpExecutionContext, config: GradientConfig,
+                         store: ArtifactStoreResource, lineage: LineageResource):
+    artifacts = store.get_store()
+    proxies_up = read_upstream(context, artifacts, "proxy_checkpoints")
+    corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
+    inputs = [(u.uri, u.sha256) for u in (proxies_up, corpus_up)]
+    writer = AssetWriter(context, artifacts, lineage.get_db(), "gradient_shards",
+                         config.model_dump(), inputs, code_version=GRADIENTS_VERSION)
+    reused = writer.existing() is not None
+    checkpoints = [f["path"] for f in proxies_up.files("checkpoint")]
+    shards = [f["path"] for f in corpus_up.files("examples")]
+    yield dg.Output({"config": config.model_dump(), "inputs": inputs, "folder": writer.folder,
+                     "reused": reused, "proxies": len(checkpoints), "shards": len(shards),
+                     "proxy_checkpoints_sha256": proxies_up.sha256}, "plan")
+    if reused:
+        context.log.info(f"gradient_shards for these inputs complete in {writer.folder}: reusing")
+        return
+    for m, checkpoint in enumerate(checkpoints):
+        for k, source in enumerate(shards):
+            yield dg.DynamicOutput(
+                {"folder": writer.folder, "name": f"proxy-{m:02d}/shard-{k:05d}.safetensors",
+                 "proxy": m, "checkpoint": checkpoint, "source": source,
+                 "config": config.model_dump()},
+                mapping_key=f"proxy_{m:02d}_shard_{k:05d}", output_name="work")
+
+
+@dg.op(out=dg.Out(dict, io_manager_key=STEP_IO), tags=GPU_STEP_TAGS,
+       description="Featurises one corpus shard under one proxy, or adopts the file an "
+       "interrupted attempt finished; each file is written atomically.")
+def featurise_gradient_shard(context: dg.OpExecutionContext, work: dict,
+                             compute: ComputeResource, store: ArtifactStoreResource) -> dict:
+    artifacts = store.get_store()
+    path = f"{work['folder']}/{work['name']}"
+    if artifacts.exists(path):
+        data, stored = adopt_file(artifacts, path)
+        rows, seconds, computed = int(feature_header(data)["rows"]), 0.0, False
+        context.log.info(f"{work['name']}: finished by an earlier attempt, adopting")
+    else:
+        device = compute.setup()
+        model = _load_proxy(artifacts, work["checkpoint"], device)
+        table = artifacts.read_parquet(work["source"])
+        data, seconds = _featurise(model, table, FeatureConfig.model_validate(work["config"]),
+                                   work["proxy"], work["source"], device)
+        stored = artifacts.write_bytes(path, data)
+        rows, computed = table.num_rows, True
+        context.log.info(f"{work['name']}: {rows} examples, {rows / max(seconds, 1e-9):.1f} "
+                         "examples/s")
+    nonfinite, dim = _nonfinite(data)
+    return {"name": work["name"], "uri": stored.uri, "sha256": stored.sha256,
+            "size_bytes": stored.size_bytes, "rows": rows, "computed": computed,
+            "seconds": seconds, "nonfinite": nonfinite, "dim": dim}
+
+
+@dg.op(
+    out={"result": dg.Out(dg.Nothing), "features_finite": dg.Out(dg.Nothing)},
+    description="Writes the gradient_shards manifest from every file's result (or records "
+    "the reused folder), the lineage rows, and the features_finite check.",
+)
+def collect_gradient_shards(context: dg.OpExecutionContext, plan: dict, results: list[dict],
+                            store: ArtifactStoreResource, lineage: LineageResource):
+    artifacts = store.get_store()
+    writer = AssetWriter(context, artifacts, lineage.get_db(), "gradient_shards", plan["config"],
+                         [tuple(i) for i in plan["inputs"]], code_version=GRADIENTS_VERSION)
+    if writer.folder != plan["folder"]:
+        raise dg.Failure(f"planned folder {plan['folder']} differs from {writer.folder}; a bug")
+    if plan["reused"]:
+        manifest = writer.existing()
+        writer.record(manifest, reused=True)
+    else:
+        results = sorted(results, key=lambda r: r["name"])
+        if len(results) != plan["proxies"] * plan["shards"]:
+            raise dg.Failure(f"{len(results)} feature files for {plan['proxies']} proxies x "
+                             f"{plan['shards']} shards")
+        for r in results:
+            writer.written.append((r["name"], StoredArtifact(r["uri"], r["sha256"], r["size_bytes"]),
+                                   r["rows"], "features", not r["computed"]))
+        done = [r for r in results if r["computed"]]
+        manifest = writer.finish({
+            "proxies": plan["proxies"], "shards": plan["shards"], "dim": results[0]["dim"],
+            "nonfinite": sum(r["nonfinite"] for r in results),
+            "files_computed": len(done), "files_reused": len(results) - len(done),
+            "examples_per_s": _rate(sum(r["rows"] for r in done), sum(r["seconds"] for r in done)),
+            "proxy_checkpoints_sha256": plan["proxy_checkpoints_sha256"],
+        })
+    summary = manifest["summary"]
+    yield dg.Output(None, "result", data_version=writer.data_version, metadata={
+        **writer.base_metadata(manifest, plan["reused"]),
+        **_feature_metadata(summary, len(manifest["files"]), plan["reused"]),
+    })
+    yield dg.AssetCheckResult(check_name="features_finite", asset_key="gradient_shards",
+                              passed=summary["nonfinite"] == 0,
+                              metadata={"nonfinite_values": summary["nonfinite"]})
+
+
+@dg.config_mapping
+def _gradient_shards_config(config: GradientConfig) -> dict:
+    """``ops: gradient_shards: config:`` as for a plain asset; the plan op holds it."""
+    return {"plan_gradient_shards": {"config": config.model_dump()}}
+
+
+def _gradient_shards_graph(proxy_checkpoints, tokenized_corpus):
+    plan, work = plan_gradient_shards(proxy_checkpoints=proxy_checkpoints,
+                                      tokenized_corpus=tokenized_corpus)
+    result, finite = collect_gradient_shards(plan, work.map(featurise_gradient_shard).collect())
+    return {"result": result, "gradient_shards_features_finite": finite}
+
+
+# resource_defs on a graph asset is marked beta in Dagster 1.13; its warning would be printed
+# by every step process, so it is silenced here, where the one use is.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", dg.BetaWarning)
+    gradient_shards = dg.graph_asset(
+        name="gradient_shards", group_name=GROUP, partitions_def=crawl_partitions,
+        code_version=GRADIENTS_VERSION,
+        ins={"proxy_checkpoints": dg.AssetIn(dagster_type=dg.Nothing),
+             "tokenized_corpus": dg.AssetIn(dagster_type=dg.Nothing)},
+        check_specs=[dg.AssetCheckSpec("features_finite", asset="gradient_shards", blocking=True,
+                                       description="No NaN/inf in any projected gradient or q.")],
+        config=_gradient_shards_config,
+        resource_defs={STEP_IO: step_json_io_manager},
+        description="Per proxy and corpus shard: projected per-example gradients phi of the "
+        "TRAK model output and out-to-loss weights q (one safetensors file each). Each (proxy, "
+        "shard) is its own step, so the multiprocess or k8s executor runs them side by side.",
+    )(_gradient_shards_graph)
+
+
+@dg.asset(
+    group_name=GROUP, partitions_def=crawl_partitions, code_version="1", op_tags=GPU_STEP_TAGS,
+    deps=[proxy_checkpoints, target_tasks],
+    check_specs=[dg.AssetCheckSpec("features_finite", asset="target_gradients", blocking=True,
+                                   description="No NaN/inf in any target gradient or q.")],
+    description="Per proxy: the target examples' projected gradients, with the same projection "
+    "as gradient_shards (give both the same config). Apart from the candidates, so a new "
+    "target-task set recomputes only these.",
+)
+def target_gradients(
     context: dg.AssetExecutionContext,
     config: GradientConfig,
     compute: ComputeResource,
@@ -200,59 +393,43 @@ def gradient_shards(
 ) -> dg.MaterializeResult:
     artifacts, db = store.get_store(), lineage.get_db()
     proxies_up = read_upstream(context, artifacts, "proxy_checkpoints")
-    corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
     targets_up = read_upstream(context, artifacts, "target_tasks")
-    writer = AssetWriter(
-        context, artifacts, db, "gradient_shards", config.model_dump(),
-        [(u.uri, u.sha256) for u in (proxies_up, corpus_up, targets_up)],
-    )
+    writer = AssetWriter(context, artifacts, db, "target_gradients", config.model_dump(),
+                         [(u.uri, u.sha256) for u in (proxies_up, targets_up)])
     manifest = writer.existing()
     reused = manifest is not None
     if reused:
         writer.record(manifest, reused=True)
     else:
         device = compute.setup()
+        (targets_file,) = targets_up.files("targets")
+        table = artifacts.read_parquet(targets_file["path"])
         feature_config = FeatureConfig.model_validate(config.model_dump())
-        models = _load_proxies(artifacts, proxies_up, device)
-        targets = artifacts.read_parquet(targets_up.files("targets")[0]["path"])
-        jobs = [(f"shard-{k:05d}", f["path"]) for k, f in enumerate(corpus_up.files("examples"))]
-        jobs.append(("targets", targets_up.files("targets")[0]["path"]))
-        nonfinite, computed, adopted, rows, seconds = 0, 0, 0, 0, 0.0
-        for m, model in enumerate(models):
-            proxy_features = feature_config.model_copy(update={"seed": feature_config.seed + m})
-            for name, source_path in jobs:
-                file = f"proxy-{m:02d}/{name}.safetensors"
-                table = targets if name == "targets" else artifacts.read_parquet(source_path)
-                if writer.has(file):
-                    data = writer.adopt(file, kind="targets" if name == "targets" else "features",
-                                        rows=table.num_rows)
-                    adopted += 1
-                else:
-                    ids, mask = to_tensors(table)
-                    start = time.perf_counter()
-                    features = featurize(model, ids, mask, proxy_features,
-                                         attention_mask=_attention(table), device=device)
-                    seconds += time.perf_counter() - start
-                    rows += table.num_rows
-                    data = features_to_bytes(features, table.column("example_id").to_pylist(),
-                                             proxy=str(m), source=source_path)
-                    writer.write_bytes(file, data, kind="targets" if name == "targets" else "features",
-                                       rows=table.num_rows)
-                    computed += 1
-                    context.log.info(f"proxy {m} {name}: {table.num_rows} examples; "
-                                     f"{rows / max(seconds, 1e-9):.1f} examples/s overall")
-                features = features_from_bytes(data)
-                nonfinite += int((~torch.isfinite(features.phi)).sum() + (~torch.isfinite(features.q)).sum())
-                dim = features.phi.shape[1]
+        nonfinite, computed, rows, seconds = 0, 0, 0, 0.0
+        for m, checkpoint in enumerate(f["path"] for f in proxies_up.files("checkpoint")):
+            name = f"proxy-{m:02d}/targets.safetensors"
+            if writer.has(name):
+                data = writer.adopt(name, kind="targets", rows=table.num_rows)
+            else:
+                model = _load_proxy(artifacts, checkpoint, device)
+                data, took = _featurise(model, table, feature_config, m, targets_file["path"], device)
+                writer.write_bytes(name, data, kind="targets", rows=table.num_rows)
+                computed, rows, seconds = computed + 1, rows + table.num_rows, seconds + took
+                context.log.info(f"proxy {m} targets: {table.num_rows} examples in {took:.1f}s")
+            bad, dim = _nonfinite(data)
+            nonfinite += bad
         manifest = writer.finish({
-            "proxies": len(models), "shards": len(jobs) - 1, "dim": dim, "nonfinite": nonfinite,
-            "files_computed": computed, "files_reused": adopted,
-            "examples_per_s": rows / seconds if seconds else None,
+            "proxies": len(writer.written), "targets": table.num_rows, "dim": dim,
+            "nonfinite": nonfinite, "files_computed": computed,
+            "files_reused": len(writer.written) - computed,
+            "examples_per_s": _rate(rows, seconds),
+            "proxy_checkpoints_sha256": proxies_up.sha256,
         })
     summary = manifest["summary"]
     return dg.MaterializeResult(
+        data_version=writer.data_version,
         metadata={**writer.base_metadata(manifest, reused),
-                  **{k: v for k, v in summary.items() if v is not None}},
+                  **_feature_metadata(summary, len(manifest["files"]), reused)},
         check_results=[dg.AssetCheckResult(
             check_name="features_finite", passed=summary["nonfinite"] == 0,
             metadata={"nonfinite_values": summary["nonfinite"]},
@@ -260,9 +437,32 @@ def gradient_shards(
     )
 
 
+# Settings that change how fast features are computed but not the features.
+_SPEED_ONLY = {"batch_size"}
+
+
+def _check_same_features(grads: Upstream, targets: Upstream, target_tasks_up: Upstream) -> None:
+    """Candidate and target features must share proxies and projection, and the target
+    features must be of the current target tasks; otherwise scores would be meaningless."""
+    given = {k: v for k, v in grads.manifest["config"].items() if k not in _SPEED_ONLY}
+    other = {k: v for k, v in targets.manifest["config"].items() if k not in _SPEED_ONLY}
+    if given != other:
+        differ = sorted(k for k in given.keys() | other.keys() if given.get(k) != other.get(k))
+        raise dg.Failure(
+            "gradient_shards and target_gradients were featurised with different settings ("
+            + ", ".join(f"{k}: {given.get(k)!r} vs {other.get(k)!r}" for k in differ)
+            + "); give both assets the same config and re-materialise")
+    if grads.manifest["summary"]["proxy_checkpoints_sha256"] != targets.manifest["summary"][
+            "proxy_checkpoints_sha256"]:
+        raise dg.Failure("gradient_shards and target_gradients come from different "
+                         "proxy_checkpoints; re-materialise the older of the two")
+    if {"uri": target_tasks_up.uri, "sha256": target_tasks_up.sha256} not in targets.manifest["inputs"]:
+        raise dg.Failure("target_gradients is not of the latest target_tasks; re-materialise it")
+
+
 @dg.asset(
-    group_name=GROUP, partitions_def=crawl_partitions, code_version="1",
-    deps=[gradient_shards, tokenized_corpus, target_tasks],
+    group_name=GROUP, partitions_def=crawl_partitions, code_version="2",
+    deps=[gradient_shards, target_gradients, tokenized_corpus, target_tasks],
     check_specs=[dg.AssetCheckSpec("scores_finite", asset="datamodel_weights", blocking=True,
                                    description="Every datamodel score is a finite number.")],
     description="TRAK datamodel weights tau (candidate x select-split target, ensemble over "
@@ -272,16 +472,21 @@ def gradient_shards(
 def datamodel_weights(
     context: dg.AssetExecutionContext,
     config: DatamodelConfig,
+    compute: ComputeResource,
     store: ArtifactStoreResource,
     lineage: LineageResource,
 ) -> dg.MaterializeResult:
+    compute.setup()  # the thread count changes float sums: every torch step applies it
     artifacts, db = store.get_store(), lineage.get_db()
     grads_up = read_upstream(context, artifacts, "gradient_shards")
+    target_grads_up = read_upstream(context, artifacts, "target_gradients")
     corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
     targets_up = read_upstream(context, artifacts, "target_tasks")
+    _check_same_features(grads_up, target_grads_up, targets_up)
     writer = AssetWriter(
         context, artifacts, db, "datamodel_weights", config.model_dump(),
-        [(u.uri, u.sha256) for u in (grads_up, corpus_up, targets_up)],
+        [(u.uri, u.sha256) for u in (grads_up, target_grads_up, corpus_up, targets_up)],
+        code_version="2",
     )
     manifest = writer.existing()
     reused = manifest is not None
@@ -294,8 +499,9 @@ def datamodel_weights(
         select = (targets["split"] == "select").to_numpy()
         num_proxies = grads_up.manifest["summary"]["proxies"]
         num_shards = grads_up.manifest["summary"]["shards"]
-        target_phi = [features_from_bytes(artifacts.read_bytes(grads_up.path_of(f"proxy-{m:02d}/targets.safetensors")))
-                      .phi[torch.from_numpy(select)] for m in range(num_proxies)]
+        target_phi = [features_from_bytes(artifacts.read_bytes(
+            target_grads_up.path_of(f"proxy-{m:02d}/targets.safetensors"))).phi[torch.from_numpy(select)]
+            for m in range(num_proxies)]
 
         def load_shard(m: int, k: int):
             return features_from_bytes(
@@ -335,6 +541,7 @@ def datamodel_weights(
     }))
     finite = bool(np.isfinite(scores.select(tasks).to_numpy()).all())
     return dg.MaterializeResult(
+        data_version=writer.data_version,
         metadata={
             **writer.base_metadata(manifest, reused),
             "candidates": manifest["summary"]["candidates"],

@@ -131,7 +131,7 @@ def documents(
     summary = manifest["summary"]
     per_source = pl.DataFrame(summary["per_source"])
     reasons = pl.DataFrame(summary["reasons"]) if summary["reasons"] else None
-    return dg.MaterializeResult(metadata={
+    return dg.MaterializeResult(data_version=writer.data_version, metadata={
         **writer.base_metadata(manifest, reused),
         "rows_read": summary["rows_read"],
         "accepted": summary["accepted"],
@@ -178,7 +178,7 @@ def tokenizer(
             tok = train_bpe((t.as_py() for t in texts), config)
         writer.write_bytes("tokenizer.json", tokenizer_to_bytes(tok), kind="tokenizer")
         manifest = writer.finish(tokenizer_summary(tok))
-    return dg.MaterializeResult(metadata={
+    return dg.MaterializeResult(data_version=writer.data_version, metadata={
         **writer.base_metadata(manifest, reused), **manifest["summary"],
     })
 
@@ -233,7 +233,7 @@ def tokenized_corpus(
             "per_source": per_source.to_dicts(),
         })
     summary = manifest["summary"]
-    return dg.MaterializeResult(metadata={
+    return dg.MaterializeResult(data_version=writer.data_version, metadata={
         **writer.base_metadata(manifest, reused),
         "examples": summary["examples"], "tokens": summary["tokens"],
         "shards": summary["shards"], "seq_len": summary["seq_len"],
@@ -296,7 +296,7 @@ def target_tasks(
         leaked = sorted({tasks["id"][o.target_index] for o in overlaps})
         manifest = writer.finish({**truncated, "per_task": per_task.to_dicts(), "leaked": leaked})
     summary = manifest["summary"]
-    return dg.MaterializeResult(metadata={
+    return dg.MaterializeResult(data_version=writer.data_version, metadata={
         **writer.base_metadata(manifest, reused),
         "truncated_prompts": summary["truncated_prompts"],
         "truncated_continuations": summary["truncated_continuations"],

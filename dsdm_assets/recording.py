@@ -57,6 +57,13 @@ def read_upstream(
     return Upstream(path, store.uri(path), hashlib.sha256(data).hexdigest(), json.loads(data))
 
 
+def adopt_file(store: ArtifactStore, path: str) -> tuple[bytes, StoredArtifact]:
+    """A file an interrupted earlier attempt finished, read back with its sha256 (writes are
+    atomic, so an existing file is complete)."""
+    data = store.read_bytes(path)
+    return data, StoredArtifact(store.uri(path), hashlib.sha256(data).hexdigest(), len(data))
+
+
 @dataclass
 class AssetWriter:
     """Artifacts of one asset for one crawl under ``<asset>/<crawl>/<fingerprint>/``."""
@@ -68,7 +75,9 @@ class AssetWriter:
     config: dict[str, Any]
     inputs: Sequence[tuple[str, str]]  # (uri, sha256) of everything it is made from
     code_version: str = "1"
-    written: list[tuple[str, StoredArtifact, int | None, str]] = field(default_factory=list)
+    #: (name, artifact, rows, kind, adopted): adopted files were finished by an earlier,
+    #: interrupted attempt and taken over instead of recomputed
+    written: list[tuple[str, StoredArtifact, int | None, str, bool]] = field(default_factory=list)
 
     @property
     def crawl(self) -> str:
@@ -94,12 +103,12 @@ class AssetWriter:
 
     def write_parquet(self, name: str, table: pa.Table, kind: str) -> StoredArtifact:
         stored = self.store.write_parquet(f"{self.folder}/{name}", table)
-        self.written.append((name, stored, table.num_rows, kind))
+        self.written.append((name, stored, table.num_rows, kind, False))
         return stored
 
     def write_bytes(self, name: str, data: bytes, kind: str, rows: int | None = None) -> StoredArtifact:
         stored = self.store.write_bytes(f"{self.folder}/{name}", data)
-        self.written.append((name, stored, rows, kind))
+        self.written.append((name, stored, rows, kind, False))
         return stored
 
     def has(self, name: str) -> bool:
@@ -108,10 +117,8 @@ class AssetWriter:
     def adopt(self, name: str, kind: str, rows: int | None = None) -> bytes:
         """Take a file an interrupted earlier attempt finished (writes are atomic, so an
         existing file is complete) into this manifest instead of recomputing it."""
-        path = f"{self.folder}/{name}"
-        data = self.store.read_bytes(path)
-        stored = StoredArtifact(self.store.uri(path), hashlib.sha256(data).hexdigest(), len(data))
-        self.written.append((name, stored, rows, kind))
+        data, stored = adopt_file(self.store, f"{self.folder}/{name}")
+        self.written.append((name, stored, rows, kind, True))
         return data
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
@@ -123,8 +130,8 @@ class AssetWriter:
             "inputs": [{"uri": u, "sha256": s} for u, s in self.inputs],
             "files": [
                 {"name": name, "path": f"{self.folder}/{name}", "uri": s.uri, "sha256": s.sha256,
-                 "size_bytes": s.size_bytes, "rows": rows, "kind": kind}
-                for name, s, rows, kind in self.written
+                 "size_bytes": s.size_bytes, "rows": rows, "kind": kind, "adopted": adopted}
+                for name, s, rows, kind, adopted in self.written
             ],
             "summary": summary,
         }
@@ -142,7 +149,8 @@ class AssetWriter:
         manifest_bytes = self.store.read_bytes(self.manifest_path)
         records = [
             ArtifactRecord(uri=f["uri"], sha256=f["sha256"], size_bytes=f["size_bytes"],
-                           row_count=f["rows"], extra={"kind": f["kind"]}, **common)
+                           row_count=f["rows"],
+                           extra={"kind": f["kind"], "adopted": f.get("adopted", False)}, **common)
             for f in manifest["files"]
         ]
         records.append(ArtifactRecord(
@@ -161,3 +169,9 @@ class AssetWriter:
             "files": len(manifest["files"]),
             "bytes": sum(f["size_bytes"] for f in manifest["files"]),
         }
+
+    @property
+    def data_version(self) -> dg.DataVersion:
+        """Dagster's data version: the folder hash of (config, inputs, code). A change
+        upstream marks every downstream asset stale in the UI."""
+        return dg.DataVersion(self.config_hash)

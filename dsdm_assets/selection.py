@@ -1,30 +1,50 @@
-"""Selection group: the DsDm subset of the pool under a budget, ready for training."""
+"""Selection group: subsets of the pool under a budget, ready for training.
+
+`selected_subset` is the DsDm selection. The baselines (`random_subset`, `dsir_subset`,
+`classifier_subset`, `semdedup_subset`) are separate assets with the same output contract,
+written by the same code (`_write_selection`): a Parquet manifest (rank, example_id, doc_id,
+source, score), the selected examples as training shards (token ids + text), rows in the
+DuckDB `selections` table under their `method`, and a blocking `size_matches_budget` check.
+One asset per method keeps each method's inputs visible in the lineage graph (random needs
+only the corpus; SemDeDup the proxies; DsDm the datamodels) and lets a run materialise any
+subset of methods (select the assets in the UI, or `dagster asset materialize --select`).
+"""
+
+from typing import Any
 
 import dagster as dg
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import torch
 from pydantic import Field, model_validator
 
-from dsdm.selection import combine_task_scores, select_top
-from dsdm.tokenization import tokenizer_from_bytes
-from dsdm_assets.datamodels import datamodel_weights
-from dsdm_assets.ingest import tokenized_corpus, tokenizer
+from dsdm.baselines import BaselineMethod, PoolData
+from dsdm.baselines.classifier import ClassifierSelection
+from dsdm.baselines.dsir import DsirSelection
+from dsdm.baselines.random import RandomSelection
+from dsdm.baselines.semdedup import SemDedupSelection, minilm_embeddings, proxy_embeddings
+from dsdm.lineage import LineageDB
+from dsdm.proxy import load_proxy
+from dsdm.selection import DEGENERATE_SHARE, combine_task_scores, dominant_source, select_top
+from dsdm.store import ArtifactStore
+from dsdm.tokenization import to_tensors, tokenizer_from_bytes
+from dsdm_assets.datamodels import GPU_STEP_TAGS, datamodel_weights, proxy_checkpoints
+from dsdm_assets.ingest import target_tasks, tokenized_corpus, tokenizer
 from dsdm_assets.partitions import crawl_partitions
-from dsdm_assets.recording import AssetWriter, read_upstream
+from dsdm_assets.recording import AssetWriter, Upstream, read_upstream
 from dsdm_assets.tables import markdown_table
-from resources import ArtifactStoreResource, LineageResource
+from resources import ArtifactStoreResource, ComputeResource, LineageResource
 
 GROUP = "selection"
+#: method name -> the asset that holds its selection (evaluation reads them by this map)
+SELECTION_ASSETS = {"dsdm": "selected_subset", "random": "random_subset", "dsir": "dsir_subset",
+                    "classifier": "classifier_subset", "semdedup": "semdedup_subset"}
 
 
-class SelectionConfig(dg.Config):
-    """Which tasks to select for, and how much to keep (exactly one of fraction/token_budget)."""
+class BudgetConfig(dg.Config):
+    """How much to keep (exactly one of fraction/token_budget) and how to shard it."""
 
-    task_weights: dict[str, float] = Field(
-        default_factory=dict,
-        description="Task -> weight for mixing several target tasks; empty means equal weights.",
-    )
     fraction: float | None = Field(
         0.2, gt=0, le=1, description="Share of the pool's examples to keep."
     )
@@ -34,64 +54,90 @@ class SelectionConfig(dg.Config):
     output_shard_size: int = Field(1024, ge=16, description="Examples per selected-text shard.")
 
     @model_validator(mode="after")
-    def _one_budget(self) -> "SelectionConfig":
+    def _one_budget(self) -> "BudgetConfig":
         if self.token_budget is not None and "fraction" in self.model_fields_set:
             raise ValueError("set either fraction or token_budget, not both")
         return self
+
+    def budget(self) -> dict[str, Any]:
+        return {"token_budget": self.token_budget} if self.token_budget else {"fraction": self.fraction}
+
+
+class SelectionConfig(BudgetConfig):
+    """Which tasks to select for, and how much to keep (exactly one of fraction/token_budget)."""
+
+    task_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Task -> weight for mixing several target tasks; empty means equal weights.",
+    )
+
+
+class TargetTextConfig(BudgetConfig):
+    """Budget, plus which tasks' select-split text the method targets."""
+
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="Target tasks whose select-split text defines the target; empty means all.",
+    )
+
+
+class RandomSubsetConfig(BudgetConfig, RandomSelection):
+    """Random selection: seeded uniform sample of the pool under the budget."""
+
+
+class DsirSubsetConfig(TargetTextConfig, DsirSelection):
+    """DSIR: hashed n-gram importance resampling towards the target text."""
+
+
+class ClassifierSubsetConfig(TargetTextConfig, ClassifierSelection):
+    """Quality classifier: linear target-vs-pool model on hashed n-grams, keep the top."""
+
+
+class SemDedupSubsetConfig(BudgetConfig, SemDedupSelection):
+    """SemDeDup: drop embedding near-duplicates, then sample uniformly."""
 
 
 def _shares(frame: pl.DataFrame, name: str) -> pl.DataFrame:
     return frame.group_by("source").agg((pl.len() / frame.height).alias(name))
 
 
-@dg.asset(
-    group_name=GROUP, partitions_def=crawl_partitions, code_version="1",
-    deps=[datamodel_weights, tokenized_corpus, tokenizer],
-    check_specs=[dg.AssetCheckSpec("size_matches_budget", asset="selected_subset", blocking=True,
-                                   description="The selection is exactly as large as the budget allows.")],
-    description="The DsDm selection: the examples with the largest predicted target-loss "
-    "reduction (task scores mixed by weight) under a budget. A Parquet manifest (rank, "
-    "example_id, doc_id, source, score), the selected examples as training shards (token "
-    "ids + text), and rows in the DuckDB selections table.",
-)
-def selected_subset(
-    context: dg.AssetExecutionContext,
-    config: SelectionConfig,
-    store: ArtifactStoreResource,
-    lineage: LineageResource,
-) -> dg.MaterializeResult:
-    artifacts, db = store.get_store(), lineage.get_db()
-    weights_up = read_upstream(context, artifacts, "datamodel_weights")
-    corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
-    tok_up = read_upstream(context, artifacts, "tokenizer")
-    budget = {"token_budget": config.token_budget} if config.token_budget else {"fraction": config.fraction}
-    writer = AssetWriter(
-        context, artifacts, db, "selected_subset",
-        {"method": "dsdm", "task_weights": config.task_weights, **budget,
-         "output_shard_size": config.output_shard_size},
-        [(u.uri, u.sha256) for u in (weights_up, corpus_up, tok_up)],
-    )
-    scores = pl.from_arrow(artifacts.read_parquet(weights_up.path_of("scores.parquet")))
-    pool = pl.concat([
+def _pool(artifacts: ArtifactStore, corpus_up: Upstream) -> pl.DataFrame:
+    return pl.concat([
         pl.from_arrow(artifacts.read_parquet(f["path"], columns=["example_id", "doc_id", "source", "n_tokens"]))
         for f in corpus_up.files("examples")
     ])
-    if pool["example_id"].to_list() != scores["example_id"].to_list():
-        raise dg.Failure("scores and corpus disagree on the examples; re-materialise datamodel_weights")
-    tasks = [c for c in scores.columns if c != "example_id"]
-    try:
-        combined = combine_task_scores({t: scores[t].to_numpy() for t in tasks},
-                                       config.task_weights or None)
-    except ValueError as error:
-        raise dg.Failure(f"selected_subset config: {error}") from error
+
+
+def _selection_checks(asset: str) -> list[dg.AssetCheckSpec]:
+    return [dg.AssetCheckSpec("size_matches_budget", asset=asset, blocking=True,
+                              description="The selection is exactly as large as the budget allows."),
+            dg.AssetCheckSpec("source_mix", asset=asset, description=(
+                f"Warns when one source makes up {DEGENERATE_SHARE:.0%} or more of the selection "
+                "although the pool has several sources."))]
+
+
+def _write_selection(
+    context: dg.AssetExecutionContext, artifacts: ArtifactStore, db: LineageDB, *,
+    asset: str, method: str, config: dict[str, Any], inputs: list[Upstream],
+    corpus_up: Upstream, tok_up: Upstream, pool: pl.DataFrame, scores: np.ndarray,
+    budget: dict[str, Any], output_shard_size: int,
+    extra_shares: dict[str, np.ndarray] | None = None, extra_metadata: dict[str, Any] | None = None,
+) -> dg.MaterializeResult:
+    """Rank by ``scores`` [N] (larger first), keep the budget, write the selection contract."""
+    writer = AssetWriter(context, artifacts, db, asset,
+                         {"method": method, **config, **budget, "output_shard_size": output_shard_size},
+                         [(u.uri, u.sha256) for u in inputs])
     keys = pool["example_id"].to_numpy()
     scored_tokens = (pool["n_tokens"] - 1).to_numpy()
-    order = select_top(combined, keys, token_counts=scored_tokens, **budget)
+    try:
+        order = select_top(scores, keys, token_counts=scored_tokens, **budget)
+    except ValueError as error:
+        raise dg.Failure(f"{asset}: {error}") from error
 
     manifest = writer.existing()
     reused = manifest is not None
     selection = pool[order].select("example_id", "doc_id", "source").with_columns(
-        pl.Series("rank", np.arange(1, len(order) + 1)), pl.Series("score", combined[order]))
+        pl.Series("rank", np.arange(1, len(order) + 1)), pl.Series("score", scores[order]))
     if reused:
         writer.record(manifest, reused=True)
     else:
@@ -108,16 +154,16 @@ def selected_subset(
         text = [tok.decode(ids[:n]) for ids, n in zip(
             examples.column("input_ids").to_pylist(), examples.column("n_tokens").to_pylist(), strict=True)]
         examples = examples.append_column("text", pa.array(text, pa.string()))
-        for index, start in enumerate(range(0, examples.num_rows, config.output_shard_size)):
+        for index, start in enumerate(range(0, examples.num_rows, output_shard_size)):
             writer.write_parquet(f"examples-{index:05d}.parquet",
-                                 examples.slice(start, config.output_shard_size), kind="examples")
+                                 examples.slice(start, output_shard_size), kind="examples")
         manifest = writer.finish({"selected": selection.height, "pool": pool.height,
-                                  "tokens": int(scored_tokens[order].sum())})
+                                  "tokens": int(scored_tokens[order].sum()), "method": method})
     n = selection.height
     db.replace_rows("selections", {"crawl": writer.crawl, "selection_id": writer.config_hash},
                     pa.table({
                         "crawl": [writer.crawl] * n, "run_id": [context.run.run_id] * n,
-                        "selection_id": [writer.config_hash] * n, "method": ["dsdm"] * n,
+                        "selection_id": [writer.config_hash] * n, "method": [method] * n,
                         "rank": selection["rank"], "example_id": selection["example_id"],
                         "doc_id": selection["doc_id"], "source": selection["source"],
                         "score": selection["score"],
@@ -126,30 +172,78 @@ def selected_subset(
     # What a reader wants to see: source mix vs the pool (also per single task), the score
     # distribution, and the best and worst documents.
     shares = _shares(pool, "pool").join(_shares(selection, "selected"), on="source", how="left")
-    for task in tasks:
-        top = select_top(scores[task].to_numpy(), keys, token_counts=scored_tokens, **budget)
-        shares = shares.join(_shares(pool[top], f"only_{task}"), on="source", how="left")
+    for name, task_scores in (extra_shares or {}).items():
+        top = select_top(task_scores, keys, token_counts=scored_tokens, **budget)
+        shares = shares.join(_shares(pool[top], name), on="source", how="left")
     shares = shares.fill_null(0.0).sort("source")
-    counts, edges = np.histogram(combined, bins=12)
+    counts, edges = np.histogram(scores, bins=12)
     histogram = pl.DataFrame({"from": edges[:-1], "to": edges[1:], "examples": counts,
-                              "selected": np.histogram(combined[order], bins=edges)[0]})
-    expected = _expected_size(combined, keys, scored_tokens, budget)
+                              "selected": np.histogram(scores[order], bins=edges)[0]})
+    expected = _expected_size(scores, keys, scored_tokens, budget)
+    mix = dominant_source(selection["source"].to_list(), pool["source"].to_list())
     return dg.MaterializeResult(
+        data_version=writer.data_version,
         metadata={
             **writer.base_metadata(manifest, reused),
+            "method": method, "selection_id": writer.config_hash,
             "selected": n, "pool": pool.height, "selected_tokens": manifest["summary"]["tokens"],
             "source_shares": dg.MetadataValue.md(markdown_table(shares)),
             "score_histogram": dg.MetadataValue.md(markdown_table(histogram, float_digits=5)),
             "top_examples": dg.MetadataValue.md(markdown_table(selection.head(5))),
             "bottom_of_pool": dg.MetadataValue.md(markdown_table(
-                pool.with_columns(pl.Series("score", combined)).sort("score").head(5)
+                pool.with_columns(pl.Series("score", scores)).sort("score").head(5)
                 .select("example_id", "source", "score"))),
             **{f"share_{row['source']}": float(row["selected"]) for row in shares.to_dicts()},
+            **(extra_metadata or {}),
         },
-        check_results=[dg.AssetCheckResult(
-            check_name="size_matches_budget", passed=n == expected,
-            metadata={"selected": n, "expected": expected},
-        )],
+        check_results=[
+            dg.AssetCheckResult(check_name="size_matches_budget", passed=n == expected,
+                                metadata={"selected": n, "expected": expected}),
+            dg.AssetCheckResult(
+                check_name="source_mix", passed=not mix["degenerate"],
+                severity=dg.AssetCheckSeverity.WARN,
+                description=f"{mix['selected_share']:.1%} of the selection is {mix['source']!r} "
+                f"(pool: {mix['pool_share']:.1%})",
+                metadata={k: v for k, v in mix.items() if k != "degenerate"}),
+        ],
+    )
+
+
+@dg.asset(
+    group_name=GROUP, partitions_def=crawl_partitions, code_version="1",
+    deps=[datamodel_weights, tokenized_corpus, tokenizer],
+    check_specs=_selection_checks("selected_subset"),
+    description="The DsDm selection: the examples with the largest predicted target-loss "
+    "reduction (task scores mixed by weight) under a budget. A Parquet manifest (rank, "
+    "example_id, doc_id, source, score), the selected examples as training shards (token "
+    "ids + text), and rows in the DuckDB selections table.",
+)
+def selected_subset(
+    context: dg.AssetExecutionContext,
+    config: SelectionConfig,
+    store: ArtifactStoreResource,
+    lineage: LineageResource,
+) -> dg.MaterializeResult:
+    artifacts, db = store.get_store(), lineage.get_db()
+    weights_up = read_upstream(context, artifacts, "datamodel_weights")
+    corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
+    tok_up = read_upstream(context, artifacts, "tokenizer")
+    scores = pl.from_arrow(artifacts.read_parquet(weights_up.path_of("scores.parquet")))
+    pool = _pool(artifacts, corpus_up)
+    if pool["example_id"].to_list() != scores["example_id"].to_list():
+        raise dg.Failure("scores and corpus disagree on the examples; re-materialise datamodel_weights")
+    tasks = [c for c in scores.columns if c != "example_id"]
+    try:
+        combined = combine_task_scores({t: scores[t].to_numpy() for t in tasks},
+                                       config.task_weights or None)
+    except ValueError as error:
+        raise dg.Failure(f"selected_subset config: {error}") from error
+    return _write_selection(
+        context, artifacts, db, asset="selected_subset", method="dsdm",
+        config={"task_weights": config.task_weights}, inputs=[weights_up, corpus_up, tok_up],
+        corpus_up=corpus_up, tok_up=tok_up, pool=pool, scores=combined, budget=config.budget(),
+        output_shard_size=config.output_shard_size,
+        extra_shares={f"only_{t}": scores[t].to_numpy() for t in tasks},
     )
 
 
@@ -159,3 +253,154 @@ def _expected_size(scores: np.ndarray, keys: np.ndarray, tokens: np.ndarray, bud
         return int(np.floor(budget["fraction"] * len(scores)))
     order = np.lexsort((keys, -scores))
     return int((np.cumsum(tokens[order]) <= budget["token_budget"]).sum())
+
+
+def _pool_texts(artifacts: ArtifactStore, corpus_up: Upstream, tok_up: Upstream) -> list[str]:
+    """Decoded text of every pool example, in corpus order."""
+    tok = tokenizer_from_bytes(artifacts.read_bytes(tok_up.files("tokenizer")[0]["path"]))
+    texts: list[str] = []
+    for f in corpus_up.files("examples"):
+        table = artifacts.read_parquet(f["path"], columns=["input_ids", "n_tokens"])
+        ids = table.column("input_ids").to_pylist()
+        texts.extend(tok.decode_batch([row[:n] for row, n in zip(
+            ids, table.column("n_tokens").to_pylist(), strict=True)]))
+    return texts
+
+
+def _target_texts(
+    artifacts: ArtifactStore, targets_up: Upstream, tok_up: Upstream, tasks: list[str]
+) -> list[str]:
+    """Decoded prompt + continuation of the select-split targets of ``tasks`` (all if empty)."""
+    table = pl.from_arrow(artifacts.read_parquet(targets_up.files("targets")[0]["path"]))
+    known = sorted(set(table["task"].to_list()))
+    if unknown := sorted(set(tasks) - set(known)):
+        raise dg.Failure(f"tasks {unknown} are not among the target tasks {known}")
+    chosen = table.filter((pl.col("split") == "select") & pl.col("task").is_in(tasks or known))
+    tok = tokenizer_from_bytes(artifacts.read_bytes(tok_up.files("tokenizer")[0]["path"]))
+    return tok.decode_batch([row[:n] for row, n in zip(
+        chosen["input_ids"].to_list(), chosen["n_tokens"].to_list(), strict=True)])
+
+
+def _engine(config: dg.Config, cls: type) -> Any:
+    """The engine's method object from an asset config that extends it."""
+    return cls.model_validate(config.model_dump(include=set(cls.model_fields)))
+
+
+@dg.asset(
+    group_name=GROUP, partitions_def=crawl_partitions, code_version="1",
+    deps=[tokenized_corpus, tokenizer], check_specs=_selection_checks("random_subset"),
+    description="Baseline: a seeded uniform random sample of the pool under the budget "
+    "(same contract as selected_subset).",
+)
+def random_subset(
+    context: dg.AssetExecutionContext, config: RandomSubsetConfig,
+    store: ArtifactStoreResource, lineage: LineageResource,
+) -> dg.MaterializeResult:
+    artifacts, db = store.get_store(), lineage.get_db()
+    corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
+    tok_up = read_upstream(context, artifacts, "tokenizer")
+    pool = _pool(artifacts, corpus_up)
+    method = _engine(config, RandomSelection)
+    scores = _scores("random_subset", method, PoolData(pool["example_id"].to_list()))
+    return _write_selection(
+        context, artifacts, db, asset="random_subset", method=method.name,
+        config=method.model_dump(mode="json"), inputs=[corpus_up, tok_up], corpus_up=corpus_up,
+        tok_up=tok_up, pool=pool, scores=scores, budget=config.budget(),
+        output_shard_size=config.output_shard_size,
+    )
+
+
+def _text_baseline(
+    context: dg.AssetExecutionContext, config: TargetTextConfig, cls: type, asset: str,
+    store: ArtifactStoreResource, lineage: LineageResource,
+) -> dg.MaterializeResult:
+    artifacts, db = store.get_store(), lineage.get_db()
+    corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
+    tok_up = read_upstream(context, artifacts, "tokenizer")
+    targets_up = read_upstream(context, artifacts, "target_tasks")
+    data = PoolData(_pool_texts(artifacts, corpus_up, tok_up),
+                    _target_texts(artifacts, targets_up, tok_up, config.tasks))
+    method = _engine(config, cls)
+    return _write_selection(
+        context, artifacts, db, asset=asset, method=method.name,
+        config={**method.model_dump(mode="json"), "tasks": sorted(config.tasks)},
+        inputs=[corpus_up, tok_up, targets_up], corpus_up=corpus_up, tok_up=tok_up,
+        pool=_pool(artifacts, corpus_up), scores=_scores(asset, method, data),
+        budget=config.budget(), output_shard_size=config.output_shard_size,
+    )
+
+
+def _scores(asset: str, method: BaselineMethod, data: PoolData) -> np.ndarray:
+    try:
+        return method.scores(data)
+    except ValueError as error:
+        raise dg.Failure(f"{asset}: {error}") from error
+
+
+@dg.asset(
+    group_name=GROUP, partitions_def=crawl_partitions, code_version="1",
+    deps=[tokenized_corpus, tokenizer, target_tasks], check_specs=_selection_checks("dsir_subset"),
+    description="Baseline: DSIR importance resampling (hashed unigram+bigram models of the "
+    "target tasks' select-split text and of the pool, Gumbel top-k).",
+)
+def dsir_subset(
+    context: dg.AssetExecutionContext, config: DsirSubsetConfig,
+    store: ArtifactStoreResource, lineage: LineageResource,
+) -> dg.MaterializeResult:
+    return _text_baseline(context, config, DsirSelection, "dsir_subset", store, lineage)
+
+
+@dg.asset(
+    group_name=GROUP, partitions_def=crawl_partitions, code_version="1",
+    deps=[tokenized_corpus, tokenizer, target_tasks], check_specs=_selection_checks("classifier_subset"),
+    description="Baseline: GPT-3-style quality classifier (linear, hashed n-grams, target "
+    "select-split text vs pool); keeps the most target-like examples.",
+)
+def classifier_subset(
+    context: dg.AssetExecutionContext, config: ClassifierSubsetConfig,
+    store: ArtifactStoreResource, lineage: LineageResource,
+) -> dg.MaterializeResult:
+    return _text_baseline(context, config, ClassifierSelection, "classifier_subset", store, lineage)
+
+
+@dg.asset(
+    group_name=GROUP, partitions_def=crawl_partitions, code_version="1",
+    deps=[tokenized_corpus, tokenizer, proxy_checkpoints], op_tags=GPU_STEP_TAGS,
+    check_specs=_selection_checks("semdedup_subset"),
+    description="Baseline: SemDeDup-like near-duplicate removal (cosine within k-means "
+    "clusters of proxy or MiniLM embeddings), then a uniform sample of the survivors.",
+)
+def semdedup_subset(
+    context: dg.AssetExecutionContext, config: SemDedupSubsetConfig, compute: ComputeResource,
+    store: ArtifactStoreResource, lineage: LineageResource,
+) -> dg.MaterializeResult:
+    artifacts, db = store.get_store(), lineage.get_db()
+    corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
+    tok_up = read_upstream(context, artifacts, "tokenizer")
+    inputs = [corpus_up, tok_up]
+    method = _engine(config, SemDedupSelection)
+    if method.embedder == "proxy":
+        proxies_up = read_upstream(context, artifacts, "proxy_checkpoints")
+        inputs.append(proxies_up)
+        device = compute.setup()
+        entry = proxies_up.files("checkpoint")[0]
+        model = load_proxy(artifacts.read_json(entry["path"].replace("model.safetensors", "config.json")),
+                           artifacts.read_bytes(entry["path"]), device=device)
+        parts = []
+        for f in corpus_up.files("examples"):
+            table = artifacts.read_parquet(f["path"])
+            ids, _ = to_tensors(table)
+            n_tokens = torch.from_numpy(table.column("n_tokens").to_numpy().astype(np.int64))
+            attention = torch.arange(ids.shape[1])[None, :] < n_tokens[:, None]
+            parts.append(proxy_embeddings(model, ids, attention, device=device))
+        embeddings = np.concatenate(parts)
+    else:
+        embeddings = minilm_embeddings(_pool_texts(artifacts, corpus_up, tok_up))
+    pool = _pool(artifacts, corpus_up)
+    scores = _scores("semdedup_subset", method, PoolData(pool["example_id"].to_list(), embeddings=embeddings))
+    return _write_selection(
+        context, artifacts, db, asset="semdedup_subset", method=method.name,
+        config=method.model_dump(mode="json"), inputs=inputs, corpus_up=corpus_up, tok_up=tok_up,
+        pool=pool, scores=scores, budget=config.budget(), output_shard_size=config.output_shard_size,
+        extra_metadata={"near_duplicates": int((scores < 0).sum())},
+    )

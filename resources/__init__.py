@@ -22,7 +22,16 @@ ENVIRONMENT_VARIABLES = {
     "DSDM_TASKS": "folder/prefix with target task files (default data/tasks)",
     "DSDM_LINEAGE_DB": "DuckDB file (default .dsdm/lineage.duckdb)",
     "DSDM_DEVICE": "auto | cpu | cuda (default auto)",
+    "DSDM_THREADS": "torch threads per step process; 0 keeps torch's default (default 0)",
 }
+
+
+def _int_variable(name: str, default: int) -> int:
+    value = os.environ.get(name) or str(default)
+    try:
+        return int(value)
+    except ValueError as error:
+        raise ValueError(f"{name}={value!r}: expected a whole number") from error
 
 
 def default_resources() -> dict[str, object]:
@@ -36,5 +45,6 @@ def default_resources() -> dict[str, object]:
             endpoint_url=endpoint,
         ),
         "lineage": LineageResource(database=env("DSDM_LINEAGE_DB", ".dsdm/lineage.duckdb")),
-        "compute": ComputeResource(device=env("DSDM_DEVICE", "auto")),
+        "compute": ComputeResource(device=env("DSDM_DEVICE", "auto"),
+                                   threads=_int_variable("DSDM_THREADS", 0)),
     }

@@ -1,5 +1,7 @@
-"""Where artifacts are written and where crawls are read from (local folder or S3)."""
+"""Where artifacts are written, where crawls are read from (local folder or S3), and where the
+small values that steps of one run hand to each other are kept."""
 
+import json
 from typing import Any
 
 import dagster as dg
@@ -44,3 +46,42 @@ class CrawlSourceResource(dg.ConfigurableResource):
 
     def storage_options(self) -> dict[str, Any]:
         return _s3_options(self.endpoint_url, self.region) if self.root_url.startswith("s3://") else {}
+
+
+STEP_VALUES = "_steps"
+
+
+class StepJsonIOManager(dg.IOManager):
+    """Keeps the small JSON values one step hands to the next (work lists, per-file results)
+    in the artifact store under ``_steps/<run>/<step>/<output>[/<mapping key>].json``.
+
+    Why not Dagster's default: that one pickles to the local disk of the process that ran the
+    step, which a step in another container (k8s job executor) cannot read, and pickle can run
+    code. Large data never comes here: steps pass store paths, not tensors.
+    """
+
+    def __init__(self, store: ArtifactStore):
+        self.store = store
+
+    @staticmethod
+    def _path(identifier: list[str]) -> str:
+        return f"{STEP_VALUES}/{'/'.join(identifier)}.json"
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        try:
+            data = json.dumps(obj, sort_keys=True).encode()
+        except TypeError as error:
+            raise TypeError(
+                f"step {context.step_key} output {context.name!r} must be JSON (dicts, lists, "
+                f"strings, numbers): {error}"
+            ) from error
+        self.store.write_bytes(self._path(list(context.get_identifier())), data)
+
+    def load_input(self, context: dg.InputContext) -> Any:
+        return json.loads(self.store.read_bytes(self._path(list(context.upstream_output.get_identifier()))))
+
+
+@dg.io_manager(required_resource_keys={"store"},
+               description="JSON values between the steps of one asset, in the artifact store.")
+def step_json_io_manager(init_context: dg.InitResourceContext) -> StepJsonIOManager:
+    return StepJsonIOManager(init_context.resources.store.get_store())

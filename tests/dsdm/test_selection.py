@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dsdm.selection import combine_task_scores, rank, select_top
+from dsdm.selection import combine_task_scores, dominant_source, rank, select_top
 
 
 def test_combine_normalises_weights() -> None:
@@ -95,3 +95,17 @@ def test_impossible_budgets_say_what_to_do() -> None:
         select_top(scores, keys, token_budget=10)
     with pytest.raises(ValueError, match="exactly one"):
         select_top(scores, keys, fraction=0.5, token_budget=10, token_counts=counts)
+
+
+def test_dominant_source_flags_a_one_source_selection_of_a_mixed_pool(demo_rows) -> None:
+    pool = [r["source"] for r in demo_rows]
+    wiki = [s for s in pool if s == "wikipedia"]
+    mostly_wiki = wiki[:95] + ["recipes"] * 5
+    mix = dominant_source(mostly_wiki, pool)
+    assert mix["source"] == "wikipedia" and mix["degenerate"]
+    assert mix["selected_share"] == 0.95
+    assert mix["pool_share"] == len(wiki) / len(pool)
+    assert not dominant_source(pool[::5], pool)["degenerate"]  # the demo's own mix
+    assert not dominant_source(wiki, wiki)["degenerate"]  # a one-source pool cannot do better
+    with pytest.raises(ValueError, match="empty selection"):
+        dominant_source([], pool)

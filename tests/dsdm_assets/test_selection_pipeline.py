@@ -12,7 +12,8 @@ import pytest
 from dsdm_assets.definitions import defs
 from dsdm_assets.partitions import crawl_partitions
 
-ALL_ASSETS = list(defs.assets)
+# the selection pipeline (evaluation has its own tests: tests/dsdm_assets/test_evaluation_assets.py)
+ALL_ASSETS = [a for a in defs.assets if a.group_names_by_key[a.key] != "evaluation"]
 
 
 def _run(folder: Path, resources: dict, run_config: dict, instance=None):
@@ -45,10 +46,11 @@ def test_scores_and_selection_land_in_duckdb(first_run) -> None:
     per_task = dict(con.execute("SELECT task, count(*) FROM scores GROUP BY 1").fetchall())
     assert per_task == {"lambada_cloze": examples, "tech_faq": examples, "wiki_qa": examples}
     selected = con.execute("SELECT count(*), min(rank), max(rank), count(DISTINCT example_id) "
-                       "FROM selections WHERE crawl = 'small'").fetchone()
+                       "FROM selections WHERE crawl = 'small' AND method = 'dsdm'").fetchone()
     assert selected == (examples // 5, 1, examples // 5, examples // 5)
     # the selection is the top of the mixed scores: its scores are non-increasing in rank
-    ranked = [r[0] for r in con.execute("SELECT score FROM selections ORDER BY rank").fetchall()]
+    ranked = [r[0] for r in con.execute(
+        "SELECT score FROM selections WHERE method = 'dsdm' ORDER BY rank").fetchall()]
     assert ranked == sorted(ranked, reverse=True)
     # "why was this example selected": from the selection row back to the checkpoints
     lineage = con.execute("""
@@ -67,7 +69,8 @@ def test_asset_checks_ran_and_passed(first_run) -> None:
     _, _, result, *_ = first_run
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"loss_fell": True, "features_finite": True, "scores_finite": True,
-                      "size_matches_budget": True, "targets_not_in_pool": True}
+                      "size_matches_budget": True, "source_mix": True,
+                      "targets_not_in_pool": True}
 
 
 def test_selection_metadata_shows_source_shares(first_run) -> None:

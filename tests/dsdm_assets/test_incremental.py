@@ -1,0 +1,104 @@
+"""Adding a target task reuses every candidate gradient shard: only the target features and
+the scores are recomputed, the lineage says what was reused, and scores of the tasks that
+were already there do not change. Target features that do not match the candidates' are
+refused with the reason."""
+
+import copy
+
+import dagster as dg
+import duckdb
+import numpy as np
+import pytest
+
+from dsdm_assets.definitions import defs
+from dsdm_assets.partitions import crawl_partitions
+
+ASSETS = ["documents", "tokenizer", "tokenized_corpus", "target_tasks", "proxy_checkpoints",
+          "gradient_shards", "target_gradients", "datamodel_weights"]
+
+
+def _with_tasks(config: dict, tasks: list[str]) -> dict:
+    config = copy.deepcopy(config)
+    config["ops"]["target_tasks"] = {"config": {"tasks": tasks}}
+    return config
+
+
+def _materialise(keys: list[str], run_config: dict, resources: dict, instance, **kwargs):
+    assets = [a for a in defs.assets if a.key.to_user_string() in keys]
+    return dg.materialize(assets, partition_key="small", instance=instance, resources=resources,
+                          run_config={"ops": {k: v for k, v in run_config["ops"].items() if k in keys}},
+                          **kwargs)
+
+
+def _meta(result, asset: str) -> dict:
+    (event,) = [e for e in result.get_asset_materialization_events()
+                if e.asset_key.to_user_string() == asset]
+    return {k: v.value for k, v in event.materialization.metadata.items()}
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, small_crawl_root, demo_resources, fast_run_config):
+    folder = tmp_path_factory.mktemp("incremental")
+    resources = demo_resources(folder, crawl_root=small_crawl_root)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(crawl_partitions.name, ["small"])
+    first = _materialise(ASSETS, _with_tasks(fast_run_config, ["wiki_qa"]), resources, instance)
+    second = _materialise(ASSETS, _with_tasks(fast_run_config, ["wiki_qa", "tech_faq"]),
+                          resources, instance)
+    return folder, resources, instance, first, second
+
+
+@pytest.mark.slow
+def test_new_task_reuses_every_candidate_shard(two_runs) -> None:
+    *_, first, second = two_runs
+    before, after = _meta(first, "gradient_shards"), _meta(second, "gradient_shards")
+    assert before["reused"] is False and before["files_computed"] == before["proxies"] * before["shards"]
+    assert after["reused"] is True and after["files_computed"] == 0
+    assert after["files_reused"] == before["files_computed"] > 0
+    assert after["dsdm/manifest"] == before["dsdm/manifest"]
+    assert _meta(second, "proxy_checkpoints")["reused"] is True
+    targets = _meta(second, "target_gradients")
+    assert targets["reused"] is False and targets["files_computed"] == before["proxies"]
+    assert _meta(second, "datamodel_weights")["reused"] is False
+
+
+@pytest.mark.slow
+def test_lineage_records_the_reuse(two_runs) -> None:
+    folder, *_, first, second = two_runs
+    con = duckdb.connect(str(folder / "lineage.duckdb"), read_only=True)
+    rows = {run: con.execute(
+        "SELECT uri, sha256, reused FROM artifacts WHERE asset = 'gradient_shards' AND run_id = ? "
+        "ORDER BY uri", [run]).fetchall() for run in (first.run_id, second.run_id)}
+    assert rows[first.run_id] and {r[2] for r in rows[first.run_id]} == {False}
+    assert {r[2] for r in rows[second.run_id]} == {True}
+    assert [r[:2] for r in rows[second.run_id]] == [r[:2] for r in rows[first.run_id]]
+    computed = con.execute("SELECT count(*) FROM artifacts WHERE asset = 'target_gradients' "
+                           "AND run_id = ? AND NOT reused", [second.run_id]).fetchone()[0]
+    assert computed > 0
+    con.close()
+
+
+@pytest.mark.slow
+def test_scores_of_the_existing_task_do_not_change(two_runs) -> None:
+    folder, *_, first, second = two_runs
+    con = duckdb.connect(str(folder / "lineage.duckdb"), read_only=True)
+    query = "SELECT example_id, score FROM scores WHERE run_id = ? AND task = ? ORDER BY example_id"
+    old = con.execute(query, [first.run_id, "wiki_qa"]).fetchall()
+    new = con.execute(query, [second.run_id, "wiki_qa"]).fetchall()
+    added = con.execute(query, [second.run_id, "tech_faq"]).fetchall()
+    con.close()
+    assert [r[0] for r in old] == [r[0] for r in new] == [r[0] for r in added] and old
+    np.testing.assert_allclose([r[1] for r in new], [r[1] for r in old], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_target_features_with_another_projection_are_refused(two_runs, fast_run_config) -> None:
+    _, resources, instance, *_ = two_runs
+    config = _with_tasks(fast_run_config, ["wiki_qa", "tech_faq"])
+    config["ops"]["target_gradients"] = {"config": {"target_dim": 128, "batch_size": 32}}
+    result = _materialise(["target_gradients", "datamodel_weights"], config, resources, instance,
+                          raise_on_error=False)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.step_failure_data.error.message
+    assert "different settings (target_dim: 256 vs 128)" in message
