@@ -63,7 +63,7 @@ def run_config(args: argparse.Namespace) -> dict:
     proxy = {"hidden_size": args.proxy_hidden, "num_layers": args.proxy_layers, "num_heads": 4,
              "epochs": args.proxy_epochs}
     evaluation = {"hidden_size": args.eval_hidden, "num_layers": args.eval_layers, "num_heads": 4,
-                  "epochs": 1}
+                  "epochs": args.eval_epochs}
     return {"ops": {
         "tokenizer": {"config": {"vocab_size": args.vocab}},
         "proxy_checkpoints": {"config": {"num_proxies": args.proxies, "model": proxy}},
@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument("--eval-hidden", type=int, default=160)
     parser.add_argument("--eval-layers", type=int, default=3)
+    parser.add_argument("--eval-epochs", type=int, default=3,
+                        help="passes over each selection (random at kx the budget: k x the steps)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--multiples", type=float, nargs="+", default=[2.0, 4.0])
     parser.add_argument("--lds-models", type=int, default=8)
