@@ -10,6 +10,7 @@ only the corpus; SemDeDup the proxies; DsDm the datamodels) and lets a run mater
 subset of methods (select the assets in the UI, or `dagster asset materialize --select`).
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
@@ -37,6 +38,8 @@ from dsdm_assets.tables import markdown_table
 from resources import ArtifactStoreResource, ComputeResource, LineageResource
 
 GROUP = "selection"
+#: bump when the selection folder's contents change (2: scores.parquet of the whole pool)
+SELECTION_VERSION = "2"
 #: method name -> the asset that holds its selection (evaluation reads them by this map)
 SELECTION_ASSETS = {"dsdm": "selected_subset", "random": "random_subset", "dsir": "dsir_subset",
                     "classifier": "classifier_subset", "semdedup": "semdedup_subset"}
@@ -119,14 +122,26 @@ def _selection_checks(asset: str) -> list[dg.AssetCheckSpec]:
 def _write_selection(
     context: dg.AssetExecutionContext, artifacts: ArtifactStore, db: LineageDB, *,
     asset: str, method: str, config: dict[str, Any], inputs: list[Upstream],
-    corpus_up: Upstream, tok_up: Upstream, pool: pl.DataFrame, scores: np.ndarray,
-    budget: dict[str, Any], output_shard_size: int,
-    extra_shares: dict[str, np.ndarray] | None = None, extra_metadata: dict[str, Any] | None = None,
+    corpus_up: Upstream, tok_up: Upstream, pool: pl.DataFrame,
+    compute_scores: Callable[[], np.ndarray], budget: dict[str, Any], output_shard_size: int,
+    extra_shares: dict[str, np.ndarray] | None = None,
+    extra_metadata: Callable[[np.ndarray], dict[str, Any]] | None = None,
 ) -> dg.MaterializeResult:
-    """Rank by ``scores`` [N] (larger first), keep the budget, write the selection contract."""
+    """Rank by the pool's scores [N] (larger first), keep the budget, write the selection
+    contract. ``compute_scores`` runs only when no finished folder for these inputs exists;
+    otherwise the scores are read back from it (a SemDeDup or classifier rerun costs nothing)."""
     writer = AssetWriter(context, artifacts, db, asset,
                          {"method": method, **config, **budget, "output_shard_size": output_shard_size},
-                         [(u.uri, u.sha256) for u in inputs])
+                         [(u.uri, u.sha256) for u in inputs], code_version=SELECTION_VERSION)
+    manifest = writer.existing()
+    reused = manifest is not None
+    if reused:
+        stored = artifacts.read_parquet(f"{writer.folder}/scores.parquet")
+        if stored.column("example_id").to_pylist() != pool["example_id"].to_list():
+            raise dg.Failure(f"{writer.folder}/scores.parquet does not match the pool; delete the folder")
+        scores = stored.column("score").to_numpy()
+    else:
+        scores = compute_scores()
     keys = pool["example_id"].to_numpy()
     scored_tokens = (pool["n_tokens"] - 1).to_numpy()
     try:
@@ -134,13 +149,14 @@ def _write_selection(
     except ValueError as error:
         raise dg.Failure(f"{asset}: {error}") from error
 
-    manifest = writer.existing()
-    reused = manifest is not None
     selection = pool[order].select("example_id", "doc_id", "source").with_columns(
         pl.Series("rank", np.arange(1, len(order) + 1)), pl.Series("score", scores[order]))
     if reused:
         writer.record(manifest, reused=True)
     else:
+        writer.write_parquet("scores.parquet", pa.table({
+            "example_id": pool["example_id"].to_arrow(), "score": pa.array(scores, pa.float64())}),
+            kind="scores")
         writer.write_parquet("manifest.parquet", selection.select(
             "rank", "example_id", "doc_id", "source", "score").to_arrow(), kind="selection")
         tok = tokenizer_from_bytes(artifacts.read_bytes(tok_up.files("tokenizer")[0]["path"]))
@@ -194,7 +210,7 @@ def _write_selection(
                 pool.with_columns(pl.Series("score", scores)).sort("score").head(5)
                 .select("example_id", "source", "score"))),
             **{f"share_{row['source']}": float(row["selected"]) for row in shares.to_dicts()},
-            **(extra_metadata or {}),
+            **(extra_metadata(scores) if extra_metadata else {}),
         },
         check_results=[
             dg.AssetCheckResult(check_name="size_matches_budget", passed=n == expected,
@@ -210,7 +226,7 @@ def _write_selection(
 
 
 @dg.asset(
-    group_name=GROUP, partitions_def=crawl_partitions, code_version="1",
+    group_name=GROUP, partitions_def=crawl_partitions, code_version=SELECTION_VERSION,
     deps=[datamodel_weights, tokenized_corpus, tokenizer],
     check_specs=_selection_checks("selected_subset"),
     description="The DsDm selection: the examples with the largest predicted target-loss "
@@ -241,7 +257,8 @@ def selected_subset(
     return _write_selection(
         context, artifacts, db, asset="selected_subset", method="dsdm",
         config={"task_weights": config.task_weights}, inputs=[weights_up, corpus_up, tok_up],
-        corpus_up=corpus_up, tok_up=tok_up, pool=pool, scores=combined, budget=config.budget(),
+        corpus_up=corpus_up, tok_up=tok_up, pool=pool, compute_scores=lambda: combined,
+        budget=config.budget(),
         output_shard_size=config.output_shard_size,
         extra_shares={f"only_{t}": scores[t].to_numpy() for t in tasks},
     )
@@ -287,7 +304,7 @@ def _engine(config: dg.Config, cls: type) -> Any:
 
 
 @dg.asset(
-    group_name=GROUP, partitions_def=crawl_partitions, code_version="1",
+    group_name=GROUP, partitions_def=crawl_partitions, code_version=SELECTION_VERSION,
     deps=[tokenized_corpus, tokenizer], check_specs=_selection_checks("random_subset"),
     description="Baseline: a seeded uniform random sample of the pool under the budget "
     "(same contract as selected_subset).",
@@ -301,11 +318,11 @@ def random_subset(
     tok_up = read_upstream(context, artifacts, "tokenizer")
     pool = _pool(artifacts, corpus_up)
     method = _engine(config, RandomSelection)
-    scores = _scores("random_subset", method, PoolData(pool["example_id"].to_list()))
     return _write_selection(
         context, artifacts, db, asset="random_subset", method=method.name,
         config=method.model_dump(mode="json"), inputs=[corpus_up, tok_up], corpus_up=corpus_up,
-        tok_up=tok_up, pool=pool, scores=scores, budget=config.budget(),
+        tok_up=tok_up, pool=pool, budget=config.budget(),
+        compute_scores=lambda: _scores("random_subset", method, PoolData(pool["example_id"].to_list())),
         output_shard_size=config.output_shard_size,
     )
 
@@ -318,14 +335,18 @@ def _text_baseline(
     corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
     tok_up = read_upstream(context, artifacts, "tokenizer")
     targets_up = read_upstream(context, artifacts, "target_tasks")
-    data = PoolData(_pool_texts(artifacts, corpus_up, tok_up),
-                    _target_texts(artifacts, targets_up, tok_up, config.tasks))
     method = _engine(config, cls)
+
+    def compute_scores() -> np.ndarray:
+        data = PoolData(_pool_texts(artifacts, corpus_up, tok_up),
+                        _target_texts(artifacts, targets_up, tok_up, config.tasks))
+        return _scores(asset, method, data)
+
     return _write_selection(
         context, artifacts, db, asset=asset, method=method.name,
         config={**method.model_dump(mode="json"), "tasks": sorted(config.tasks)},
         inputs=[corpus_up, tok_up, targets_up], corpus_up=corpus_up, tok_up=tok_up,
-        pool=_pool(artifacts, corpus_up), scores=_scores(asset, method, data),
+        pool=_pool(artifacts, corpus_up), compute_scores=compute_scores,
         budget=config.budget(), output_shard_size=config.output_shard_size,
     )
 
@@ -338,7 +359,7 @@ def _scores(asset: str, method: BaselineMethod, data: PoolData) -> np.ndarray:
 
 
 @dg.asset(
-    group_name=GROUP, partitions_def=crawl_partitions, code_version="1",
+    group_name=GROUP, partitions_def=crawl_partitions, code_version=SELECTION_VERSION,
     deps=[tokenized_corpus, tokenizer, target_tasks], check_specs=_selection_checks("dsir_subset"),
     description="Baseline: DSIR importance resampling (hashed unigram+bigram models of the "
     "target tasks' select-split text and of the pool, Gumbel top-k).",
@@ -351,7 +372,7 @@ def dsir_subset(
 
 
 @dg.asset(
-    group_name=GROUP, partitions_def=crawl_partitions, code_version="1",
+    group_name=GROUP, partitions_def=crawl_partitions, code_version=SELECTION_VERSION,
     deps=[tokenized_corpus, tokenizer, target_tasks], check_specs=_selection_checks("classifier_subset"),
     description="Baseline: GPT-3-style quality classifier (linear, hashed n-grams, target "
     "select-split text vs pool); keeps the most target-like examples.",
@@ -364,7 +385,7 @@ def classifier_subset(
 
 
 @dg.asset(
-    group_name=GROUP, partitions_def=crawl_partitions, code_version="1",
+    group_name=GROUP, partitions_def=crawl_partitions, code_version=SELECTION_VERSION,
     deps=[tokenized_corpus, tokenizer, proxy_checkpoints], op_tags=GPU_STEP_TAGS,
     check_specs=_selection_checks("semdedup_subset"),
     description="Baseline: SemDeDup-like near-duplicate removal (cosine within k-means "
@@ -379,28 +400,36 @@ def semdedup_subset(
     tok_up = read_upstream(context, artifacts, "tokenizer")
     inputs = [corpus_up, tok_up]
     method = _engine(config, SemDedupSelection)
+    proxies_up = None
     if method.embedder == "proxy":
         proxies_up = read_upstream(context, artifacts, "proxy_checkpoints")
         inputs.append(proxies_up)
-        device = compute.setup()
-        entry = proxies_up.files("checkpoint")[0]
-        model = load_proxy(artifacts.read_json(entry["path"].replace("model.safetensors", "config.json")),
-                           artifacts.read_bytes(entry["path"]), device=device)
-        parts = []
-        for f in corpus_up.files("examples"):
-            table = artifacts.read_parquet(f["path"])
-            ids, _ = to_tensors(table)
-            n_tokens = torch.from_numpy(table.column("n_tokens").to_numpy().astype(np.int64))
-            attention = torch.arange(ids.shape[1])[None, :] < n_tokens[:, None]
-            parts.append(proxy_embeddings(model, ids, attention, device=device))
-        embeddings = np.concatenate(parts)
-    else:
-        embeddings = minilm_embeddings(_pool_texts(artifacts, corpus_up, tok_up))
     pool = _pool(artifacts, corpus_up)
-    scores = _scores("semdedup_subset", method, PoolData(pool["example_id"].to_list(), embeddings=embeddings))
+
+    def compute_scores() -> np.ndarray:
+        if proxies_up is not None:
+            device = compute.setup()
+            entry = proxies_up.files("checkpoint")[0]
+            model = load_proxy(
+                artifacts.read_json(entry["path"].replace("model.safetensors", "config.json")),
+                artifacts.read_bytes(entry["path"]), device=device)
+            parts = []
+            for f in corpus_up.files("examples"):
+                table = artifacts.read_parquet(f["path"])
+                ids, _ = to_tensors(table)
+                n_tokens = torch.from_numpy(table.column("n_tokens").to_numpy().astype(np.int64))
+                attention = torch.arange(ids.shape[1])[None, :] < n_tokens[:, None]
+                parts.append(proxy_embeddings(model, ids, attention, device=device))
+            embeddings = np.concatenate(parts)
+        else:
+            embeddings = minilm_embeddings(_pool_texts(artifacts, corpus_up, tok_up))
+        return _scores("semdedup_subset", method,
+                       PoolData(pool["example_id"].to_list(), embeddings=embeddings))
+
     return _write_selection(
         context, artifacts, db, asset="semdedup_subset", method=method.name,
         config=method.model_dump(mode="json"), inputs=inputs, corpus_up=corpus_up, tok_up=tok_up,
-        pool=pool, scores=scores, budget=config.budget(), output_shard_size=config.output_shard_size,
-        extra_metadata={"near_duplicates": int((scores < 0).sum())},
+        pool=pool, compute_scores=compute_scores, budget=config.budget(),
+        output_shard_size=config.output_shard_size,
+        extra_metadata=lambda scores: {"near_duplicates": int((scores < 0).sum())},
     )

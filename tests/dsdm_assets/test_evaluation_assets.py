@@ -34,7 +34,7 @@ def evaluated(tmp_path_factory, small_crawl_root, demo_resources, fast_run_confi
     result = dg.materialize(assets, partition_key="small", instance=instance,
                             resources=resources, run_config=config)
     assert result.success
-    return folder, result
+    return folder, result, instance, resources, config, assets
 
 
 def _meta(result, asset: str) -> dict:
@@ -43,7 +43,7 @@ def _meta(result, asset: str) -> dict:
 
 
 def test_every_method_writes_the_selection_contract(evaluated) -> None:
-    folder, result = evaluated
+    folder, result, *_ = evaluated
     con = duckdb.connect(str(folder / "lineage.duckdb"), read_only=True)
     counts = dict(con.execute("SELECT method, count(*) FROM selections GROUP BY 1").fetchall())
     dsdm = _meta(result, "selected_subset")["selected"]
@@ -58,7 +58,7 @@ def test_every_method_writes_the_selection_contract(evaluated) -> None:
 
 
 def test_evaluations_cover_every_method_and_task(evaluated) -> None:
-    folder, result = evaluated
+    folder, result, *_ = evaluated
     con = duckdb.connect(str(folder / "lineage.duckdb"), read_only=True)
     losses = con.execute("SELECT method, task, value FROM evaluations WHERE metric = 'loss'").fetchall()
     methods = {m for m, _, _ in losses}
@@ -81,7 +81,7 @@ def test_evaluations_cover_every_method_and_task(evaluated) -> None:
 
 
 def test_lds_is_recorded_per_task(evaluated) -> None:
-    folder, result = evaluated
+    folder, result, *_ = evaluated
     con = duckdb.connect(str(folder / "lineage.duckdb"), read_only=True)
     rows = con.execute("SELECT task, value FROM evaluations WHERE metric = 'lds'").fetchall()
     assert {t for t, _ in rows} == {"wiki_qa", "lambada_cloze", "tech_faq"}
@@ -98,3 +98,22 @@ def test_evaluation_config_rejects_bad_input() -> None:
         EvaluationConfig(methods=["dsdm"])
     with pytest.raises(ValueError, match="each > 1"):
         EvaluationConfig(random_multiples=[0.5])
+
+
+def test_unchanged_selections_are_reused_without_rescoring(evaluated, monkeypatch) -> None:
+    """A re-run with the same inputs reads every method's scores back instead of recomputing
+    them: the embedding and n-gram code is not even called."""
+    _, _, instance, resources, config, assets = evaluated
+
+    def not_called(*args, **kwargs):
+        raise AssertionError("a reused selection recomputed its scores")
+
+    for name in ("proxy_embeddings", "minilm_embeddings", "_pool_texts"):
+        monkeypatch.setattr(selection, name, not_called)
+    chosen = [a for a in assets if a.key.to_user_string() in SELECTION_ASSETS.values()]
+    again = dg.materialize(chosen, partition_key="small", instance=instance, resources=resources,
+                           run_config={"ops": {k: v for k, v in config["ops"].items()
+                                               if k in SELECTION_ASSETS.values()}})
+    assert again.success
+    for asset in SELECTION_ASSETS.values():
+        assert _meta(again, asset)["reused"] is True, asset
