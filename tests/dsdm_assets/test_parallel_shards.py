@@ -1,6 +1,6 @@
 """Featurisation fans out over (proxy, shard) steps: run by the multiprocess executor, two at
-a time in separate processes, it writes byte-identical feature files and scores to the
-in-process run."""
+a time in separate processes, it writes feature files byte-identical to the in-process run's,
+and the datamodel weights downstream of them pass their checks."""
 
 import os
 import shutil
