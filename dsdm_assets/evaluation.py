@@ -227,7 +227,8 @@ def _report_markdown(table: pl.DataFrame, mults: pl.DataFrame, model: ProxyConfi
     lines = [
         "# Selection comparison",
         "",
-        f"Evaluation model: GPT-NeoX, {arch}; one pass over each selection; seeds {config.seeds}.",
+        f"Evaluation model: GPT-NeoX, {arch}; {model.epochs} pass(es) over each selection; "
+        f"seeds {config.seeds}.",
         "Loss: mean next-token loss (nats) over the continuation tokens of each task's eval "
         "split; heldout_text scores every token of the eval split's prompt + continuation.",
         "Columns 'x task': compute multiplier vs random (random budget matching the loss, "
