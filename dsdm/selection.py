@@ -19,7 +19,8 @@ DEGENERATE_SHARE = 0.9
 
 
 def combine_task_scores(
-    task_scores: Mapping[str, ArrayLike], weights: Mapping[str, float] | None = None
+    task_scores: Mapping[str, ArrayLike], weights: Mapping[str, float] | None = None,
+    *, standardise: bool = False,
 ) -> np.ndarray:
     """One score per candidate [N] (float64): sum_task w_task * score_task, weights normalised.
 
@@ -27,6 +28,10 @@ def combine_task_scores(
     weights: task name -> non-negative weight; None means equal weights; tasks left out of
     `weights` get weight 0. Unknown names, negative or non-finite weights, and all-zero
     weights raise a ValueError.
+    standardise: divide each task's scores by their standard deviation over the pool first.
+    Raw scores are predicted loss changes, so a task whose loss the pool moves more dominates
+    the sum (10x between the demo tasks); standardised, each task's ranking counts as its
+    weight says. A task whose scores are all equal adds nothing.
     """
     if not task_scores:
         raise ValueError("no task scores given")
@@ -48,7 +53,11 @@ def combine_task_scores(
     combined = np.zeros_like(next(iter(columns.values())))
     for name, w in weights.items():
         if w > 0:
-            combined += (w / total) * columns[name]
+            column = columns[name]
+            if standardise:
+                spread = float(column.std())
+                column = column / spread if spread > 0 else np.zeros_like(column)
+            combined += (w / total) * column
     return combined
 
 

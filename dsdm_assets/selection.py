@@ -73,6 +73,11 @@ class SelectionConfig(BudgetConfig):
         default_factory=dict,
         description="Task -> weight for mixing several target tasks; empty means equal weights.",
     )
+    standardise_tasks: bool = Field(
+        False, description="Divide each task's scores by their spread over the pool before "
+        "mixing, so each task counts as its weight says (raw scores let the task whose loss "
+        "moves most dominate).",
+    )
 
 
 class TargetTextConfig(BudgetConfig):
@@ -251,12 +256,15 @@ def selected_subset(
     tasks = [c for c in scores.columns if c != "example_id"]
     try:
         combined = combine_task_scores({t: scores[t].to_numpy() for t in tasks},
-                                       config.task_weights or None)
+                                       config.task_weights or None,
+                                       standardise=config.standardise_tasks)
     except ValueError as error:
         raise dg.Failure(f"selected_subset config: {error}") from error
     return _write_selection(
         context, artifacts, db, asset="selected_subset", method="dsdm",
-        config={"task_weights": config.task_weights}, inputs=[weights_up, corpus_up, tok_up],
+        config={"task_weights": config.task_weights,
+                "standardise_tasks": config.standardise_tasks},
+        inputs=[weights_up, corpus_up, tok_up],
         corpus_up=corpus_up, tok_up=tok_up, pool=pool, compute_scores=lambda: combined,
         budget=config.budget(),
         output_shard_size=config.output_shard_size,

@@ -109,3 +109,15 @@ def test_dominant_source_flags_a_one_source_selection_of_a_mixed_pool(demo_rows)
     assert not dominant_source(wiki, wiki)["degenerate"]  # a one-source pool cannot do better
     with pytest.raises(ValueError, match="empty selection"):
         dominant_source([], pool)
+
+
+def test_standardised_mixing_lets_each_task_count_equally() -> None:
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(size=1000) * 1e-5, rng.normal(size=1000) * 1e-3
+    raw = combine_task_scores({"small": small, "large": large})
+    std = combine_task_scores({"small": small, "large": large}, standardise=True)
+    assert np.corrcoef(raw, large)[0, 1] > 0.999  # raw: the large-scale task decides
+    np.testing.assert_allclose(std, 0.5 * small / small.std() + 0.5 * large / large.std())
+    assert abs(np.corrcoef(std, small)[0, 1] - np.corrcoef(std, large)[0, 1]) < 0.05
+    flat = combine_task_scores({"flat": np.ones(4), "x": np.arange(4.0)}, standardise=True)
+    np.testing.assert_allclose(flat, 0.5 * np.arange(4.0) / np.arange(4.0).std())
