@@ -7,6 +7,7 @@ with several processes (or pods) featurises shards side by side; ``target_gradie
 the target features apart, so new target tasks do not recompute the candidates.
 """
 
+import hashlib
 import json
 import os
 import time
@@ -17,6 +18,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from pydantic import Field
 from safetensors.torch import save as safetensors_save
@@ -42,6 +44,7 @@ from resources.storage import step_json_io_manager
 
 GROUP = "datamodels"
 GRADIENTS_VERSION = "2"  # 2: target features moved to target_gradients
+TARGET_GRADIENTS_VERSION = "2"  # 2: select-split targets only
 STEP_IO = "step_json_io"
 
 
@@ -376,8 +379,8 @@ with warnings.catch_warnings():
 
 
 @dg.asset(
-    group_name=GROUP, partitions_def=crawl_partitions, code_version="1", op_tags=GPU_STEP_TAGS,
-    deps=[proxy_checkpoints, target_tasks],
+    group_name=GROUP, partitions_def=crawl_partitions, code_version=TARGET_GRADIENTS_VERSION,
+    op_tags=GPU_STEP_TAGS, deps=[proxy_checkpoints, target_tasks],
     check_specs=[dg.AssetCheckSpec("features_finite", asset="target_gradients", blocking=True,
                                    description="No NaN/inf in any target gradient or q.")],
     description="Per proxy: the target examples' projected gradients, with the same projection "
@@ -395,7 +398,8 @@ def target_gradients(
     proxies_up = read_upstream(context, artifacts, "proxy_checkpoints")
     targets_up = read_upstream(context, artifacts, "target_tasks")
     writer = AssetWriter(context, artifacts, db, "target_gradients", config.model_dump(),
-                         [(u.uri, u.sha256) for u in (proxies_up, targets_up)])
+                         [(u.uri, u.sha256) for u in (proxies_up, targets_up)],
+                         code_version=TARGET_GRADIENTS_VERSION)
     manifest = writer.existing()
     reused = manifest is not None
     if reused:
@@ -404,6 +408,8 @@ def target_gradients(
         device = compute.setup()
         (targets_file,) = targets_up.files("targets")
         table = artifacts.read_parquet(targets_file["path"])
+        # Only select-split targets become datamodel columns; the eval split stays unseen.
+        table = table.filter(pc.equal(table.column("split"), "select"))
         feature_config = FeatureConfig.model_validate(config.model_dump())
         nonfinite, computed, rows, seconds = 0, 0, 0, 0.0
         for m, checkpoint in enumerate(f["path"] for f in proxies_up.files("checkpoint")):
@@ -499,9 +505,15 @@ def datamodel_weights(
         select = (targets["split"] == "select").to_numpy()
         num_proxies = grads_up.manifest["summary"]["proxies"]
         num_shards = grads_up.manifest["summary"]["shards"]
-        target_phi = [features_from_bytes(artifacts.read_bytes(
-            target_grads_up.path_of(f"proxy-{m:02d}/targets.safetensors"))).phi[torch.from_numpy(select)]
-            for m in range(num_proxies)]
+        select_ids = targets.filter(pl.Series(select))["example_id"].to_list()
+        digest = hashlib.sha256("\n".join(select_ids).encode()).hexdigest()
+        target_phi = []
+        for m in range(num_proxies):
+            data = artifacts.read_bytes(target_grads_up.path_of(f"proxy-{m:02d}/targets.safetensors"))
+            if feature_header(data).get("example_ids_sha256") != digest:
+                raise dg.Failure("target_gradients were made for other targets than target_tasks' "
+                                 "select split; re-materialise target_gradients")
+            target_phi.append(features_from_bytes(data).phi)
 
         def load_shard(m: int, k: int):
             return features_from_bytes(
