@@ -64,6 +64,18 @@ def k8s_gpu_tags(environ: Mapping[str, str]) -> dict:
 GPU_STEP_TAGS = k8s_gpu_tags(os.environ)
 
 
+def model_for_data(model: ProxyConfig, tok_up: Upstream, corpus_up: Upstream) -> ProxyConfig:
+    """A model config completed with the vocabulary size and sequence length of the data;
+    a value the user set that contradicts the data fails the step."""
+    derived = {"vocab_size": tok_up.manifest["summary"]["vocab_size"],
+               "seq_len": corpus_up.manifest["summary"]["seq_len"]}
+    for key, value in derived.items():
+        given = getattr(model, key)
+        if key in model.model_fields_set and given != value:
+            raise dg.Failure(f"model.{key}={given} contradicts the data ({value}); leave it unset")
+    return ProxyConfig.model_validate({**model.model_dump(), **derived})
+
+
 class ProxyModelConfig(dg.Config, ProxyConfig):
     """Proxy architecture and training recipe. vocab_size and seq_len come from the
     tokenizer and corpus; setting them to anything else is an error."""
@@ -120,13 +132,7 @@ def proxy_checkpoints(
     artifacts, db = store.get_store(), lineage.get_db()
     tok_up = read_upstream(context, artifacts, "tokenizer")
     corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
-    derived = {"vocab_size": tok_up.manifest["summary"]["vocab_size"],
-               "seq_len": corpus_up.manifest["summary"]["seq_len"]}
-    for key, value in derived.items():
-        given = getattr(config.model, key)
-        if key in config.model.model_fields_set and given != value:
-            raise dg.Failure(f"model.{key}={given} contradicts the data ({value}); leave it unset")
-    base = ProxyConfig.model_validate({**config.model.model_dump(), **derived})
+    base = model_for_data(config.model, tok_up, corpus_up)
     writer = AssetWriter(
         context, artifacts, db, "proxy_checkpoints",
         {"num_proxies": config.num_proxies, "train_fraction": config.train_fraction,

@@ -31,7 +31,12 @@ from dsdm.report import multipliers, plot_png, summarise, wide_table
 from dsdm.selection import select_top
 from dsdm.store import ArtifactStore
 from dsdm.tokenization import to_tensors
-from dsdm_assets.datamodels import GPU_STEP_TAGS, datamodel_weights, proxy_checkpoints
+from dsdm_assets.datamodels import (
+    GPU_STEP_TAGS,
+    datamodel_weights,
+    model_for_data,
+    proxy_checkpoints,
+)
 from dsdm_assets.ingest import target_tasks, tokenized_corpus, tokenizer
 from dsdm_assets.partitions import crawl_partitions
 from dsdm_assets.recording import AssetWriter, Upstream, read_upstream
@@ -101,15 +106,6 @@ class LdsConfig(dg.Config):
     eval_batch_size: int = Field(64, ge=1, description="Examples per forward when scoring.")
 
 
-def _derived_model(base: dg.Config, tok_up: Upstream, corpus_up: Upstream) -> ProxyConfig:
-    derived = {"vocab_size": tok_up.manifest["summary"]["vocab_size"],
-               "seq_len": corpus_up.manifest["summary"]["seq_len"]}
-    for key, value in derived.items():
-        if key in base.model_fields_set and getattr(base, key) != value:
-            raise dg.Failure(f"model.{key}={getattr(base, key)} contradicts the data ({value}); leave it unset")
-    return ProxyConfig.model_validate({**base.model_dump(), **derived})
-
-
 def _read_examples(artifacts: ArtifactStore, upstream: Upstream, kind: str) -> pa.Table:
     return pa.concat_tables([artifacts.read_parquet(f["path"]) for f in upstream.files(kind)])
 
@@ -150,7 +146,7 @@ def evaluations(
     corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
     targets_up = read_upstream(context, artifacts, "target_tasks")
     selections = {m: read_upstream(context, artifacts, SELECTION_ASSETS[m]) for m in config.methods}
-    model = _derived_model(config.model, tok_up, corpus_up)
+    model = model_for_data(config.model, tok_up, corpus_up)
     writer = AssetWriter(
         context, artifacts, db, "evaluations",
         {"methods": sorted(config.methods), "seeds": config.seeds,
