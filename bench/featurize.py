@@ -128,7 +128,8 @@ def role_featurize(args: argparse.Namespace) -> dict:
     n = args.examples if args.role == "fast" else args.exact_examples
     ids, mask = data["pool_ids"][:n], data["pool_mask"][:n]
     config = FeatureConfig(method="factored" if args.role == "fast" else "exact",
-                           target_dim=args.dim, batch_size=args.batch_size,
+                           target_dim=args.dim, sketch=args.sketch, factor_dim=args.factor_dim,
+                           batch_size=args.batch_size,
                            autocast_dtype="bfloat16" if args.bf16 else "float32")
     featurize(model, ids[: args.batch_size], mask[: args.batch_size], config)  # warm-up
     rss_before = _current_rss_mb()
@@ -337,6 +338,10 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--dim", type=int, default=4096, help="target d of the projection")
+    p.add_argument("--sketch", choices=("countsketch", "none"), default="countsketch",
+                   help="second projection stage of fast and exact (FeatureConfig.sketch)")
+    p.add_argument("--factor-dim", type=int, default=128,
+                   help="largest per-side Kronecker factor before the sketch")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--examples", type=int, default=256, help="timed examples: fast and train")
     p.add_argument("--exact-examples", type=int, default=64, help="timed examples: exact")

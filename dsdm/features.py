@@ -44,7 +44,13 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from transformers import GPTNeoXForCausalLM
 
-from dsdm.projection import DenseProjector, LayerProjection, ProjectionKind, make_layer_projection
+from dsdm.projection import (
+    CountSketch,
+    DenseProjector,
+    LayerProjection,
+    ProjectionKind,
+    make_layer_projection,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +74,18 @@ class FeatureConfig(BaseModel):
     """Base seed; layer projections use derive_seed(seed, layer name). Same for all examples
     of one proxy (candidates and targets)."""
     target_dim: int = Field(2048, gt=0)
-    """Total d to aim for; `choose_layer_dims` splits it across layers (roughly)."""
+    """d. With sketch='countsketch', exactly the width of phi; with 'none', the total that
+    `choose_layer_dims` splits across layers (roughly)."""
+    sketch: Literal["countsketch", "none"] = "countsketch"
+    """'countsketch': a wide Kronecker stage per layer (each side projected to at most
+    `factor_dim`, a side no larger kept exact), concatenated and hashed to target_dim by a
+    `CountSketch`. 'none': small per-layer Kronecker factors whose sizes add up to
+    target_dim (LoGra's layout; cheaper, much noisier)."""
+    factor_dim: int = Field(128, gt=0)
+    """With sketch='countsketch': the largest k_out and k_in of the Kronecker stage."""
     k_out: int | None = Field(None, gt=0)
-    """If set together with k_in: the same (k_out, k_in) for every layer, ignoring target_dim."""
+    """If set together with k_in: the same (k_out, k_in) for every layer (capped at the
+    layer's sizes with a sketch), instead of what target_dim / factor_dim give."""
     k_in: int | None = Field(None, gt=0)
     """See k_out."""
     include_lm_head: bool = False
@@ -143,16 +158,31 @@ def layer_projections(
     shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
     if (config.k_out is None) != (config.k_in is None):
         raise ValueError("set both k_out and k_in, or neither (then target_dim is used)")
+    sketched = config.sketch == "countsketch"
     if config.k_out is not None and config.k_in is not None:
         dims = {n: (config.k_out, config.k_in) for n in shapes}
+    elif sketched:
+        dims = {n: (config.factor_dim, config.factor_dim) for n in shapes}
     else:
         dims = choose_layer_dims(shapes, config.target_dim)
+    if sketched:
+        dims = {n: (min(k_o, shapes[n][0]), min(k_i, shapes[n][1])) for n, (k_o, k_i) in dims.items()}
     return [
         make_layer_projection(
-            n, *shapes[n], *dims[n], kind=config.projection, seed=config.seed, device=device
+            n, *shapes[n], *dims[n], kind=config.projection, seed=config.seed,
+            exact_full_sides=sketched, device=device,
         )
         for n in shapes
     ]
+
+
+def make_sketch(projections: Sequence[LayerProjection], config: FeatureConfig,
+                *, device: torch.device | str = "cpu") -> CountSketch | None:
+    """The second stage `config` asks for over these layer projections, or None."""
+    if config.sketch == "none":
+        return None
+    return CountSketch.make(sum(p.dim for p in projections), config.target_dim,
+                            seed=config.seed, device=device)
 
 
 def margins_and_q(
@@ -245,19 +275,25 @@ class _HostCopy:
 class GradientFeaturizer(ABC):
     """Computes `Features` for a batch stream; subclasses differ in how gradients are formed.
 
-    `projections` fix the featurised layers (by name, in order) and the (P_out, P_in) pairs.
+    `projections` fix the featurised layers (by name, in order) and the (P_out, P_in) pairs;
+    `sketch`, when given, maps their concatenated outputs to phi (the second stage).
     """
 
     def __init__(
         self,
         projections: Sequence[LayerProjection],
         *,
+        sketch: CountSketch | None = None,
         batch_size: int = 16,
         autocast_dtype: AutocastDtype = "float32",
     ) -> None:
         if not projections:
             raise ValueError("at least one layer projection is needed")
         self.projections = list(projections)
+        if sketch is not None and sketch.dim_in != sum(p.dim for p in self.projections):
+            raise ValueError(f"sketch takes {sketch.dim_in} inputs, the layer projections give "
+                             f"{sum(p.dim for p in self.projections)}")
+        self.sketch = sketch
         self.batch_size = batch_size
         self.autocast_dtype = autocast_dtype
 
@@ -314,6 +350,7 @@ class GradientFeaturizer(ABC):
         model.to(device)
         projs = [replace(p, p_out=p.p_out.to(device), p_in=p.p_in.to(device))
                  for p in self.projections]
+        sketch = self.sketch.to(device) if self.sketch is not None else None
         pending: _HostCopy | None = None
         with _featurising(model):
             for start in range(0, input_ids.shape[0], self.batch_size):
@@ -324,6 +361,8 @@ class GradientFeaturizer(ABC):
                     projs,
                     *(_to_device(t[sl], device) for t in (input_ids, loss_mask, attention_mask)),
                 )
+                if sketch is not None:
+                    phi = sketch.apply(phi)
                 copy = _HostCopy(phi, q, f)
                 if copy.event is None:
                     yield copy.wait()
@@ -338,7 +377,9 @@ class GradientFeaturizer(ABC):
 
     @property
     def dim(self) -> int:
-        """d = sum over layers of k_out * k_in (the width of phi for factored projections)."""
+        """d, the width of phi: the sketch's output, or sum over layers of k_out * k_in."""
+        if self.sketch is not None:
+            return self.sketch.dim_out
         return sum(p.dim for p in self.projections)
 
     def _includes_head(self, model: nn.Module) -> bool:
@@ -543,12 +584,16 @@ class ExactFeaturizer(GradientFeaturizer):
         *,
         output: Literal["factored", "dense", "full"] = "factored",
         dense: DenseProjector | None = None,
+        sketch: CountSketch | None = None,
         batch_size: int = 16,
         autocast_dtype: AutocastDtype = "float32",
     ) -> None:
-        super().__init__(projections, batch_size=batch_size, autocast_dtype=autocast_dtype)
+        super().__init__(projections, sketch=sketch, batch_size=batch_size,
+                         autocast_dtype=autocast_dtype)
         if (output == "dense") != (dense is not None):
             raise ValueError("pass a DenseProjector exactly when output='dense'")
+        if sketch is not None and output != "factored":
+            raise ValueError("a sketch follows the factored layer projections: output='factored'")
         self.output = output
         self.dense = dense
 
@@ -616,4 +661,5 @@ def make_featurizer(
     `batches` method to stream features of a large shard)."""
     projs = layer_projections(model, config, device=device)
     cls = FactoredFeaturizer if config.method == "factored" else ExactFeaturizer
-    return cls(projs, batch_size=config.batch_size, autocast_dtype=config.autocast_dtype)
+    return cls(projs, sketch=make_sketch(projs, config, device=device),
+               batch_size=config.batch_size, autocast_dtype=config.autocast_dtype)

@@ -1,6 +1,6 @@
 """Seeded random projections (the P of TRAK's phi = P^T grad f).
 
-Two shapes of projection are offered:
+Three shapes of projection are offered:
 
 - `DenseProjector` maps a flat vector of dimension D to d dimensions with one [D, d] matrix.
   It is the reference: simple, but it needs the full gradient.
@@ -8,7 +8,14 @@ Two shapes of projection are offered:
   shape [out_features, in_features]: P_out [k_out, out_features] and P_in [k_in, in_features].
   A weight gradient G is mapped to P_out G P_in^T, which is (P_out kron P_in) applied to
   vec(G). For G = sum_t delta_t x_t^T this equals sum_t (P_out delta_t)(P_in x_t)^T, so the
-  projection never needs G itself (see `dsdm.features`).
+  projection never needs G itself (see `dsdm.features`). A side whose k equals the layer's
+  size may be the identity (`exact_full_sides`): that side then adds no error at all.
+- `CountSketch` hashes a long vector (the concatenated Kronecker outputs of all layers) down
+  to d: coordinate i is added, with a random sign, to one random bucket. It costs O(D) per
+  vector and has a dense Gaussian projection's variance, which is why it follows a *wide*
+  Kronecker stage: per-example weight gradients are close to low rank, and a Kronecker
+  sketch of a rank-r gradient with k_out = k_in = k behaves like a JL map of about k * r
+  dimensions, not k^2, so small per-layer factors (16 x 16) lose most of the signal.
 
 Normalisation: entries have mean 0 and variance 1/rows, so E[<P a, P b>] = <a, b>; for the
 Kronecker pair the product has variance 1/(k_out k_in), with the same property. This scale is
@@ -159,27 +166,62 @@ def make_layer_projection(
     *,
     kind: ProjectionKind,
     seed: int,
+    exact_full_sides: bool = False,
     device: torch.device | str = "cpu",
 ) -> LayerProjection:
     """The (P_out, P_in) pair for layer `name`, seeded from (seed, name).
 
     Entry variances are 1/k_out and 1/k_in so the Kronecker product preserves inner
-    products in expectation.
+    products in expectation. With `exact_full_sides`, a side with k equal to its size is the
+    identity instead of a random square matrix.
     """
-    p_out = random_matrix(
-        k_out,
-        out_features,
-        kind=kind,
-        seed=derive_seed(seed, f"{name}/out"),
-        scale=1.0 / math.sqrt(k_out),
-        device=device,
-    )
-    p_in = random_matrix(
-        k_in,
-        in_features,
-        kind=kind,
-        seed=derive_seed(seed, f"{name}/in"),
-        scale=1.0 / math.sqrt(k_in),
-        device=device,
-    )
-    return LayerProjection(name=name, p_out=p_out, p_in=p_in)
+
+    def side(k: int, features: int, which: str) -> torch.Tensor:
+        if exact_full_sides and k == features:
+            return torch.eye(k, dtype=torch.float32, device=device)
+        return random_matrix(k, features, kind=kind, seed=derive_seed(seed, f"{name}/{which}"),
+                             scale=1.0 / math.sqrt(k), device=device)
+
+    return LayerProjection(name=name, p_out=side(k_out, out_features, "out"),
+                           p_in=side(k_in, in_features, "in"))
+
+
+@dataclass(frozen=True)
+class CountSketch:
+    """A seeded sparse JL map [N, dim_in] -> [N, dim_out]: y_b = sum_{i: h(i) = b} s(i) x_i.
+
+    E[<S a, S b>] = <a, b> and Var = (|a|^2 |b|^2 + <a, b>^2 - 2 sum_i a_i^2 b_i^2) / dim_out:
+    a dense Gaussian projection's variance less the last term. The buckets h and signs s
+    are drawn on the CPU from derive_seed(seed, "countsketch"), so every device gets the
+    same map.
+    """
+
+    dim_in: int
+    """D, the length of the vectors to sketch."""
+    dim_out: int
+    """d, the number of buckets."""
+    buckets: torch.Tensor
+    """[dim_in] int64 bucket of each input coordinate."""
+    signs: torch.Tensor
+    """[dim_in] float32, +1 or -1."""
+
+    @classmethod
+    def make(cls, dim_in: int, dim_out: int, *, seed: int,
+             device: torch.device | str = "cpu") -> CountSketch:
+        if dim_in <= 0 or dim_out <= 0:
+            raise ValueError(f"sketch shape must be positive, got ({dim_in}, {dim_out})")
+        gen = torch.Generator(device="cpu").manual_seed(derive_seed(seed, "countsketch"))
+        buckets = torch.randint(0, dim_out, (dim_in,), generator=gen)
+        signs = torch.randint(0, 2, (dim_in,), generator=gen).to(torch.float32).mul_(2).sub_(1)
+        return cls(dim_in, dim_out, buckets.to(device), signs.to(device))
+
+    def to(self, device: torch.device | str) -> CountSketch:
+        return CountSketch(self.dim_in, self.dim_out, self.buckets.to(device),
+                           self.signs.to(device))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, dim_in] -> [N, dim_out] float32."""
+        if x.ndim != 2 or x.shape[1] != self.dim_in:
+            raise ValueError(f"expected [N, {self.dim_in}], got {tuple(x.shape)}")
+        out = torch.zeros(x.shape[0], self.dim_out, dtype=torch.float32, device=x.device)
+        return out.index_add_(1, self.buckets, x.float() * self.signs)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,10 +149,13 @@ class TrainProgress:
 
 @dataclass
 class TrainResult:
-    """A trained proxy (in eval mode) and its per-step training loss."""
+    """A trained proxy (in eval mode), its per-step training loss, and weight snapshots."""
 
     model: GPTNeoXForCausalLM
     losses: list[float] = field(default_factory=list)
+    checkpoints: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """Step -> CPU copy of the state dict after that many optimiser steps (the steps asked
+    for with `checkpoint_steps`; the last step's entry equals `model`'s weights)."""
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -173,12 +176,15 @@ def train_proxy(
     bf16: bool = False,
     log_every: int = 50,
     callback: Callable[[TrainProgress], None] | None = None,
+    checkpoint_steps: Sequence[int] = (),
 ) -> TrainResult:
     """Train a fresh proxy on `input_ids` [N, L] with AdamW and a warmup+cosine schedule.
 
     `loss_mask` [N, L] bool selects the scored tokens (default: all positions but the
     first). The data order comes from a `torch.Generator` seeded with `config.seed`;
     the global RNG is not used. `bf16` enables bfloat16 autocast (CUDA only).
+    `checkpoint_steps`: optimiser steps (1..total) after which the weights are copied into
+    `TrainResult.checkpoints` (TRAK's checkpoints along one training run).
     """
     if input_ids.ndim != 2 or input_ids.shape[1] > config.seq_len:
         raise ValueError(f"input_ids must be [N, L<= {config.seq_len}], got {input_ids.shape}")
@@ -201,6 +207,11 @@ def train_proxy(
     total = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total = min(total, config.max_steps)
+    snapshot_at = set(checkpoint_steps)
+    outside = sorted(s for s in snapshot_at if not 1 <= s <= total)
+    if outside:
+        raise ValueError(f"checkpoint_steps {outside} lie outside this run's steps 1..{total}")
+    checkpoints: dict[int, dict[str, torch.Tensor]] = {}
 
     losses: list[float] = []
     step, tokens, t0 = 0, 0, time.perf_counter()
@@ -224,6 +235,8 @@ def train_proxy(
             step += 1
             tokens += ids.numel()
             losses.append(loss.item())
+            if step in snapshot_at:
+                checkpoints[step] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             if step % log_every == 0 or step == total:
                 elapsed = time.perf_counter() - t0
                 progress = TrainProgress(step, total, losses[-1], lr, tokens / max(elapsed, 1e-9))
@@ -234,7 +247,7 @@ def train_proxy(
                 if callback is not None:
                     callback(progress)
                 tokens, t0 = 0, time.perf_counter()
-    return TrainResult(model=model.eval(), losses=losses)
+    return TrainResult(model=model.eval(), losses=losses, checkpoints=checkpoints)
 
 
 def proxy_to_bytes(model: torch.nn.Module) -> bytes:

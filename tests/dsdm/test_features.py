@@ -78,6 +78,53 @@ def test_factored_inner_products_track_full_gradients(
     assert r_cos >= 0.8, f"cosine correlation {r_cos:.4f}"
 
 
+def test_sketched_factored_equals_sketched_exact(
+    trained_tiny: TrainResult, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    model, (ids, mask) = trained_tiny.model, batch
+    config = FeatureConfig(target_dim=256, factor_dim=16, include_lm_head=True, seed=4)
+    fast = featurize(model, ids, mask, config)
+    ref = featurize(model, ids, mask, config.model_copy(update={"method": "exact"}))
+    assert fast.phi.shape == (12, 256)
+    scale = ref.phi.abs().max()
+    torch.testing.assert_close(fast.phi / scale, ref.phi / scale, rtol=0, atol=2e-5)
+    layers = featurised_layers(model, include_lm_head=True)
+    for proj in layer_projections(model, config):  # sides of <= 16 are kept exact
+        out_f, in_f = layers[proj.name].out_features, layers[proj.name].in_features
+        assert proj.p_out.shape[0] == min(16, out_f) and proj.p_in.shape[0] == min(16, in_f)
+        if in_f <= 16:
+            assert torch.equal(proj.p_in, torch.eye(in_f))
+
+
+def test_sketch_tracks_full_gradients_better_than_small_factors(
+    trained_tiny: TrainResult, demo_docs: list[dict], encode_bytes
+) -> None:
+    """At the same d, a wide Kronecker stage + CountSketch keeps inner products and cosines
+    of the full per-example gradients better than per-layer factors summing to d. (The gap
+    grows with the layers' width: the tiny model's are 32 wide, the demo proxy's 128.)"""
+    model = trained_tiny.model
+    ids, mask = encode_bytes([d["text"] for d in demo_docs[100:140]], 64)
+    projs = layer_projections(model, FeatureConfig())
+    full = ExactFeaturizer(projs, output="full", batch_size=8)(model, ids, mask).phi.double()
+    true = full @ full.T
+    off = torch.triu_indices(len(ids), len(ids), offset=1)
+
+    def cosine_agreement(config: FeatureConfig) -> float:
+        phi = featurize(model, ids, mask, config).phi.double()
+        est = phi @ phi.T
+        cos_t = true / true.diagonal().sqrt()[:, None] / true.diagonal().sqrt()[None]
+        cos_e = est / est.diagonal().sqrt()[:, None] / est.diagonal().sqrt()[None]
+        return pearson(cos_t[off[0], off[1]], cos_e[off[0], off[1]])
+
+    sketched = cosine_agreement(FeatureConfig(target_dim=512, seed=1))
+    small = cosine_agreement(FeatureConfig(target_dim=512, sketch="none", seed=1))
+    logger.info("cosine agreement at d=512 (D=%d): countsketch %.4f, small factors %.4f",
+                full.shape[1], sketched, small)
+    assert sketched >= 0.99, f"countsketch cosine agreement {sketched:.4f}"
+    # at most half the disagreement (1 - Pearson) of the small factors
+    assert 1 - sketched < 0.5 * (1 - small), f"countsketch {sketched:.4f}, small factors {small:.4f}"
+
+
 def test_exact_gradients_equal_single_example_backward(
     trained_tiny: TrainResult, batch: tuple[torch.Tensor, torch.Tensor]
 ) -> None:

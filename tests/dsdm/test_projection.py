@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dsdm.projection import (
+    CountSketch,
     DenseProjector,
     derive_seed,
     make_layer_projection,
@@ -89,3 +90,33 @@ def test_layer_seeds_differ_by_name() -> None:
     b = make_layer_projection("b", 8, 8, 4, 4, kind="rademacher", seed=0)
     assert not torch.equal(a.p_out, b.p_out)
     assert not torch.equal(a.p_in, a.p_out)
+
+
+def test_full_side_is_the_identity_when_asked() -> None:
+    proj = make_layer_projection("l", 10, 6, 4, 6, kind="rademacher", seed=5, exact_full_sides=True)
+    assert torch.equal(proj.p_in, torch.eye(6)) and proj.p_out.shape == (4, 10)
+    plain = make_layer_projection("l", 10, 6, 4, 6, kind="rademacher", seed=5)
+    assert not torch.equal(plain.p_in, torch.eye(6))
+    assert torch.equal(plain.p_out, proj.p_out)  # the projected side is the same matrix
+
+
+def test_countsketch_is_seeded_and_preserves_inner_products() -> None:
+    sketch = CountSketch.make(20_000, 2048, seed=3)
+    assert torch.equal(sketch.buckets, CountSketch.make(20_000, 2048, seed=3).buckets)
+    assert not torch.equal(sketch.buckets, CountSketch.make(20_000, 2048, seed=4).buckets)
+    assert set(sketch.signs.unique().tolist()) == {-1.0, 1.0}
+    assert int(sketch.buckets.min()) >= 0 and int(sketch.buckets.max()) < 2048
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 20_000, generator=gen, dtype=torch.float64)
+    y = sketch.apply(x).double()
+    # every coordinate lands in exactly one bucket with its sign: an explicit sparse matrix
+    dense = torch.zeros(20_000, 2048, dtype=torch.float64)
+    dense[torch.arange(20_000), sketch.buckets] = sketch.signs.double()
+    torch.testing.assert_close(y, x @ dense, rtol=1e-5, atol=1e-4)
+    true, est = x @ x.T, y @ y.T
+    rel = ((est.diagonal() - true.diagonal()) / true.diagonal()).abs()
+    assert rel.max() < 0.15  # sd of |x|^2's relative error: sqrt(2 / 2048) = 3.1%
+    off = ~torch.eye(16, dtype=torch.bool)
+    assert (est[off] - true[off]).abs().max() < 6 * 20_000 / 2048**0.5
+    with pytest.raises(ValueError, match="expected"):
+        sketch.apply(torch.zeros(2, 7))

@@ -77,6 +77,22 @@ def test_same_seed_same_weights(
     assert c.losses != a.losses
 
 
+def test_checkpoints_along_training(
+    tiny_config: ProxyConfig, tiny_train_data: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    ids, mask = tiny_train_data
+    cfg = tiny_config.model_copy(update={"max_steps": 6})
+    result = train_proxy(cfg, ids, mask, checkpoint_steps=[2, 6])
+    assert sorted(result.checkpoints) == [2, 6]
+    final = result.model.state_dict()
+    for name, value in result.checkpoints[6].items():
+        assert torch.equal(value, final[name].cpu()), name
+    # an earlier checkpoint is the weights of a shorter run with the same schedule length
+    assert any(not torch.equal(result.checkpoints[2][n], final[n]) for n in final)
+    with pytest.raises(ValueError, match=r"outside this run's steps 1..6"):
+        train_proxy(cfg, ids, mask, checkpoint_steps=[0, 7])
+
+
 def test_progress_logging_and_callback(
     tiny_config: ProxyConfig,
     tiny_train_data: tuple[torch.Tensor, torch.Tensor],
