@@ -67,15 +67,9 @@ def example_losses(
     return torch.cat(sums).numpy(), torch.cat(counts).numpy()
 
 
-def target_losses(
-    model: torch.nn.Module, targets: pa.Table, *, split: str = "eval", batch_size: int = 64,
-    device: torch.device | str = "cpu",
-) -> pl.DataFrame:
-    """Loss per task (mean over continuation tokens of ``split``) plus ``heldout_text``.
-
-    ``targets``: the target_tasks table (pool layout + task, split). Returns columns task,
-    loss, tokens; ``heldout_text`` scores every token of the split's prompt + continuation.
-    """
+def _scored_views(targets: pa.Table, split: str) -> tuple[torch.Tensor, list[tuple[torch.Tensor, np.ndarray]]]:
+    """input_ids [n, L] of ``split``'s rows and the (loss mask [n, L], name per row) pairs
+    that define each measure: continuation tokens per task, every token for heldout_text."""
     frame = pl.from_arrow(targets.select(["task", "split"]))
     rows = np.flatnonzero((frame["split"] == split).to_numpy())
     if not len(rows):
@@ -86,13 +80,63 @@ def target_losses(
     positions = torch.arange(input_ids.shape[1])[None, :]
     every_token = (positions >= 1) & (positions < n_tokens[:, None])
     tasks = np.asarray(frame["task"].to_numpy()[rows])
+    return input_ids, [(continuation, tasks), (every_token, np.full(len(rows), HELDOUT_TEXT))]
+
+
+def _per_name(sums: np.ndarray, counts: np.ndarray, names: np.ndarray) -> list[dict]:
     out = []
-    for mask, names in ((continuation, tasks), (every_token, np.full(len(rows), HELDOUT_TEXT))):
+    for name in sorted(set(names.tolist())):
+        pick = names == name
+        out.append({"task": name, "loss": float(sums[pick].sum() / counts[pick].sum()),
+                    "tokens": int(counts[pick].sum())})
+    return out
+
+
+def target_losses(
+    model: torch.nn.Module, targets: pa.Table, *, split: str = "eval", batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> pl.DataFrame:
+    """Loss per task (mean over continuation tokens of ``split``) plus ``heldout_text``.
+
+    ``targets``: the target_tasks table (pool layout + task, split). Returns columns task,
+    loss, tokens; ``heldout_text`` scores every token of the split's prompt + continuation.
+    """
+    input_ids, views = _scored_views(targets, split)
+    out = []
+    for mask, names in views:
         sums, counts = example_losses(model, input_ids, mask, batch_size=batch_size, device=device)
-        for name in sorted(set(names.tolist())):
-            pick = names == name
-            out.append({"task": name, "loss": float(sums[pick].sum() / counts[pick].sum()),
-                        "tokens": int(counts[pick].sum())})
+        out += _per_name(sums, counts, names)
+    return pl.DataFrame(out)
+
+
+def unigram_log_probs(pool: pa.Table, vocab_size: int) -> torch.Tensor:
+    """log p [V] (float64) of a unigram model of the pool's real tokens, add-one smoothed.
+
+    The reference an LM must beat: the regime where selection matters is the one where
+    models have learnt well past token frequencies (docs/EVALUATION.md).
+    """
+    input_ids, _ = to_tensors(pool)
+    n_tokens = torch.from_numpy(pool.column("n_tokens").to_numpy().astype(np.int64))
+    real = torch.arange(input_ids.shape[1])[None, :] < n_tokens[:, None]
+    counts = torch.bincount(input_ids[real], minlength=vocab_size).double() + 1.0
+    if counts.numel() != vocab_size:
+        raise ValueError(f"pool token ids reach {counts.numel() - 1}, vocab_size is {vocab_size}")
+    return (counts / counts.sum()).log()
+
+
+def unigram_entropy(log_probs: torch.Tensor) -> float:
+    """Entropy (nats per token) of the unigram model: its expected loss on the pool."""
+    return float(-(log_probs.exp() * log_probs).sum())
+
+
+def unigram_losses(log_probs: torch.Tensor, targets: pa.Table, *, split: str = "eval") -> pl.DataFrame:
+    """`target_losses` of the unigram model: the same tasks, tokens and columns."""
+    input_ids, views = _scored_views(targets, split)
+    nll = -log_probs[input_ids[:, 1:]]  # token t's loss, for t = 1..L-1
+    out = []
+    for mask, names in views:
+        scored = mask[:, 1:]
+        out += _per_name((nll * scored).sum(1).numpy(), scored.sum(1).numpy(), names)
     return pl.DataFrame(out)
 
 

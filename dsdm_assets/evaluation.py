@@ -4,16 +4,20 @@
 random selections at larger budgets for the compute-multiplier curve, and measures the
 eval-split target losses; `datamodel_lds` trains models on random subsets of the pool and
 correlates their target losses with what the datamodel weights predict. Each trained model's
-result is written as soon as it exists, so an interrupted run resumes with the rest.
+result is written as soon as it exists, under a key of everything it depends on
+(`model_result_key`: training examples, recipe and seed, targets), outside the asset's own
+folder: an interrupted run resumes with the rest, and a later evaluation re-trains only the
+models whose inputs changed (a new DsDm estimator: DsDm's models; the baselines' and the
+random curve's are adopted). The same holds for LDS models, so a new estimator re-uses all.
 """
 
+import hashlib
 import json
 
 import dagster as dg
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import torch
 from pydantic import Field, field_validator
 from safetensors.torch import load as safetensors_load
 
@@ -24,12 +28,15 @@ from dsdm.evaluation import (
     linear_datamodeling_score,
     target_losses,
     train_evaluation_model,
+    unigram_entropy,
+    unigram_log_probs,
+    unigram_losses,
 )
 from dsdm.lineage import LineageDB
 from dsdm.proxy import ProxyConfig
 from dsdm.report import multipliers, plot_png, summarise, wide_table
 from dsdm.selection import select_top
-from dsdm.store import ArtifactStore
+from dsdm.store import ArtifactStore, fingerprint
 from dsdm.tokenization import to_tensors
 from dsdm_assets.datamodels import (
     GPU_STEP_TAGS,
@@ -110,22 +117,57 @@ def _read_examples(artifacts: ArtifactStore, upstream: Upstream, kind: str) -> p
     return pa.concat_tables([artifacts.read_parquet(f["path"]) for f in upstream.files(kind)])
 
 
+MODEL_RESULT_VERSION = "1"
+"""Part of every trained-model result's key: bump when training or scoring changes."""
+
+
+def _ids_digest(example_ids: pa.Array | pa.ChunkedArray) -> str:
+    return hashlib.sha256("\n".join(sorted(example_ids.to_pylist())).encode()).hexdigest()
+
+
+def model_result_key(kind: str, config: ProxyConfig, examples: pa.Table, corpus: Upstream,
+                     targets: Upstream, precision: str) -> str:
+    """What one trained model's measured losses depend on, and nothing else: the training
+    examples (by id, within this corpus), the recipe with its seed, the targets it is scored
+    on and the arithmetic. Evaluations that share a model (the random curve, a baseline's
+    unchanged selection) find its result under this key instead of training it again."""
+    return fingerprint(kind, MODEL_RESULT_VERSION, config.to_dict(),
+                       _ids_digest(examples.column("example_id")), corpus.manifest["config_hash"],
+                       targets.manifest["config_hash"], precision)
+
+
+def _precision(compute: ComputeResource) -> str:
+    device = compute.setup()
+    return "bf16" if compute.dtype == "bfloat16" and device.type == "cuda" else "fp32"
+
+
 def _train_and_score(
     context: dg.AssetExecutionContext, writer: AssetWriter, name: str, config: ProxyConfig,
-    examples: pa.Table, targets: pa.Table, compute: ComputeResource, batch_size: int,
+    examples: pa.Table, targets: pa.Table, keys: tuple[Upstream, Upstream],
+    compute: ComputeResource, batch_size: int,
 ) -> dict:
-    """One evaluation model's losses, adopted from an interrupted run when already written."""
-    file = f"runs/{name}.json"
-    if writer.has(file):
-        return json.loads(writer.adopt(file, kind="run"))
+    """One evaluation model's losses: a result another evaluation already made for the same
+    examples, recipe, seed and targets is adopted (and checked) instead of retrained."""
+    precision = _precision(compute)
+    key = model_result_key("evaluation_model", config, examples, *keys, precision)
+    path = writer.shared_path("evaluation_models", key)
+    data = writer.adopt_shared(path, kind="run")
+    if data is not None:
+        result = json.loads(data)
+        if result.get("key") != key or result.get("examples") != examples.num_rows:
+            raise dg.Failure(f"{path} does not hold the result it is stored under (key "
+                             f"{result.get('key')!r}, {result.get('examples')} examples); "
+                             "delete it to retrain that model")
+        context.log.info(f"{name}: reusing the model trained earlier ({path})")
+        return result
     device = compute.setup()
     context.log.info(f"{name}: training on {examples.num_rows} examples")
-    model, curve = train_evaluation_model(config, examples, device=device,
-                                          bf16=compute.dtype == "bfloat16" and device.type == "cuda")
+    model, curve = train_evaluation_model(config, examples, device=device, bf16=precision == "bf16")
     losses = target_losses(model, targets, batch_size=batch_size, device=device)
-    result = {"losses": losses.to_dicts(), "examples": examples.num_rows, "steps": len(curve),
+    result = {"key": key, "label": name, "losses": losses.to_dicts(),
+              "examples": examples.num_rows, "steps": len(curve),
               "final_train_loss": float(np.mean(curve[-max(1, len(curve) // 10):]))}
-    writer.write_bytes(file, json.dumps(result).encode(), kind="run")
+    writer.write_shared(path, json.dumps(result).encode(), kind="run")
     return result
 
 
@@ -158,10 +200,13 @@ def evaluations(
     if reused:
         writer.record(manifest, reused=True)
         results = pl.from_arrow(artifacts.read_parquet(f"{writer.folder}/results.parquet"))
+        unigram = pl.from_arrow(artifacts.read_parquet(f"{writer.folder}/unigram.parquet"))
     else:
         targets = artifacts.read_parquet(targets_up.files("targets")[0]["path"])
         runs = {m: (1.0, _read_examples(artifacts, up, "examples")) for m, up in selections.items()}
         pool = _read_examples(artifacts, corpus_up, "examples")
+        unigram = _unigram_reference(pool, targets, tok_up.manifest["summary"]["vocab_size"])
+        writer.write_parquet("unigram.parquet", unigram.to_arrow(), kind="unigram")
         random_config = selections["random"].manifest["config"]
         keys = uniform_keys(pool.num_rows, random_config["seed"])
         tokens = pool.column("n_tokens").to_numpy() - 1
@@ -175,7 +220,8 @@ def evaluations(
             for seed in config.seeds:
                 result = _train_and_score(context, writer, f"{label}-seed{seed}",
                                           model.model_copy(update={"seed": seed}), examples,
-                                          targets, compute, config.eval_batch_size)
+                                          targets, (corpus_up, targets_up), compute,
+                                          config.eval_batch_size)
                 for entry in result["losses"]:
                     rows.append({"method": label.split("@")[0], "budget": multiple, "seed": seed,
                                  "task": entry["task"], "loss": entry["loss"],
@@ -185,7 +231,7 @@ def evaluations(
         summary = summarise(results)
         mults = multipliers(summary)
         table = wide_table(summary, mults)
-        report = _report_markdown(table, mults, model, config)
+        report = _report_markdown(table, unigram, model, config)
         writer.write_bytes("report.md", report.encode(), kind="report")
         writer.write_bytes("report.png", plot_png(summary, f"crawl {writer.crawl}"), kind="plot")
         writer.write_parquet("multipliers.parquet", mults.to_arrow(), kind="multipliers")
@@ -193,9 +239,10 @@ def evaluations(
                                   "multipliers": mults.to_dicts()})
     summary = summarise(results)
     mults = multipliers(summary)
-    _record_rows(db, writer, context.run.run_id, results, mults, selections)
+    _record_rows(db, writer, context.run.run_id, results, mults, unigram, selections)
     return dg.MaterializeResult(data_version=writer.data_version, metadata={
         **writer.base_metadata(manifest, reused),
+        **{f"unigram_{r['task']}": r["loss"] for r in unigram.to_dicts()},
         "report": dg.MetadataValue.md(artifacts.read_bytes(f"{writer.folder}/report.md").decode()),
         "plot": dg.MetadataValue.path(artifacts.uri(f"{writer.folder}/report.png")),
         "models": manifest["summary"]["models"],
@@ -217,7 +264,21 @@ def _scaled_budget(random_config: dict, multiple: float, n: int, pool_tokens: in
     return {"fraction": fraction}
 
 
-def _report_markdown(table: pl.DataFrame, mults: pl.DataFrame, model: ProxyConfig,
+POOL_ENTROPY = "pool_entropy"
+"""The `task` of the unigram reference row holding the pool's unigram entropy."""
+
+
+def _unigram_reference(pool: pa.Table, targets: pa.Table, vocab_size: int) -> pl.DataFrame:
+    """task, loss: a unigram model of the pool on every task and on heldout_text, and the
+    pool's unigram entropy (row ``pool_entropy``): what an LM must beat by a margin for the
+    comparison to say more than "the model learnt token frequencies"."""
+    log_probs = unigram_log_probs(pool, vocab_size)
+    frame = unigram_losses(log_probs, targets).select("task", "loss")
+    return pl.concat([frame, pl.DataFrame({"task": [POOL_ENTROPY],
+                                           "loss": [unigram_entropy(log_probs)]})])
+
+
+def _report_markdown(table: pl.DataFrame, unigram: pl.DataFrame, model: ProxyConfig,
                      config: EvaluationConfig) -> str:
     arch = f"{model.num_layers} layers, hidden {model.hidden_size}, {model.num_heads} heads"
     lines = [
@@ -231,12 +292,21 @@ def _report_markdown(table: pl.DataFrame, mults: pl.DataFrame, model: ProxyConfi
         "log-interpolated; 'extrap.' = outside the random curve).",
         "",
         markdown_table(table, float_digits=4),
+        "",
+        "Reference, a unigram model of the pool (add-one smoothed): "
+        + ", ".join(f"{r['task']} {r['loss']:.3f}" for r in unigram.to_dicts()
+                    if r["task"] != POOL_ENTROPY)
+        + f"; the pool's unigram entropy is {_entropy(unigram):.3f} nats/token.",
     ]
     return "\n".join(lines) + "\n"
 
 
+def _entropy(unigram: pl.DataFrame) -> float:
+    return float(unigram.filter(pl.col("task") == POOL_ENTROPY)["loss"][0])
+
+
 def _record_rows(db: LineageDB, writer: AssetWriter, run_id: str, results: pl.DataFrame,
-                 mults: pl.DataFrame, selections: dict[str, Upstream]) -> None:
+                 mults: pl.DataFrame, unigram: pl.DataFrame, selections: dict[str, Upstream]) -> None:
     selection_ids = {m: up.manifest["config_hash"] for m, up in selections.items()}
     loss_rows = results.select(
         pl.col("method"), pl.col("budget"), pl.col("seed").cast(pl.Int64), pl.col("task"),
@@ -250,7 +320,12 @@ def _record_rows(db: LineageDB, writer: AssetWriter, run_id: str, results: pl.Da
             selection_ids, default=None)).otherwise(None).alias("selection_id"),
         pl.Series("method", [m if b == 1.0 else f"{m}@{b:g}x" for m, b in
                              zip(rows["method"].to_list(), rows["budget"].to_list(), strict=True)]))
-    _replace_evaluations(db, writer, run_id, rows)
+    reference = unigram.select(
+        pl.lit("unigram").alias("method"), pl.lit(None, pl.Float64).alias("budget"),
+        pl.lit(None, pl.Int64).alias("seed"), pl.col("task"),
+        pl.when(pl.col("task") == POOL_ENTROPY).then(pl.lit("entropy")).otherwise(pl.lit("loss"))
+        .alias("metric"), pl.col("loss").alias("value"), pl.lit(None, pl.String).alias("selection_id"))
+    _replace_evaluations(db, writer, run_id, pl.concat([rows, reference], how="diagonal_relaxed"))
 
 
 def _replace_evaluations(db: LineageDB, writer: AssetWriter, run_id: str, rows: pl.DataFrame) -> None:
@@ -314,24 +389,34 @@ def datamodel_lds(
         chosen = targets[[order[e] for e in columns["example_id"].to_list()]].to_arrow()
         target_ids, target_mask = to_tensors(chosen)
         subsets = proxy_subsets(pool.num_rows, config.num_models, fraction, config.seed)
+        column_ids = columns["example_id"].to_list()
+        precision = _precision(compute)
         measured = []
         for k, subset in enumerate(subsets):
-            file = f"runs/model-{k:02d}.json"
-            if writer.has(file):
-                losses = json.loads(writer.adopt(file, kind="run"))["losses"]
-            else:
+            # Keyed by subset, recipe, seed and targets: a new estimator (other tau) re-uses
+            # every LDS model.
+            model_config = recipe.model_copy(update={"seed": config.seed + k})
+            examples = pool.take(pa.array(subset))
+            key = model_result_key("lds_model", model_config, examples, corpus_up, targets_up,
+                                   precision)
+            path = writer.shared_path("lds_models", key)
+            data = writer.adopt_shared(path, kind="run")
+            result = json.loads(data) if data is not None else None
+            if result is not None and result.get("key") != key:
+                raise dg.Failure(f"{path} does not hold the result it is stored under; delete it")
+            if result is None or not set(column_ids) <= result["losses"].keys():
                 device = compute.setup()
-                index = torch.from_numpy(subset)
-                model, _ = train_evaluation_model(
-                    recipe.model_copy(update={"seed": config.seed + k}),
-                    pool.take(pa.array(subset)), device=device)
+                model, _ = train_evaluation_model(model_config, examples, device=device,
+                                                  bf16=precision == "bf16")
                 sums, counts = example_losses(model, target_ids, target_mask,
                                               batch_size=config.eval_batch_size, device=device)
-                losses = (sums / np.maximum(counts, 1)).tolist()
-                writer.write_bytes(file, json.dumps({"losses": losses, "examples": len(index)}).encode(),
-                                   kind="run")
+                result = {"key": key, "examples": len(subset), "losses": dict(zip(
+                    column_ids, (sums / np.maximum(counts, 1)).tolist(), strict=True))}
+                writer.write_shared(path, json.dumps(result).encode(), kind="run")
                 context.log.info(f"LDS model {k + 1}/{len(subsets)} done")
-            measured.append(losses)
+            else:
+                context.log.info(f"LDS model {k + 1}/{len(subsets)}: reusing {path}")
+            measured.append([result["losses"][e] for e in column_ids])
         scores = linear_datamodeling_score(tau, subsets, np.asarray(measured), columns["task"].to_list())
         writer.write_parquet("lds.parquet", scores.to_arrow(), kind="lds")
         manifest = writer.finish({"lds": scores.to_dicts(), "models": len(subsets), "fraction": fraction})

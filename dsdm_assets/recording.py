@@ -76,8 +76,11 @@ class AssetWriter:
     inputs: Sequence[tuple[str, str]]  # (uri, sha256) of everything it is made from
     code_version: str = "1"
     #: (name, artifact, rows, kind, adopted): adopted files were finished by an earlier,
-    #: interrupted attempt and taken over instead of recomputed
+    #: interrupted attempt (or, for shared files, by any earlier run) and taken over instead
+    #: of recomputed. A name is relative to `folder`, or a store path for a shared file.
     written: list[tuple[str, StoredArtifact, int | None, str, bool]] = field(default_factory=list)
+    shared: set[str] = field(default_factory=set)
+    """Names in `written` that are store paths outside `folder` (see `write_shared`)."""
 
     @property
     def crawl(self) -> str:
@@ -121,6 +124,29 @@ class AssetWriter:
         self.written.append((name, stored, rows, kind, True))
         return data
 
+    def shared_path(self, kind: str, key: str, suffix: str = ".json") -> str:
+        """Store path of a result shared by every materialisation whose work includes it:
+        ``<kind>/<crawl>/<key><suffix>``, ``key`` a fingerprint of all it depends on (e.g.
+        one evaluation model: its training examples, recipe, seed and targets)."""
+        return f"{kind}/{self.crawl}/{key}{suffix}"
+
+    def write_shared(self, path: str, data: bytes, kind: str) -> StoredArtifact:
+        """Write a shared result (see `shared_path`) and list it in this manifest."""
+        stored = self.store.write_bytes(path, data)
+        self.written.append((path, stored, None, kind, False))
+        self.shared.add(path)
+        return stored
+
+    def adopt_shared(self, path: str, kind: str) -> bytes | None:
+        """A shared result an earlier run made, listed in this manifest as adopted; None when
+        it does not exist yet."""
+        if not self.store.exists(path):
+            return None
+        data, stored = adopt_file(self.store, path)
+        self.written.append((path, stored, None, kind, True))
+        self.shared.add(path)
+        return data
+
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Write the manifest last (its presence marks the folder complete); record lineage."""
         manifest = {
@@ -129,7 +155,8 @@ class AssetWriter:
             "dsdm_version": __version__, "run_id": self.context.run.run_id,
             "inputs": [{"uri": u, "sha256": s} for u, s in self.inputs],
             "files": [
-                {"name": name, "path": f"{self.folder}/{name}", "uri": s.uri, "sha256": s.sha256,
+                {"name": name, "path": name if name in self.shared else f"{self.folder}/{name}",
+                 "uri": s.uri, "sha256": s.sha256,
                  "size_bytes": s.size_bytes, "rows": rows, "kind": kind, "adopted": adopted}
                 for name, s, rows, kind, adopted in self.written
             ],

@@ -17,6 +17,9 @@ from dsdm.evaluation import (
     spearman,
     target_losses,
     train_evaluation_model,
+    unigram_entropy,
+    unigram_log_probs,
+    unigram_losses,
 )
 from dsdm.proxy import causal_lm_loss
 from dsdm.tokenization import examples_table
@@ -132,3 +135,22 @@ def test_losses_are_token_means_over_the_scored_positions(trained_tiny, task_row
     assert tokens[HELDOUT_TEXT] > tokens[task] == int(mask.sum())
     with pytest.raises(ValueError, match="no target examples"):
         target_losses(trained_tiny.model, tasks, split="select")
+
+
+def test_unigram_model_against_hand_counts() -> None:
+    # vocabulary 4; pool tokens (real ones only): 0 0 1 2 | 0 1  -> counts 3, 2, 1, 0
+    pool = examples_table(["a", "b"], ["a", "b"], ["s", "s"], [[0, 0, 1, 2], [0, 1, 3, 3]],
+                          [4, 2], [1, 1])
+    log_p = unigram_log_probs(pool, 4)
+    expected = np.log(np.array([4, 3, 2, 1]) / 10)  # add-one smoothed
+    np.testing.assert_allclose(log_p.numpy(), expected)
+    assert unigram_entropy(log_p) == pytest.approx(-(np.exp(expected) * expected).sum())
+    # one eval row: tokens 2 1 0 3, continuation = the last two (score_from 2)
+    targets = examples_table(["t"], ["t"], ["x"], [[2, 1, 0, 3]], [4], [2])
+    targets = targets.append_column("task", pa.array(["qa"])).append_column("split", pa.array(["eval"]))
+    frame = unigram_losses(log_p, targets)
+    losses = dict(zip(frame["task"].to_list(), frame["loss"].to_list(), strict=True))
+    assert losses["qa"] == pytest.approx(-(expected[0] + expected[3]) / 2)
+    assert losses[HELDOUT_TEXT] == pytest.approx(-(expected[1] + expected[0] + expected[3]) / 3)
+    with pytest.raises(ValueError, match="vocab_size is 2"):  # real tokens reach id 2
+        unigram_log_probs(pool, 2)

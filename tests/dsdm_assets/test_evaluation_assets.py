@@ -2,6 +2,7 @@
 evaluated, results land in DuckDB and the report, and the baselines keep the contract."""
 
 import copy
+import math
 from pathlib import Path
 
 import dagster as dg
@@ -63,8 +64,15 @@ def test_evaluations_cover_every_method_and_task(evaluated) -> None:
     losses = con.execute("SELECT method, task, value FROM evaluations WHERE metric = 'loss'").fetchall()
     methods = {m for m, _, _ in losses}
     tasks = {t for _, t, _ in losses}
-    assert methods == {*SELECTION_ASSETS, "random@2x"}
+    assert methods == {*SELECTION_ASSETS, "random@2x", "unigram"}
     assert tasks == {"wiki_qa", "lambada_cloze", "tech_faq", "heldout_text"}
+    # the unigram reference: every task, plus the pool's entropy (below ln(vocab))
+    unigram = dict(con.execute("SELECT task, value FROM evaluations WHERE method = 'unigram' "
+                               "AND metric = 'loss'").fetchall())
+    assert set(unigram) == tasks
+    (entropy,) = con.execute("SELECT value FROM evaluations WHERE method = 'unigram' AND "
+                             "metric = 'entropy' AND task = 'pool_entropy'").fetchone()
+    assert 2 < entropy < math.log(1024)
     assert all(0 < v < 20 for _, _, v in losses)
     mults = con.execute("SELECT method, task, value FROM evaluations WHERE metric = 'multiplier'").fetchall()
     assert {m for m, _, _ in mults} == set(SELECTION_ASSETS) - {"random"}
@@ -76,6 +84,7 @@ def test_evaluations_cover_every_method_and_task(evaluated) -> None:
     assert linked == len(SELECTION_ASSETS)
     meta = _meta(result, "evaluations")
     assert "| selection |" in meta["report"] and "x wiki_qa" in meta["report"]
+    assert f"unigram entropy is {entropy:.3f}" in meta["report"]
     png = Path(meta["plot"].removeprefix("file://"))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -117,3 +126,36 @@ def test_unchanged_selections_are_reused_without_rescoring(evaluated, monkeypatc
     assert again.success
     for asset in SELECTION_ASSETS.values():
         assert _meta(again, asset)["reused"] is True, asset
+
+
+def test_a_new_estimator_retrains_only_dsdm_models(evaluated, monkeypatch) -> None:
+    """Changing only DsDm's estimator (lambda) re-trains DsDm's evaluation models; the
+    baselines', the random curve's and every LDS model's results are adopted by key."""
+    folder, first, instance, resources, config, assets = evaluated
+    trained: list[int] = []
+    original = evaluation.train_evaluation_model
+
+    def counting(model_config, examples, **kwargs):
+        trained.append(examples.num_rows)
+        return original(model_config, examples, **kwargs)
+
+    monkeypatch.setattr(evaluation, "train_evaluation_model", counting)
+    changed = copy.deepcopy(config)
+    changed["ops"]["datamodel_weights"] = {"config": {"lambda_relative": 0.5}}
+    names = {"datamodel_weights", "selected_subset", "evaluations", "datamodel_lds"}
+    again = dg.materialize([a for a in assets if a.key.to_user_string() in names],
+                           partition_key="small", instance=instance, resources=resources,
+                           run_config={"ops": {k: v for k, v in changed["ops"].items() if k in names}})
+    assert again.success
+    before, after = _meta(first, "selected_subset"), _meta(again, "selected_subset")
+    assert before["config_hash"] != after["config_hash"]
+    con = duckdb.connect(str(folder / "lineage.duckdb"), read_only=True)
+    runs = con.execute(
+        "SELECT asset, count(*) FILTER (WHERE NOT reused AND NOT coalesce(CAST(json_extract(extra, "
+        "'$.adopted') AS BOOLEAN), false)) AS made, count(*) FROM artifacts WHERE run_id = ? AND "
+        "json_extract_string(extra, '$.kind') = 'run' GROUP BY 1", [again.run_id]).fetchall()
+    made = {asset: (n_made, n) for asset, n_made, n in runs}
+    # one seed: DsDm's new selection is the only model trained; LDS re-uses all four
+    assert trained == [after["selected"]]
+    assert made["evaluations"] == (1, len(SELECTION_ASSETS) + 1)
+    assert made["datamodel_lds"] == (0, 4)
