@@ -9,8 +9,10 @@ token t given positions < t:
 
 Which parameters are featurised (the one place this is decided, `featurised_layers`): the
 weight of every `nn.Linear` in the model except the output embedding (LM head), which is
-included only with `include_lm_head=True`. Biases, norm gains and the input embedding are not
-featurised. Any other module owning a parameter of two or more dimensions (GPT-2's
+included only with `include_lm_head=True`, and the input embedding with
+`include_embeddings=True` (its weight [V, H] is treated as the linear map from one-hot tokens,
+gradient [H, V] = sum_t delta_t onehot(x_t)^T, so P_in x_t is a column of P_in). Biases and
+norm gains are not featurised. Any other module owning a parameter of two or more dimensions (GPT-2's
 `Conv1D`, convolutions, ...) raises `UnsupportedLayerError` rather than being skipped.
 
 Two featurisers implement one interface (`GradientFeaturizer`):
@@ -90,6 +92,8 @@ class FeatureConfig(BaseModel):
     """See k_out."""
     include_lm_head: bool = False
     """Also featurise the output embedding (LM head) weight."""
+    include_embeddings: bool = False
+    """Also featurise the input embedding weight (the model's `get_input_embeddings()`)."""
     batch_size: int = Field(16, gt=0)
     """Examples per forward/backward."""
     autocast_dtype: AutocastDtype = "float32"
@@ -109,15 +113,24 @@ class Features:
     """[N] float32 model outputs f(z)."""
 
 
-def featurised_layers(model: nn.Module, *, include_lm_head: bool) -> dict[str, nn.Linear]:
-    """The linear layers whose weights are featurised, by module name, in model order."""
+FeaturisedLayer = nn.Linear | nn.Embedding
+
+
+def featurised_layers(
+    model: nn.Module, *, include_lm_head: bool, include_embeddings: bool = False
+) -> dict[str, FeaturisedLayer]:
+    """The layers whose weights are featurised, by module name, in model order."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    layers: dict[str, nn.Linear] = {}
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    layers: dict[str, FeaturisedLayer] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             if module is not head or include_lm_head:
                 layers[name] = module
-        elif not isinstance(module, nn.Embedding):
+        elif isinstance(module, nn.Embedding):
+            if include_embeddings and module is embeddings:
+                layers[name] = module
+        else:
             for pname, p in module.named_parameters(recurse=False):
                 if p.ndim >= 2:
                     raise UnsupportedLayerError(
@@ -128,6 +141,15 @@ def featurised_layers(model: nn.Module, *, include_lm_head: bool) -> dict[str, n
     if not layers:
         raise UnsupportedLayerError("the model has no nn.Linear layer to featurise")
     return layers
+
+
+def layer_shape(layer: FeaturisedLayer) -> tuple[int, int]:
+    """(out, in) of the weight gradient as the projections see it: [out_features,
+    in_features] for a linear layer, [embedding_dim, num_embeddings] for an embedding (its
+    weight is stored transposed to that)."""
+    if isinstance(layer, nn.Embedding):
+        return layer.embedding_dim, layer.num_embeddings
+    return layer.out_features, layer.in_features
 
 
 def choose_layer_dims(
@@ -154,8 +176,9 @@ def layer_projections(
     model: nn.Module, config: FeatureConfig, *, device: torch.device | str = "cpu"
 ) -> list[LayerProjection]:
     """The seeded (P_out, P_in) pairs for every featurised layer of `model`, in model order."""
-    layers = featurised_layers(model, include_lm_head=config.include_lm_head)
-    shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
+    layers = featurised_layers(model, include_lm_head=config.include_lm_head,
+                               include_embeddings=config.include_embeddings)
+    shapes = {n: layer_shape(m) for n, m in layers.items()}
     if (config.k_out is None) != (config.k_in is None):
         raise ValueError("set both k_out and k_in, or neither (then target_dim is used)")
     sketched = config.sketch == "countsketch"
@@ -343,7 +366,8 @@ class GradientFeaturizer(ABC):
         device = torch.device(device)
         if self.autocast_dtype == "bfloat16" and device.type != "cuda":
             logger.warning("bfloat16 autocast on %s: supported, but meant for CUDA", device)
-        layers = featurised_layers(model, include_lm_head=self._includes_head(model))
+        layers = featurised_layers(model, include_lm_head=self._includes_head(model),
+                                   include_embeddings=self._includes_embeddings(model))
         names = [p.name for p in self.projections]
         if list(layers) != names:
             raise ValueError(f"projections are for layers {names}, model has {list(layers)}")
@@ -386,6 +410,12 @@ class GradientFeaturizer(ABC):
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         modules = dict(model.named_modules())
         return head is not None and any(modules.get(p.name) is head for p in self.projections)
+
+    def _includes_embeddings(self, model: nn.Module) -> bool:
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        modules = dict(model.named_modules())
+        return embeddings is not None and any(modules.get(p.name) is embeddings
+                                              for p in self.projections)
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager[None]:
         enabled = self.autocast_dtype == "bfloat16"
@@ -469,6 +499,7 @@ class FactoredFeaturizer(GradientFeaturizer):
         split = _body_and_head(model)
         head = model.get_output_embeddings() if split is not None else None
         head_proj = next((p for p in projs if layers[p.name] is head), None)
+        embed_proj = next((p for p in projs if isinstance(layers[p.name], nn.Embedding)), None)
 
         def make_hook(proj: LayerProjection):
             def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -490,7 +521,7 @@ class FactoredFeaturizer(GradientFeaturizer):
 
             return forward_hook
 
-        hooked = [p for p in projs if p is not head_proj]
+        hooked = [p for p in projs if p is not head_proj and p is not embed_proj]
         handles = [layers[p.name].register_forward_hook(make_hook(p)) for p in hooked]
         try:
             embed = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
@@ -505,8 +536,13 @@ class FactoredFeaturizer(GradientFeaturizer):
                                                         loss_mask)
             if head_feats is not None:
                 feats[head_proj.name] = head_feats
-            if hooked:
-                torch.autograd.grad(out, embed, grad_outputs=seed)
+            if hooked or embed_proj is not None:
+                (delta,) = torch.autograd.grad(out, embed, grad_outputs=seed)
+            if embed_proj is not None:
+                # x_t is onehot(token): P_in x_t is the token's column of P_in
+                x_emb = embed_proj.p_in.T[input_ids] * real
+                feats[embed_proj.name] = embed_proj.project_factors(
+                    delta.float() @ embed_proj.p_out.T, x_emb)
         finally:
             for h in handles:
                 h.remove()
@@ -621,7 +657,10 @@ class ExactFeaturizer(GradientFeaturizer):
             grads, (f, q) = vmap(grad(margin_one, has_aux=True), in_dims=(None, 0, 0, 0, 0))(
                 weights, input_ids, loss_mask, inputs["attention_mask"], inputs["position_ids"]
             )
-        per_layer = [grads[f"{p.name}.weight"] for p in projs]
+        # an embedding's gradient is stored [V, H]; the projections take [H, V] (`layer_shape`)
+        per_layer = [grads[f"{p.name}.weight"].transpose(1, 2)
+                     if isinstance(layers[p.name], nn.Embedding) else grads[f"{p.name}.weight"]
+                     for p in projs]
         if self.output == "factored":
             phi = torch.cat([p.project_gradient(g) for p, g in zip(projs, per_layer, strict=True)],
                             dim=1)

@@ -19,6 +19,7 @@ from dsdm.features import (
     featurised_layers,
     featurize,
     layer_projections,
+    layer_shape,
     margins_and_q,
     model_inputs,
 )
@@ -82,15 +83,17 @@ def test_sketched_factored_equals_sketched_exact(
     trained_tiny: TrainResult, batch: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
     model, (ids, mask) = trained_tiny.model, batch
-    config = FeatureConfig(target_dim=256, factor_dim=16, include_lm_head=True, seed=4)
+    config = FeatureConfig(target_dim=256, factor_dim=16, include_lm_head=True,
+                           include_embeddings=True, seed=4)
     fast = featurize(model, ids, mask, config)
     ref = featurize(model, ids, mask, config.model_copy(update={"method": "exact"}))
     assert fast.phi.shape == (12, 256)
     scale = ref.phi.abs().max()
     torch.testing.assert_close(fast.phi / scale, ref.phi / scale, rtol=0, atol=2e-5)
-    layers = featurised_layers(model, include_lm_head=True)
+    layers = featurised_layers(model, include_lm_head=True, include_embeddings=True)
+    assert isinstance(next(iter(layers.values())), torch.nn.Embedding)
     for proj in layer_projections(model, config):  # sides of <= 16 are kept exact
-        out_f, in_f = layers[proj.name].out_features, layers[proj.name].in_features
+        out_f, in_f = layer_shape(layers[proj.name])
         assert proj.p_out.shape[0] == min(16, out_f) and proj.p_in.shape[0] == min(16, in_f)
         if in_f <= 16:
             assert torch.equal(proj.p_in, torch.eye(in_f))
@@ -130,14 +133,17 @@ def test_exact_gradients_equal_single_example_backward(
 ) -> None:
     model, (ids, mask) = trained_tiny.model, batch
     ids, mask = ids[:4], mask[:4]
-    projs = layer_projections(model, FeatureConfig(target_dim=64, include_lm_head=True))
+    config = FeatureConfig(target_dim=64, include_lm_head=True, include_embeddings=True)
+    projs = layer_projections(model, config)
     per_example = ExactFeaturizer(projs, output="full", batch_size=4)(model, ids, mask).phi
-    layers = featurised_layers(model, include_lm_head=True)
+    layers = featurised_layers(model, include_lm_head=True, include_embeddings=True)
     for i in range(len(ids)):
         model.zero_grad(set_to_none=True)
         f, _ = margins_and_q(model(ids[i : i + 1]).logits, ids[i : i + 1], mask[i : i + 1])
         f.sum().backward()
-        loop = torch.cat([m.weight.grad.flatten() for m in layers.values()])
+        # the embedding's gradient in the projections' [H, V] orientation
+        loop = torch.cat([(m.weight.grad.T if isinstance(m, torch.nn.Embedding) else m.weight.grad)
+                          .flatten() for m in layers.values()])
         torch.testing.assert_close(per_example[i], loop, rtol=1e-4, atol=1e-5)
     model.zero_grad(set_to_none=True)
 
