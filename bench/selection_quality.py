@@ -1,12 +1,17 @@
 """The paper's comparison at small scale: DsDm vs random, DSIR, classifier and SemDeDup.
 
-    python bench/selection_quality.py                       # the bench crawl, all documents
-    python bench/selection_quality.py --docs 2000 --seeds 0 1   # a subset (every k-th document)
+    python bench/selection_quality.py                  # the standard configuration (hours)
+    python bench/selection_quality.py --docs 1200 --seeds 0 --lds-models 4 --name quick
+
+The standard configuration (docs/EVALUATION.md, "The bench"): every k-th document of the
+bench crawl, 5,200 documents of all ten sources (26k examples of 128 tokens), all five target
+tasks mixed, 20% budget, random at 1x, 2x and 4x, two seeds.
 
 Materialises every asset of the code location (ingest -> proxies -> datamodels -> the five
 selections -> evaluation models -> LDS) on one crawl with the run config built from the
-flags, in a store and DuckDB file under bench/out/selection_quality/<name>/ (re-runs with the
-same flags reuse finished assets). Writes bench/out/selection_quality-<name>.json (losses per
+flags, in a store and DuckDB file under bench/out/selection_quality/<name>/. Re-runs reuse
+every finished asset and every trained model whose inputs did not change: a run that changes
+only DsDm's settings trains only DsDm's evaluation models. Writes bench/out/selection_quality-<name>.json (losses per
 method x task with sd over seeds, multipliers, LDS, wall time per asset) and the report PNG
 beside it, and prints the JSON. The bench crawl is built by `make bench-corpus`.
 """
@@ -39,6 +44,7 @@ from resources import (  # noqa: E402
 OUT = REPO / "bench" / "out"
 ASSETS = dg.load_assets_from_modules([ingest, datamodels, selection, evaluation])
 ASSET_NAMES = {key.to_user_string() for a in ASSETS for key in a.keys}
+BENCH_TASKS = ("wiki_qa", "lambada_cloze", "tech_faq", "mixed_cloze", "mixed_continuation")
 
 
 def subset_crawl(source: Path, docs: int | None, folder: Path) -> Path:
@@ -62,17 +68,22 @@ def subset_crawl(source: Path, docs: int | None, folder: Path) -> Path:
 def run_config(args: argparse.Namespace) -> dict:
     proxy = {"hidden_size": args.proxy_hidden, "num_layers": args.proxy_layers, "num_heads": 4,
              "epochs": args.proxy_epochs}
+    features = {"target_dim": args.target_dim, "sketch": args.sketch, "factor_dim": args.factor_dim,
+                "include_lm_head": args.lm_head, "include_embeddings": args.embeddings}
     evaluation = {"hidden_size": args.eval_hidden, "num_layers": args.eval_layers, "num_heads": 4,
                   "epochs": args.eval_epochs}
     return {"ops": {
         "tokenizer": {"config": {"vocab_size": args.vocab}},
+        "target_tasks": {"config": {"tasks": args.tasks_list}},
         "proxy_checkpoints": {"config": {"num_proxies": args.proxies, "model": proxy}},
         # gradient features of candidates and targets must share the projection
-        **{asset: {"config": {"target_dim": args.target_dim}}
+        **{asset: {"config": features}
            for asset in ("gradient_shards", "target_gradients") if asset in ASSET_NAMES},
         "datamodel_weights": {"config": {"lambda_relative": args.lambda_relative}},
+        "selected_subset": {"config": {"fraction": args.fraction,
+                                       "standardise_tasks": args.standardise}},
         **{asset: {"config": {"fraction": args.fraction}} for asset in (
-            "selected_subset", "random_subset", "dsir_subset", "classifier_subset", "semdedup_subset")},
+            "random_subset", "dsir_subset", "classifier_subset", "semdedup_subset")},
         "evaluations": {"config": {"seeds": args.seeds, "random_multiples": args.multiples,
                                    "model": evaluation}},
         "datamodel_lds": {"config": {"num_models": args.lds_models}},
@@ -83,7 +94,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--crawl", type=Path, default=REPO / ".dsdm" / "bench" / "crawls" / "bench")
     parser.add_argument("--tasks", type=Path, default=REPO / ".dsdm" / "bench" / "tasks")
-    parser.add_argument("--docs", type=int, default=None, help="every k-th document, N in all")
+    parser.add_argument("--docs", type=int, default=5200, help="every k-th document, N in all "
+                        "(0: the whole crawl)")
+    parser.add_argument("--tasks-list", nargs="+", default=list(BENCH_TASKS),
+                        help="target tasks, mixed in one selection")
     parser.add_argument("--name", default=None, help="run name (default: bench-<docs>)")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--proxies", type=int, default=2)
@@ -91,6 +105,12 @@ def main() -> None:
     parser.add_argument("--proxy-layers", type=int, default=2)
     parser.add_argument("--proxy-epochs", type=int, default=1)
     parser.add_argument("--target-dim", type=int, default=2048)
+    parser.add_argument("--sketch", choices=("countsketch", "none"), default="countsketch")
+    parser.add_argument("--factor-dim", type=int, default=128)
+    parser.add_argument("--lm-head", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--standardise", action=argparse.BooleanOptionalAction, default=True,
+                        help="standardise each task's scores before mixing (selected_subset)")
     parser.add_argument("--lambda-relative", type=float, default=0.01)
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument("--eval-hidden", type=int, default=160)
@@ -99,10 +119,11 @@ def main() -> None:
                         help="passes over each selection (random at kx the budget: k x the steps)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--multiples", type=float, nargs="+", default=[2.0, 4.0])
-    parser.add_argument("--lds-models", type=int, default=8)
+    parser.add_argument("--lds-models", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
 
+    args.docs = args.docs or None
     name = args.name or f"bench-{args.docs or 'all'}"
     folder = OUT / "selection_quality" / name
     crawl = subset_crawl(args.crawl, args.docs, folder / "crawls" / name)
@@ -133,6 +154,8 @@ def summary(result, folder: Path, name: str, args: argparse.Namespace, wall: flo
                         "WHERE metric = 'multiplier' AND crawl = ? ORDER BY 2, 1", [name]).fetchall()
     lds = con.execute("SELECT task, metric, value FROM evaluations "
                       "WHERE metric LIKE 'lds%' AND crawl = ? ORDER BY 1, 2", [name]).fetchall()
+    unigram = con.execute("SELECT task, metric, value FROM evaluations WHERE method = 'unigram' "
+                          "AND crawl = ? ORDER BY 1", [name]).fetchall()
     meta = {}
     for event in result.get_asset_materialization_events():
         materialization = event.step_materialization_data.materialization
@@ -154,6 +177,8 @@ def summary(result, folder: Path, name: str, args: argparse.Namespace, wall: flo
                  for m, t, v, s, n in losses],
         "multiplier": [{"method": m, "task": t, "value": round(v, 3)} for m, t, v in mults],
         "lds": [{"task": t, "metric": k, "value": round(v, 3)} for t, k, v in lds],
+        "unigram": [{"task": t, "metric": k, "value": round(v, 4)} for t, k, v in unigram],
+        "run_config": run_config(args),
         "report_markdown": meta["evaluations"]["report"],
         "wall_s": round(wall, 1), "step_seconds": durations,
         "plot": str(plot.relative_to(REPO)),

@@ -1,0 +1,549 @@
+"""What makes the datamodels predict: one estimator lever at a time, measured by LDS.
+
+    python -m bench.levers prepare --docs 4800            # pool + targets of the bench crawl
+    python -m bench.levers proxies --num 8                 # proxies (with checkpoints), cached
+    python -m bench.levers lds-models --num 32             # models on random halves, cached
+    python -m bench.levers features --proxies 8 --target-dim 4096 --sketch countsketch
+    python -m bench.levers score --grid configs.json       # LDS + cross-task correlation
+
+Everything works on the engine directly (no Dagster), in a folder under bench/out/levers/
+(``--out``). Each stage caches its results under a name derived from its settings, so a
+lever costs only what it changes: a new lambda re-solves the kernel, a new projection
+re-featurises, a new proxy recipe retrains the proxies, and the LDS models (the measure) are
+trained once for the pool. LDS models use a fixed recipe (the default proxy's) whatever the
+proxy variant, so every variant is scored against the same measured losses.
+
+The LDS is computed on the select split's targets (the datamodel's columns); the eval split
+is never read here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file, save_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dsdm.evaluation import example_losses  # noqa: E402
+from dsdm.proxy import ProxyConfig, build_proxy, train_proxy  # noqa: E402
+
+DEFAULT_TASKS = ("wiki_qa", "lambada_cloze", "tech_faq")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --- the pool ------------------------------------------------------------------------------
+
+
+def prepare(args: argparse.Namespace) -> None:
+    """Pool windows and target rows, tokenised as the pipeline does, saved as tensors."""
+    from dsdm.ingest import ingest_crawl
+    from dsdm.tasks import read_tasks, tokenize_tasks
+    from dsdm.tokenization import TokenizerConfig, chunk_documents, to_tensors, train_bpe
+
+    out = Path(args.out)
+    crawl = out / "crawl"
+    rows = []
+    for path in sorted(Path(args.crawl).glob("*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            rows.extend(handle.readlines())
+    if args.docs and args.docs < len(rows):
+        step = len(rows) / args.docs
+        rows = [rows[int(i * step)] for i in range(args.docs)]
+    crawl.mkdir(parents=True, exist_ok=True)
+    with gzip.open(crawl / "part-00000.jsonl.gz", "wt", encoding="utf-8") as handle:
+        handle.writelines(rows)
+    docs = ingest_crawl(str(crawl)).documents
+    tokenizer = train_bpe(docs["text"].to_list(), TokenizerConfig(vocab_size=args.vocab))
+    (out / "tokenizer.json").write_text(tokenizer.to_str())
+    table, stats = chunk_documents(tokenizer, docs["doc_id"].to_list(), docs["text"].to_list(),
+                                   docs["source"].to_list(), args.seq_len, min_tokens=16)
+    ids, mask = to_tensors(table)
+    n_tokens = torch.from_numpy(table.column("n_tokens").to_numpy().astype(np.int64))
+    save_file({"input_ids": ids.to(torch.int32), "loss_mask": mask, "n_tokens": n_tokens},
+              str(out / "pool.safetensors"))
+    pl.DataFrame({"example_id": table.column("example_id").to_pylist(),
+                  "doc_id": table.column("doc_id").to_pylist(),
+                  "source": table.column("source").to_pylist()}).write_parquet(out / "pool.parquet")
+    frame = read_tasks(str(args.tasks), args.task_names)
+    targets, _ = tokenize_tasks(tokenizer, frame, args.seq_len)
+    pq.write_table(targets, out / "targets_table.parquet")
+    t_ids, t_mask = to_tensors(targets)
+    t_tokens = torch.from_numpy(targets.column("n_tokens").to_numpy().astype(np.int64))
+    save_file({"input_ids": t_ids.to(torch.int32), "loss_mask": t_mask, "n_tokens": t_tokens},
+              str(out / "targets.safetensors"))
+    pl.DataFrame({"example_id": targets.column("example_id").to_pylist(),
+                  "task": targets.column("task").to_pylist(),
+                  "split": targets.column("split").to_pylist()}).write_parquet(out / "targets.parquet")
+    sources = pl.read_parquet(out / "pool.parquet")["source"].value_counts().sort("source")
+    log(f"pool: {table.num_rows} examples from {len(rows)} documents ({stats}); "
+        f"sources {dict(sources.iter_rows())}; targets {targets.num_rows}")
+
+
+class Data:
+    """The prepared pool and targets (tensors + id tables)."""
+
+    def __init__(self, out: Path) -> None:
+        pool = load_file(str(out / "pool.safetensors"))
+        self.ids = pool["input_ids"].long()
+        self.mask = pool["loss_mask"]
+        self.n_tokens = pool["n_tokens"]
+        self.attention = torch.arange(self.ids.shape[1])[None, :] < self.n_tokens[:, None]
+        self.pool = pl.read_parquet(out / "pool.parquet")
+        targets = load_file(str(out / "targets.safetensors"))
+        self.targets = pl.read_parquet(out / "targets.parquet")
+        select = torch.from_numpy((self.targets["split"] == "select").to_numpy())
+        self.t_ids = targets["input_ids"].long()[select]
+        self.t_mask = targets["loss_mask"][select]
+        self.t_attention = (torch.arange(self.t_ids.shape[1])[None, :]
+                            < targets["n_tokens"][select][:, None])
+        self.t_tasks = np.asarray(self.targets.filter(pl.Series(select.numpy()))["task"].to_list())
+        from tokenizers import Tokenizer
+
+        self.vocab = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size()
+        self.seq_len = self.ids.shape[1]
+
+    @property
+    def n(self) -> int:
+        return self.ids.shape[0]
+
+
+# --- trained models ------------------------------------------------------------------------
+
+
+def recipe(args: argparse.Namespace, data: Data) -> ProxyConfig:
+    return ProxyConfig(vocab_size=data.vocab, seq_len=data.seq_len, hidden_size=args.hidden,
+                       num_layers=args.layers, num_heads=4, epochs=args.epochs)
+
+
+def subsets(n: int, count: int, fraction: float, seed: int) -> list[np.ndarray]:
+    from dsdm.datamodels import proxy_subsets
+
+    return proxy_subsets(n, count, fraction, seed)
+
+
+def proxies(args: argparse.Namespace) -> None:
+    """M proxies on seeded random halves (as `proxy_checkpoints`), checkpoints along training."""
+    out, data = Path(args.out), Data(Path(args.out))
+    base = recipe(args, data)
+    folder = out / "proxies" / digest(base.to_dict())
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(base.to_dict(), indent=2))
+    for m, subset in enumerate(subsets(data.n, args.num, 0.5, base.seed)):
+        done = folder / f"proxy-{m:02d}.json"
+        if done.exists():
+            continue
+        config = base.model_copy(update={"seed": base.seed + m})
+        total = config.epochs * -(-len(subset) // config.batch_size)
+        steps = sorted({max(1, round(total * c / args.checkpoints)) for c in range(1, args.checkpoints + 1)})
+        start = time.perf_counter()
+        index = torch.from_numpy(subset)
+        result = train_proxy(config, data.ids[index], data.mask[index], log_every=10_000,
+                             checkpoint_steps=steps)
+        for step, state in result.checkpoints.items():
+            save_file({k: v.contiguous() for k, v in state.items()},
+                      str(folder / f"proxy-{m:02d}-step-{step:05d}.safetensors"))
+        done.write_text(json.dumps({"steps": steps, "losses": result.losses[::10],
+                                    "seconds": time.perf_counter() - start}))
+        log(f"proxy {m}: {total} steps, loss {np.mean(result.losses[:20]):.3f} -> "
+            f"{np.mean(result.losses[-20:]):.3f}, {time.perf_counter() - start:.0f}s")
+    log(f"proxies in {folder}")
+
+
+def lds_models(args: argparse.Namespace) -> None:
+    """Models of a fixed recipe on seeded random halves; per-target select-split losses.
+
+    Also `--repeats` extra models on subset 0 with other seeds: the training noise that
+    bounds any per-target LDS.
+    """
+    out, data = Path(args.out), Data(Path(args.out))
+    base = recipe(args, data)
+    folder = out / "lds" / digest({**base.to_dict(), "fraction": args.fraction})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({**base.to_dict(), "fraction": args.fraction}))
+    plan = [(k, subset, 1000 + k) for k, subset in
+            enumerate(subsets(data.n, args.num, args.fraction, 1000))]
+    first = plan[0][1]
+    plan += [(f"repeat-{r}", first, 5000 + r) for r in range(args.repeats)]
+    for key, subset, seed in plan:
+        name = folder / (f"model-{key:03d}.json" if isinstance(key, int) else f"{key}.json")
+        if name.exists():
+            continue
+        start = time.perf_counter()
+        index = torch.from_numpy(subset)
+        result = train_proxy(base.model_copy(update={"seed": seed}), data.ids[index],
+                             data.mask[index], log_every=10_000)
+        sums, counts = example_losses(result.model, data.t_ids, data.t_mask)
+        name.write_text(json.dumps({"seed": seed, "subset_seed": 1000, "losses":
+                                    (sums / np.maximum(counts, 1)).tolist()}))
+        log(f"LDS model {key}: {time.perf_counter() - start:.0f}s")
+    log(f"LDS models in {folder}")
+
+
+# --- features ------------------------------------------------------------------------------
+
+
+def proxy_folder(args: argparse.Namespace, data: Data) -> Path:
+    folder = Path(args.out) / "proxies" / digest(recipe(args, data).to_dict())
+    if not folder.exists():
+        raise SystemExit(f"no proxies for this recipe in {folder}; run `proxies` first")
+    return folder
+
+
+def checkpoint_files(folder: Path, m: int, which: str) -> list[Path]:
+    files = sorted(folder.glob(f"proxy-{m:02d}-step-*.safetensors"))
+    if not files:
+        raise SystemExit(f"proxy {m} has no checkpoints in {folder}")
+    return files if which == "all" else files[-1:]
+
+
+def feature_config(args: argparse.Namespace):
+    from dsdm.features import FeatureConfig
+
+    return FeatureConfig(target_dim=args.target_dim, sketch=args.sketch,
+                         factor_dim=args.factor_dim, include_lm_head=args.lm_head,
+                         include_embeddings=args.embeddings,
+                         batch_size=args.batch_size)
+
+
+def features(args: argparse.Namespace) -> None:
+    """phi and q of the pool and the select-split targets under each proxy checkpoint."""
+    from dsdm.features import featurize
+
+    out, data = Path(args.out), Data(Path(args.out))
+    folder = proxy_folder(args, data)
+    config = feature_config(args)
+    base = json.loads((folder / "config.json").read_text())
+    feats = out / "features" / f"{folder.name}-{digest(config.model_dump())}"
+    feats.mkdir(parents=True, exist_ok=True)
+    (feats / "config.json").write_text(json.dumps(config.model_dump(), indent=2))
+    for m in range(args.proxies):
+        for ckpt in checkpoint_files(folder, m, args.checkpoints):
+            target = feats / ckpt.name
+            if target.exists():
+                continue
+            model = build_proxy(ProxyConfig.model_validate({**base, "seed": base["seed"] + m}))
+            model.load_state_dict(load_file(str(ckpt)), strict=True)
+            per_proxy = config.model_copy(update={"seed": config.seed + m})
+            start = time.perf_counter()
+            pool = featurize(model, data.ids, data.mask, per_proxy, attention_mask=data.attention)
+            seconds = time.perf_counter() - start
+            targ = featurize(model, data.t_ids, data.t_mask, per_proxy,
+                             attention_mask=data.t_attention)
+            save_file({"phi": pool.phi.contiguous(), "q": pool.q.contiguous(),
+                       "target_phi": targ.phi.contiguous(), "target_q": targ.q.contiguous()},
+                      str(target), metadata={"pool_seconds": f"{seconds:.1f}"})
+            log(f"features {feats.name}/{ckpt.name}: {data.n / seconds:.0f} examples/s")
+    log(f"features in {feats}")
+
+
+# --- scoring and LDS ---------------------------------------------------------------------
+
+
+def spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman per column of a [K, T] and b [K, T] (ties are rare in float losses)."""
+    ra = np.argsort(np.argsort(a, axis=0), axis=0).astype(np.float64)
+    rb = np.argsort(np.argsort(b, axis=0), axis=0).astype(np.float64)
+    ra -= ra.mean(0)
+    rb -= rb.mean(0)
+    return (ra * rb).sum(0) / np.sqrt((ra * ra).sum(0) * (rb * rb).sum(0))
+
+
+def measured_losses(args: argparse.Namespace, data: Data) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Subset indicator [K, N], measured select-target losses [K, T] and the seed-noise check."""
+    lds = Path(args.out) / "lds"
+    (folder,) = [f for f in lds.iterdir() if f.is_dir()] if args.lds is None else [lds / args.lds]
+    files = sorted(folder.glob("model-*.json"))
+    fraction = json.loads((folder / "config.json").read_text())["fraction"]
+    subsets_ = subsets(data.n, len(files), fraction, 1000)
+    indicator = np.zeros((len(files), data.n), dtype=np.float64)
+    for k, subset in enumerate(subsets_):
+        indicator[k, subset] = 1.0
+    losses = np.array([json.loads(f.read_text())["losses"] for f in files])
+    repeats = [json.loads(f.read_text())["losses"] for f in sorted(folder.glob("repeat-*.json"))]
+    noise = {}
+    if repeats:
+        same = np.array([losses[0], *repeats])
+        noise = {"seed_sd_per_target": float(same.std(0, ddof=1).mean()),
+                 "subset_sd_per_target": float(losses.std(0, ddof=1).mean())}
+    return indicator, losses, noise
+
+
+class FeatureFile:
+    """One proxy checkpoint's features, with its kernel's eigendecomposition cached on disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tensors = load_file(str(path))
+
+    def phi(self, norm: str) -> torch.Tensor:
+        phi = self.tensors["phi"].double()
+        if norm == "unit":
+            phi = phi / phi.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        return phi
+
+    def eigh(self, norm: str) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.path.with_suffix(f".eigh-{norm}.safetensors")
+        if cache.exists():
+            t = load_file(str(cache))
+            return t["values"], t["vectors"]
+        phi = self.phi(norm)
+        values, vectors = torch.linalg.eigh(phi.T @ phi)
+        save_file({"values": values.contiguous(), "vectors": vectors.contiguous()}, str(cache))
+        return values, vectors
+
+
+def variant_tau_parts(variant: dict, files: list[FeatureFile], indicator: np.ndarray,
+                      data: Data) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted LDS sums [K, T], task-mean scores [N, tasks]) for one estimator variant.
+
+    tau = mean_m(Phi_m K_m^-1 G_m^T) * mean_m(q_m); the subset sums are formed as
+    (I diag(q) Phi_m) K_m^-1 G_m^T, so the [N, T] matrix is never built.
+    """
+    norm, lam_rel = variant.get("phi_norm", "none"), variant.get("lam", 0.01)
+    q = torch.stack([f.tensors["q"].double() for f in files]).mean(0)
+    if not variant.get("q", True):
+        q = torch.ones_like(q)
+    ind = torch.from_numpy(indicator) * q[None, :]
+    task_names = sorted(set(data.t_tasks.tolist()))
+    onehot = torch.tensor(np.stack([data.t_tasks == t for t in task_names], 1), dtype=torch.float64)
+    onehot /= onehot.sum(0, keepdim=True)
+    sums, task_scores = 0.0, 0.0
+    for f in files:
+        g = f.tensors["target_phi"].double()
+        if variant.get("common") == "subtract_mean":
+            g = g - g.mean(0, keepdim=True)
+        if variant.get("target_norm") == "unit":
+            g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        phi = f.phi(norm)
+        if lam_rel == "inf":  # no kernel: plain gradient inner products (LESS-style)
+            weights = g.T
+        else:
+            values, vectors = f.eigh(norm)
+            lam = float(lam_rel) * float(values.sum()) / len(values)
+            weights = vectors @ ((vectors.T @ g.T) / (values.clamp_min(0) + lam)[:, None])
+        sums = sums + (ind @ phi) @ weights / len(files)
+        task_scores = task_scores + (phi @ (weights @ onehot)) / len(files)
+    return sums.numpy(), (task_scores * q[:, None]).numpy()
+
+
+def score(args: argparse.Namespace) -> None:
+    """LDS (per target and task level) and cross-task correlation of each variant."""
+    out, data = Path(args.out), Data(Path(args.out))
+    indicator, losses, noise = measured_losses(args, data)
+    log(f"{len(losses)} LDS models; training noise {noise}")
+    variants = json.loads(Path(args.grid).read_text())
+    results = []
+    task_names = sorted(set(data.t_tasks.tolist()))
+    for variant in variants:
+        start = time.perf_counter()
+        feats = out / "features" / variant["features"]
+        files = []
+        for m in range(variant.get("proxies", 8)):
+            paths = sorted(feats.glob(f"proxy-{m:02d}-step-*.safetensors"))
+            paths = [p for p in paths if ".eigh-" not in p.name]
+            files += [FeatureFile(p) for p in (paths if variant.get("checkpoints") == "all" else paths[-1:])]
+        sums, task_scores = variant_tau_parts(variant, files, indicator, data)
+        predicted = -sums
+        per_target = spearman_columns(predicted, losses)
+        report = {}
+        for name in task_names:
+            cols = data.t_tasks == name
+            level = spearman_columns(predicted[:, cols].mean(1, keepdims=True),
+                                     losses[:, cols].mean(1, keepdims=True))[0]
+            report[name] = {"lds": round(float(np.nanmean(per_target[cols])), 4),
+                            "task_level": round(float(level), 4)}
+        from bench.common import spearman
+
+        corr = {f"{a}~{b}": round(spearman(task_scores[:, i], task_scores[:, j]), 3)
+                for i, a in enumerate(task_names) for j, b in enumerate(task_names) if j > i}
+        row = {"variant": variant, "files": len(files), "lds_mean": round(float(np.nanmean(per_target)), 4),
+               "per_task": report, "cross_task_spearman": corr,
+               "seconds": round(time.perf_counter() - start, 1)}
+        results.append(row)
+        log(json.dumps(row))
+        np.save(out / f"task_scores-{digest(variant)}.npy", task_scores)
+    path = Path(args.result or out / f"score-{Path(args.grid).stem}.json")
+    path.write_text(json.dumps({"noise": noise, "lds_models": len(losses), "results": results}, indent=2))
+    log(f"wrote {path}")
+
+
+# --- evaluation models ----------------------------------------------------------------------
+
+
+def pool_texts(out: Path, data: Data) -> list[str]:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    rows = [r[:n] for r, n in zip(data.ids.tolist(), data.n_tokens.tolist(), strict=True)]
+    return tokenizer.decode_batch(rows)
+
+
+def selection_scores(args: argparse.Namespace, out: Path, data: Data, method: str) -> np.ndarray:
+    """[N] scores of a method (larger = kept first): random keys, DSIR, or a DsDm variant."""
+    from dsdm.baselines.base import PoolData
+    from dsdm.baselines.dsir import DsirSelection
+    from dsdm.baselines.random import uniform_keys
+    from dsdm.selection import combine_task_scores
+
+    if method == "random":
+        return uniform_keys(data.n, 0)
+    if method == "dsir":
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+        table = pq.read_table(out / "targets_table.parquet")
+        select = [i for i, s in enumerate(table.column("split").to_pylist()) if s == "select"]
+        rows = table.take(select)
+        ids = [r[:n] for r, n in zip(rows.column("input_ids").to_pylist(),
+                                     rows.column("n_tokens").to_pylist(), strict=True)]
+        return DsirSelection().scores(PoolData(pool_texts(out, data), tokenizer.decode_batch(ids)))
+    variant = json.loads(method)
+    task_scores = np.load(out / f"task_scores-{digest(variant)}.npy")
+    names = sorted(set(data.t_tasks.tolist()))
+    return combine_task_scores({t: task_scores[:, i] for i, t in enumerate(names)},
+                               standardise=variant.get("standardise", True))
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """Evaluation models (the bench's recipe) on each method's selection; eval-split losses."""
+    from dsdm.evaluation import target_losses
+    from dsdm.selection import select_top
+
+    out, data = Path(args.out), Data(Path(args.out))
+    targets = pq.read_table(out / "targets_table.parquet")
+    config = ProxyConfig(vocab_size=data.vocab, seq_len=data.seq_len, hidden_size=args.hidden,
+                         num_layers=args.layers, num_heads=4, epochs=args.epochs)
+    folder = out / "evaluations" / digest({**config.to_dict(), "fraction": args.fraction})
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = data.pool["example_id"].to_numpy()
+    for method in args.methods:
+        multiples = args.multiples if method == "random" else [1.0]
+        scores = selection_scores(args, out, data, method)
+        for multiple in multiples:
+            chosen = np.sort(select_top(scores, keys, fraction=args.fraction * multiple))
+            for seed in args.seeds:
+                name = folder / f"{digest([method, multiple, seed])}.json"
+                if name.exists():
+                    continue
+                start = time.perf_counter()
+                index = torch.from_numpy(chosen)
+                result = train_proxy(config.model_copy(update={"seed": seed}), data.ids[index],
+                                     data.mask[index], log_every=10_000)
+                losses = target_losses(result.model, targets)
+                sources = data.pool["source"].to_numpy()[chosen]
+                mix = dict(zip(*np.unique(sources, return_counts=True), strict=True))
+                name.write_text(json.dumps({
+                    "method": method, "multiple": multiple, "seed": seed,
+                    "losses": dict(zip(losses["task"].to_list(), losses["loss"].to_list(), strict=True)),
+                    "source_share": {k: round(int(v) / len(chosen), 4) for k, v in mix.items()},
+                    "seconds": round(time.perf_counter() - start, 1)}))
+                log(f"evaluated {method[:60]} x{multiple} seed {seed}: "
+                    f"{ {k: round(v, 3) for k, v in zip(losses['task'], losses['loss'], strict=True)} }")
+
+
+def report(args: argparse.Namespace) -> None:
+    """Loss per method x task (mean, sd over seeds) and multipliers against the random curve."""
+    from dsdm.evaluation import compute_multiplier
+
+    out = Path(args.out)
+    rows = [json.loads(f.read_text()) for f in sorted((out / "evaluations").glob("*/*.json"))]
+    frame = pl.DataFrame([{"method": r["method"], "multiple": r["multiple"], "seed": r["seed"],
+                           "task": t, "loss": v} for r in rows for t, v in r["losses"].items()])
+    summary = frame.group_by("method", "multiple", "task").agg(
+        pl.col("loss").mean().alias("mean"), pl.col("loss").std(ddof=0).alias("sd"),
+        pl.len().alias("seeds")).sort("task", "method", "multiple")
+    curve = summary.filter(pl.col("method") == "random").sort("multiple")
+    lines = []
+    for (method,), group in summary.filter(pl.col("multiple") == 1.0).group_by("method"):
+        cells = []
+        for row in group.sort("task").iter_rows(named=True):
+            points = curve.filter(pl.col("task") == row["task"])
+            mult = compute_multiplier(points["multiple"].to_list(), points["mean"].to_list(), row["mean"])
+            cells.append(f"{row['task']} {row['mean']:.3f}±{row['sd']:.3f} "
+                         f"({mult.value:.2f}x{'*' if mult.extrapolated else ''})")
+        lines.append(f"{method[:100]}\n    " + "\n    ".join(cells))
+    print("\n".join(sorted(lines)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(REPO / "bench" / "out" / "levers" / "bench-4800"))
+    parser.add_argument("--threads", type=int, default=2)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--crawl", default=str(REPO / ".dsdm" / "bench" / "crawls" / "bench"))
+    p.add_argument("--tasks", default=str(REPO / ".dsdm" / "bench" / "tasks"))
+    p.add_argument("--task-names", nargs="+", default=list(DEFAULT_TASKS))
+    p.add_argument("--docs", type=int, default=4800)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.set_defaults(func=prepare)
+    for name, func in (("proxies", proxies), ("lds-models", lds_models)):
+        p = sub.add_parser(name)
+        p.set_defaults(func=func)
+        p.add_argument("--num", type=int, default=8)
+        p.add_argument("--hidden", type=int, default=128)
+        p.add_argument("--layers", type=int, default=2)
+        p.add_argument("--epochs", type=int, default=1)
+        if name == "proxies":
+            p.add_argument("--checkpoints", type=int, default=4)
+        else:
+            p.add_argument("--fraction", type=float, default=0.5)
+            p.add_argument("--repeats", type=int, default=4)
+    p = sub.add_parser("features")
+    p.set_defaults(func=features)
+    p.add_argument("--proxies", type=int, default=8)
+    p.add_argument("--checkpoints", choices=("last", "all"), default="last")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--target-dim", type=int, default=4096)
+    p.add_argument("--sketch", choices=("countsketch", "none"), default="countsketch")
+    p.add_argument("--factor-dim", type=int, default=128)
+    p.add_argument("--lm-head", action="store_true")
+    p.add_argument("--embeddings", action="store_true")
+    p.add_argument("--batch-size", type=int, default=64)
+    p = sub.add_parser("score")
+    p.set_defaults(func=score)
+    p.add_argument("--grid", required=True, help="JSON list of variants")
+    p.add_argument("--lds", help="LDS model folder name (default: the only one)")
+    p.add_argument("--result", help="output JSON (default: <out>/score-<grid>.json)")
+    p = sub.add_parser("evaluate")
+    p.set_defaults(func=evaluate)
+    p.add_argument("--methods", nargs="+", required=True,
+                   help="random, dsir, or a DsDm variant as JSON (its scores from `score`)")
+    p.add_argument("--multiples", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--fraction", type=float, default=0.2)
+    p.add_argument("--hidden", type=int, default=160)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=3)
+    p = sub.add_parser("report")
+    p.set_defaults(func=report)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
