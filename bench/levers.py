@@ -176,10 +176,13 @@ def lds_models(args: argparse.Namespace) -> None:
     """
     out, data = Path(args.out), Data(Path(args.out))
     base = recipe(args, data)
-    folder = out / "lds" / digest({**base.to_dict(), "fraction": args.fraction})
+    settings = {**base.to_dict(), "fraction": args.fraction}
+    if args.fixed_seed:  # one seed for every subset: training noise common to all models
+        settings["fixed_seed"] = True
+    folder = out / "lds" / digest(settings)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({**base.to_dict(), "fraction": args.fraction}))
-    plan = [(k, subset, 1000 + k) for k, subset in
+    (folder / "config.json").write_text(json.dumps(settings))
+    plan = [(k, subset, 1000 if args.fixed_seed else 1000 + k) for k, subset in
             enumerate(subsets(data.n, args.num, args.fraction, 1000))]
     first = plan[0][1]
     plan += [(f"repeat-{r}", first, 5000 + r) for r in range(args.repeats)]
@@ -417,7 +420,8 @@ def selection_scores(args: argparse.Namespace, out: Path, data: Data, method: st
                                      rows.column("n_tokens").to_pylist(), strict=True)]
         return DsirSelection().scores(PoolData(pool_texts(out, data), tokenizer.decode_batch(ids)))
     variant = json.loads(method)
-    task_scores = np.load(out / f"task_scores-{digest(variant)}.npy")
+    scoring = {k: v for k, v in variant.items() if k != "standardise"}  # a selection-only key
+    task_scores = np.load(out / f"task_scores-{digest(scoring)}.npy")
     names = sorted(set(data.t_tasks.tolist()))
     return combine_task_scores({t: task_scores[:, i] for i, t in enumerate(names)},
                                standardise=variant.get("standardise", True))
@@ -510,6 +514,8 @@ def main() -> None:
         else:
             p.add_argument("--fraction", type=float, default=0.5)
             p.add_argument("--repeats", type=int, default=4)
+            p.add_argument("--fixed-seed", action="store_true",
+                           help="the same model seed for every subset")
     p = sub.add_parser("features")
     p.set_defaults(func=features)
     p.add_argument("--proxies", type=int, default=8)
