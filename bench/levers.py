@@ -223,7 +223,7 @@ def feature_config(args: argparse.Namespace):
 
     return FeatureConfig(target_dim=args.target_dim, sketch=args.sketch,
                          factor_dim=args.factor_dim, include_lm_head=args.lm_head,
-                         include_embeddings=args.embeddings,
+                         include_embeddings=args.embeddings, model_output=args.model_output,
                          batch_size=args.batch_size)
 
 
@@ -528,6 +528,7 @@ def main() -> None:
     p.add_argument("--factor-dim", type=int, default=128)
     p.add_argument("--lm-head", action="store_true")
     p.add_argument("--embeddings", action="store_true")
+    p.add_argument("--model-output", choices=("margin", "log_prob"), default="margin")
     p.add_argument("--batch-size", type=int, default=64)
     p = sub.add_parser("score")
     p.set_defaults(func=score)

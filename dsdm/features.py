@@ -7,6 +7,10 @@ token t given positions < t:
 - feature: phi(z) = P^T grad_W f(z), P a seeded random projection (`dsdm.projection`),
 - out-to-loss weight: q(z) = mean_t (1 - p_t)  (0 for an example with no scored token).
 
+With `model_output="log_prob"` the model output is instead f(z) = sum_t log p_t, whose gradient
+is sum_t (1 - p_t) grad log(p_t / (1 - p_t)): each token's margin gradient weighted by its
+own out-to-loss factor, which TRAK's per-example q only averages. q is then 1.
+
 Which parameters are featurised (the one place this is decided, `featurised_layers`): the
 weight of every `nn.Linear` in the model except the output embedding (LM head), which is
 included only with `include_lm_head=True`, and the input embedding with
@@ -57,6 +61,7 @@ from dsdm.projection import (
 logger = logging.getLogger(__name__)
 
 AutocastDtype = Literal["float32", "bfloat16"]
+ModelOutput = Literal["margin", "log_prob"]
 
 
 class UnsupportedLayerError(TypeError):
@@ -99,6 +104,10 @@ class FeatureConfig(BaseModel):
     autocast_dtype: AutocastDtype = "float32"
     """'bfloat16' runs the model under bf16 autocast (meant for CUDA); projections are
     accumulated in float32 either way."""
+    model_output: ModelOutput = "margin"
+    """The model output f whose gradient is phi: 'margin' (TRAK's sum of log(p / (1 - p)),
+    with q the mean out-to-loss weight) or 'log_prob' (sum of log p: the tokens' weights
+    inside the gradient, q = 1)."""
 
 
 @dataclass(frozen=True)
@@ -209,12 +218,14 @@ def make_sketch(projections: Sequence[LayerProjection], config: FeatureConfig,
 
 
 def margins_and_q(
-    logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor
+    logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+    model_output: ModelOutput = "margin",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """f [B] and q [B] from logits [B, L, V] (position t-1 predicts token t).
 
     log(p/(1-p)) = z_y - logsumexp_{j != y} z_j and 1 - p = exp(logsumexp_{j != y} z_j -
     logsumexp_j z_j): both stay finite for any logits, unlike log(p) - log1p(-p).
+    With model_output='log_prob', f is sum_t log p_t and q is 1.
     """
     z = logits[:, :-1].float()
     y = input_ids[:, 1:, None]
@@ -223,6 +234,9 @@ def margins_and_q(
     lse_all = z.logsumexp(-1)
     lse_other = z.scatter(-1, y, float("-inf")).logsumexp(-1)
     zero = torch.zeros_like(z_y)
+    if model_output == "log_prob":
+        f = torch.where(scored, z_y - lse_all, zero).sum(-1)
+        return f, torch.ones_like(f)
     f = torch.where(scored, z_y - lse_other, zero).sum(-1)
     one_minus_p = torch.where(scored, torch.exp(lse_other - lse_all), zero)
     q = one_minus_p.sum(-1) / scored.sum(-1).clamp_min(1).to(z.dtype)
@@ -309,6 +323,7 @@ class GradientFeaturizer(ABC):
         sketch: CountSketch | None = None,
         batch_size: int = 16,
         autocast_dtype: AutocastDtype = "float32",
+        model_output: ModelOutput = "margin",
     ) -> None:
         if not projections:
             raise ValueError("at least one layer projection is needed")
@@ -319,6 +334,7 @@ class GradientFeaturizer(ABC):
         self.sketch = sketch
         self.batch_size = batch_size
         self.autocast_dtype = autocast_dtype
+        self.model_output = model_output
 
     def __call__(
         self,
@@ -586,6 +602,8 @@ class FactoredFeaturizer(GradientFeaturizer):
                     z = nn.functional.linear(rows[sl], head.weight, head.bias)
                 z = z.float()
             margin[sl] = _margin_grad_(z, y[sl], scored[sl])
+            if self.model_output == "log_prob":  # d log p / d z = (1 - p) d margin / d z
+                z.mul_(torch.sigmoid(-margin[sl])[:, None])
             if head is None:
                 seed[sl] = z
                 continue
@@ -596,8 +614,12 @@ class FactoredFeaturizer(GradientFeaturizer):
                 x_proj[sl] = rows[sl].float() @ head_proj.p_in.T
         weight = scored.to(torch.float32).view(b, length)
         margin = margin.view(b, length)
-        f = (margin * weight).sum(1)
-        q = (torch.sigmoid(-margin) * weight).sum(1) / weight.sum(1).clamp_min(1)
+        if self.model_output == "log_prob":  # log p = -softplus(-margin)
+            f = (-nn.functional.softplus(-margin) * weight).sum(1)
+            q = torch.ones_like(f)
+        else:
+            f = (margin * weight).sum(1)
+            q = (torch.sigmoid(-margin) * weight).sum(1) / weight.sum(1).clamp_min(1)
         head_feats = None
         if head_proj is not None:
             head_feats = head_proj.project_factors(d_proj.view(b, length, -1),
@@ -623,9 +645,10 @@ class ExactFeaturizer(GradientFeaturizer):
         sketch: CountSketch | None = None,
         batch_size: int = 16,
         autocast_dtype: AutocastDtype = "float32",
+        model_output: ModelOutput = "margin",
     ) -> None:
         super().__init__(projections, sketch=sketch, batch_size=batch_size,
-                         autocast_dtype=autocast_dtype)
+                         autocast_dtype=autocast_dtype, model_output=model_output)
         if (output == "dense") != (dense is not None):
             raise ValueError("pass a DenseProjector exactly when output='dense'")
         if sketch is not None and output != "factored":
@@ -648,7 +671,7 @@ class ExactFeaturizer(GradientFeaturizer):
                             "position_ids": pos[None]},
                     strict=False,
                 ).logits
-            f, q = margins_and_q(logits, ids[None], scored[None])
+            f, q = margins_and_q(logits, ids[None], scored[None], self.model_output)
             return f[0], (f[0], q[0])
 
         # torch.func.grad ignores an outer no_grad for its own inputs; the no_grad only stops
@@ -701,4 +724,5 @@ def make_featurizer(
     projs = layer_projections(model, config, device=device)
     cls = FactoredFeaturizer if config.method == "factored" else ExactFeaturizer
     return cls(projs, sketch=make_sketch(projs, config, device=device),
-               batch_size=config.batch_size, autocast_dtype=config.autocast_dtype)
+               batch_size=config.batch_size, autocast_dtype=config.autocast_dtype,
+               model_output=config.model_output)

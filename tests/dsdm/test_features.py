@@ -79,17 +79,22 @@ def test_factored_inner_products_track_full_gradients(
     assert r_cos >= 0.8, f"cosine correlation {r_cos:.4f}"
 
 
+@pytest.mark.parametrize("model_output", ["margin", "log_prob"])
 def test_sketched_factored_equals_sketched_exact(
-    trained_tiny: TrainResult, batch: tuple[torch.Tensor, torch.Tensor]
+    trained_tiny: TrainResult, batch: tuple[torch.Tensor, torch.Tensor], model_output: str
 ) -> None:
     model, (ids, mask) = trained_tiny.model, batch
     config = FeatureConfig(target_dim=256, factor_dim=16, include_lm_head=True,
-                           include_embeddings=True, seed=4)
+                           include_embeddings=True, seed=4, model_output=model_output)
     fast = featurize(model, ids, mask, config)
     ref = featurize(model, ids, mask, config.model_copy(update={"method": "exact"}))
     assert fast.phi.shape == (12, 256)
     scale = ref.phi.abs().max()
     torch.testing.assert_close(fast.phi / scale, ref.phi / scale, rtol=0, atol=2e-5)
+    torch.testing.assert_close(fast.q, ref.q)
+    torch.testing.assert_close(fast.margin, ref.margin, rtol=1e-5, atol=1e-4)
+    if model_output == "log_prob":
+        assert torch.equal(fast.q, torch.ones(12)) and (fast.margin < 0).all()
     layers = featurised_layers(model, include_lm_head=True, include_embeddings=True)
     assert isinstance(next(iter(layers.values())), torch.nn.Embedding)
     for proj in layer_projections(model, config):  # sides of <= 16 are kept exact
@@ -126,6 +131,26 @@ def test_sketch_tracks_full_gradients_better_than_small_factors(
     assert sketched >= 0.99, f"countsketch cosine agreement {sketched:.4f}"
     # at most half the disagreement (1 - Pearson) of the small factors
     assert 1 - sketched < 0.5 * (1 - small), f"countsketch {sketched:.4f}, small factors {small:.4f}"
+
+
+def test_log_prob_output_is_the_gradient_of_the_summed_log_likelihood(
+    trained_tiny: TrainResult, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    model, (ids, mask) = trained_tiny.model, batch
+    ids, mask = ids[:3], mask[:3]
+    config = FeatureConfig(target_dim=64, include_lm_head=True, model_output="log_prob")
+    projs = layer_projections(model, config)
+    per_example = ExactFeaturizer(projs, output="full", batch_size=3,
+                                  model_output="log_prob")(model, ids, mask).phi
+    layers = featurised_layers(model, include_lm_head=True)
+    for i in range(len(ids)):
+        model.zero_grad(set_to_none=True)
+        logp = torch.log_softmax(model(ids[i : i + 1]).logits[:, :-1].float(), -1)
+        picked = logp.gather(-1, ids[i : i + 1, 1:, None]).squeeze(-1)
+        (picked * mask[i : i + 1, 1:]).sum().backward()
+        loop = torch.cat([m.weight.grad.flatten() for m in layers.values()])
+        torch.testing.assert_close(per_example[i], loop, rtol=1e-4, atol=1e-5)
+    model.zero_grad(set_to_none=True)
 
 
 def test_exact_gradients_equal_single_example_backward(
