@@ -1,6 +1,10 @@
 """Featurisation fans out over (proxy, shard) steps: run by the multiprocess executor, two at
 a time in separate processes, it writes feature files byte-identical to the in-process run's,
-and the datamodel weights downstream of them pass their checks."""
+and the datamodel weights downstream of them pass their checks.
+
+Both runs use one torch thread (DSDM_THREADS): matmul reductions split by thread count, so
+bit-for-bit equality holds only at an equal count, and an earlier test in this process may
+have changed the default."""
 
 import os
 import shutil
@@ -46,7 +50,8 @@ def runs(tmp_path_factory, small_crawl_root, fast_run_config):
     with pytest.MonkeyPatch.context() as env, dg.instance_for_test(temp_dir=str(folder / "home")) as instance:
         for key, value in {"DSDM_STORE": store, "DSDM_CRAWL_ROOT": small_crawl_root,
                            "DSDM_TASKS": REPO / "data" / "tasks",
-                           "DSDM_LINEAGE_DB": folder / "lineage.duckdb", "DSDM_DEVICE": "cpu"}.items():
+                           "DSDM_LINEAGE_DB": folder / "lineage.duckdb", "DSDM_DEVICE": "cpu",
+                           "DSDM_THREADS": 1}.items():
             env.setenv(key, str(value))
         env.delenv("DSDM_S3_ENDPOINT", raising=False)
         instance.add_dynamic_partitions(crawl_partitions.name, ["small"])
