@@ -129,6 +129,7 @@ def role_featurize(args: argparse.Namespace) -> dict:
     ids, mask = data["pool_ids"][:n], data["pool_mask"][:n]
     config = FeatureConfig(method="factored" if args.role == "fast" else "exact",
                            target_dim=args.dim, sketch=args.sketch, factor_dim=args.factor_dim,
+                           include_lm_head=args.lm_head, include_embeddings=args.embeddings,
                            batch_size=args.batch_size,
                            autocast_dtype="bfloat16" if args.bf16 else "float32")
     featurize(model, ids[: args.batch_size], mask[: args.batch_size], config)  # warm-up
@@ -152,7 +153,8 @@ def role_profile(args: argparse.Namespace) -> dict:
 
     data, model = _threads_and_load(args)
     ids, mask = data["pool_ids"][: args.examples], data["pool_mask"][: args.examples]
-    config = FeatureConfig(target_dim=args.dim, batch_size=args.batch_size)
+    config = FeatureConfig(target_dim=args.dim, include_lm_head=args.lm_head,
+                           include_embeddings=args.embeddings, batch_size=args.batch_size)
     featurize(model, ids[: args.batch_size], mask[: args.batch_size], config)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         wall = time.perf_counter()
@@ -176,7 +178,8 @@ def role_reference(args: argparse.Namespace) -> dict:
 
     data, model = _threads_and_load(args)
     c_ids, c_mask, t_ids, t_mask, t_attn = _scoring_set(data, args)
-    projs = layer_projections(model, FeatureConfig(target_dim=args.dim))
+    projs = layer_projections(model, FeatureConfig(target_dim=args.dim, include_lm_head=args.lm_head,
+                                                   include_embeddings=args.embeddings))
     full = ExactFeaturizer(projs, output="full", batch_size=args.batch_size)
     start = time.perf_counter()
     cand = full(model, c_ids, c_mask)
@@ -196,12 +199,14 @@ def role_traker(args: argparse.Namespace) -> dict:
 
     from bench.common import peak_rss_mb
     from bench.traker_output import CausalLMMargin, traker_batch
+    from dsdm import trak
     from dsdm.features import featurised_layers
 
     data, model = _threads_and_load(args)
     restricted = args.role == "traker_featurised"
-    grad_wrt = ([f"{n}.weight" for n in featurised_layers(model, include_lm_head=False)]
-                if restricted else None)
+    layers = featurised_layers(model, include_lm_head=args.lm_head,
+                               include_embeddings=args.embeddings)
+    grad_wrt = [f"{n}.weight" for n in layers] if restricted else None
     c_ids, c_mask, t_ids, t_mask, t_attn = _scoring_set(data, args)
     if not restricted:
         n = args.traker_batches * args.batch_size
@@ -228,8 +233,9 @@ def role_traker(args: argparse.Namespace) -> dict:
     if not restricted:
         return out
     phi = np.array(traker.saver.current_store["grads"], dtype=np.float32)
-    # The ridge dsdm uses (trak.default_lambda): 1% of the kernel's mean diagonal.
-    traker.score_computer.lambda_reg = 0.01 * float((phi.astype(np.float64) ** 2).sum()) / phi.shape[1]
+    # The ridge dsdm uses (trak.default_lambda): LAMBDA_RELATIVE x the kernel's mean diagonal.
+    mean_diagonal = float((phi.astype(np.float64) ** 2).sum()) / phi.shape[1]
+    traker.score_computer.lambda_reg = trak.LAMBDA_RELATIVE * mean_diagonal
     traker.finalize_features()
     traker.start_scoring_checkpoint("targets", model.state_dict(), model_id=0,
                                     num_targets=len(t_ids))
@@ -316,7 +322,7 @@ def quality(work: Path, dim: int) -> dict:
         # TRAK without projection, in its dual form: Phi (Phi^T Phi + lam I)^-1 G^T =
         # (Phi Phi^T + lam I)^-1 Phi G^T; lam is what trak.default_lambda gives a d-dim
         # projection of these gradients in expectation (projections preserve norms).
-        lam = 0.01 * np.trace(gram[:c, :c]) / dim
+        lam = trak.LAMBDA_RELATIVE * np.trace(gram[:c, :c]) / dim
         scores = np.linalg.solve(gram[:c, :c] + lam * np.eye(c), gram[:c, c:])
         reference_tau = scores * q[:, None]
         out["tau_spearman_vs_unprojected"] = {p: compare(t, reference_tau)
@@ -342,6 +348,10 @@ def main() -> None:
                    help="second projection stage of fast and exact (FeatureConfig.sketch)")
     p.add_argument("--factor-dim", type=int, default=128,
                    help="largest per-side Kronecker factor before the sketch")
+    p.add_argument("--lm-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="featurise the LM head (FeatureConfig.include_lm_head)")
+    p.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=True,
+                   help="featurise the input embedding (FeatureConfig.include_embeddings)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--examples", type=int, default=256, help="timed examples: fast and train")
     p.add_argument("--exact-examples", type=int, default=64, help="timed examples: exact")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
@@ -465,7 +466,9 @@ def evaluate(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    """Loss per method x task (mean, sd over seeds) and multipliers against the random curve."""
+    """Loss per method x task (mean, sd over seeds), multipliers against the random curve,
+    the unigram reference and the selections' source shares; printed, and as JSON with
+    --result."""
     from dsdm.evaluation import compute_multiplier
 
     out = Path(args.out)
@@ -476,16 +479,43 @@ def report(args: argparse.Namespace) -> None:
         pl.col("loss").mean().alias("mean"), pl.col("loss").std(ddof=0).alias("sd"),
         pl.len().alias("seeds")).sort("task", "method", "multiple")
     curve = summary.filter(pl.col("method") == "random").sort("multiple")
-    lines = []
-    for (method,), group in summary.filter(pl.col("multiple") == 1.0).group_by("method"):
-        cells = []
-        for row in group.sort("task").iter_rows(named=True):
-            points = curve.filter(pl.col("task") == row["task"])
-            mult = compute_multiplier(points["multiple"].to_list(), points["mean"].to_list(), row["mean"])
-            cells.append(f"{row['task']} {row['mean']:.3f}±{row['sd']:.3f} "
-                         f"({mult.value:.2f}x{'*' if mult.extrapolated else ''})")
-        lines.append(f"{method[:100]}\n    " + "\n    ".join(cells))
-    print("\n".join(sorted(lines)))
+    results = []
+    for row in summary.iter_rows(named=True):
+        points = curve.filter(pl.col("task") == row["task"])
+        mult = compute_multiplier(points["multiple"].to_list(), points["mean"].to_list(), row["mean"])
+        results.append({**row, "mean": round(row["mean"], 4), "sd": round(row["sd"], 4),
+                        "multiplier": round(mult.value, 3), "extrapolated": mult.extrapolated})
+    for (method,), group in pl.DataFrame(results).filter(pl.col("multiple") == 1.0).group_by("method"):
+        print(method[:100])
+        for r in group.sort("task").iter_rows(named=True):
+            print(f"    {r['task']} {r['mean']:.3f}±{r['sd']:.3f} "
+                  f"({r['multiplier']:.2f}x{'*' if r['extrapolated'] else ''})")
+    unigram = unigram_reference(out)
+    print(f"unigram: pool entropy {unigram['pool_entropy']:.3f}; eval loss {unigram['loss']}")
+    if args.result:
+        shares = {}
+        for r in rows:
+            if r["multiple"] == 1.0:
+                shares.setdefault(r["method"], r["source_share"])
+        seconds = {f"{r['method'][:100]} x{r['multiple']} seed {r['seed']}": r["seconds"] for r in rows}
+        Path(args.result).write_text(json.dumps({
+            "results": results, "unigram": unigram, "source_share_1x": shares,
+            "model_seconds": seconds}, indent=1))
+        print(f"wrote {args.result}")
+
+
+def unigram_reference(out: Path) -> dict:
+    """The pool's unigram entropy and the unigram model's eval-split loss per task: the
+    floor every evaluation model must be well below (docs/EVALUATION.md)."""
+    from dsdm.evaluation import unigram_entropy, unigram_log_probs, unigram_losses
+
+    data = Data(out)
+    pool = pa.table({"input_ids": data.ids.tolist(), "n_tokens": data.n_tokens.numpy(),
+                     "score_from": np.ones(data.n, dtype=np.int64)})
+    log_probs = unigram_log_probs(pool, data.vocab)
+    losses = unigram_losses(log_probs, pq.read_table(out / "targets_table.parquet"))
+    return {"pool_entropy": round(unigram_entropy(log_probs), 4),
+            "loss": {t: round(v, 4) for t, v in zip(losses["task"], losses["loss"], strict=True)}}
 
 
 def main() -> None:
@@ -547,6 +577,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p = sub.add_parser("report")
     p.set_defaults(func=report)
+    p.add_argument("--result", help="also write the report as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.func(args)

@@ -32,6 +32,8 @@ sys.path.insert(0, str(REPO))
 import dagster as dg  # noqa: E402
 import duckdb  # noqa: E402
 
+from dsdm.features import FeatureConfig  # noqa: E402
+from dsdm.trak import LAMBDA_RELATIVE  # noqa: E402
 from dsdm_assets import datamodels, evaluation, ingest, selection  # noqa: E402
 from dsdm_assets.partitions import crawl_partitions  # noqa: E402
 from resources import (  # noqa: E402
@@ -44,6 +46,7 @@ from resources import (  # noqa: E402
 OUT = REPO / "bench" / "out"
 ASSETS = dg.load_assets_from_modules([ingest, datamodels, selection, evaluation])
 ASSET_NAMES = {key.to_user_string() for a in ASSETS for key in a.keys}
+FEATURES = FeatureConfig()  # the pipeline's feature defaults
 BENCH_TASKS = ("wiki_qa", "lambada_cloze", "tech_faq", "mixed_cloze", "mixed_continuation")
 
 
@@ -100,18 +103,20 @@ def main() -> None:
                         help="target tasks, mixed in one selection")
     parser.add_argument("--name", default=None, help="run name (default: bench-<docs>)")
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--proxies", type=int, default=2)
+    parser.add_argument("--proxies", type=int, default=8)
     parser.add_argument("--proxy-hidden", type=int, default=128)
     parser.add_argument("--proxy-layers", type=int, default=2)
     parser.add_argument("--proxy-epochs", type=int, default=1)
-    parser.add_argument("--target-dim", type=int, default=2048)
+    parser.add_argument("--target-dim", type=int, default=FEATURES.target_dim)
     parser.add_argument("--sketch", choices=("countsketch", "none"), default="countsketch")
-    parser.add_argument("--factor-dim", type=int, default=128)
-    parser.add_argument("--lm-head", action=argparse.BooleanOptionalAction, default=False)
-    parser.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--factor-dim", type=int, default=FEATURES.factor_dim)
+    parser.add_argument("--lm-head", action=argparse.BooleanOptionalAction,
+                        default=FEATURES.include_lm_head)
+    parser.add_argument("--embeddings", action=argparse.BooleanOptionalAction,
+                        default=FEATURES.include_embeddings)
     parser.add_argument("--standardise", action=argparse.BooleanOptionalAction, default=True,
                         help="standardise each task's scores before mixing (selected_subset)")
-    parser.add_argument("--lambda-relative", type=float, default=0.01)
+    parser.add_argument("--lambda-relative", type=float, default=LAMBDA_RELATIVE)
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument("--eval-hidden", type=int, default=160)
     parser.add_argument("--eval-layers", type=int, default=3)

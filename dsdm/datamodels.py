@@ -71,7 +71,7 @@ def ensemble_scores(
     load_shard: Callable[[int, int], Features],
     num_shards: int,
     target_phi: Sequence[torch.Tensor],
-    lam_relative: float = 0.01,
+    lam_relative: float = trak.LAMBDA_RELATIVE,
 ) -> Iterator[torch.Tensor]:
     """Yields tau [rows of shard k, T] for k = 0..num_shards-1.
 

@@ -59,7 +59,13 @@ def kernel(phi_blocks: Iterable[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def default_lambda(k: torch.Tensor, relative: float = 0.01) -> float:
+LAMBDA_RELATIVE = 0.1
+"""Default ridge as a multiple of mean(diag(K)). 1e-3..0.1 score alike and 0.1 is a little
+the best once the LM head and embedding are featurised; from 1.0 up LDS falls
+(docs/EVALUATION.md, ablations)."""
+
+
+def default_lambda(k: torch.Tensor, relative: float = LAMBDA_RELATIVE) -> float:
     """lambda = relative x mean(diag(K)): scale-free, so a common rescaling of phi (e.g. the
     projection's normalisation) leaves the scores unchanged."""
     return relative * float(torch.diagonal(k).mean())

@@ -35,6 +35,7 @@ from dsdm.features import FeatureConfig, featurize
 from dsdm.proxy import ProxyConfig, load_proxy, proxy_to_bytes, train_proxy
 from dsdm.store import ArtifactStore, StoredArtifact
 from dsdm.tokenization import to_tensors
+from dsdm.trak import LAMBDA_RELATIVE
 from dsdm_assets.ingest import target_tasks, tokenized_corpus, tokenizer
 from dsdm_assets.partitions import crawl_partitions
 from dsdm_assets.recording import AssetWriter, Upstream, adopt_file, read_upstream
@@ -84,7 +85,7 @@ class ProxyModelConfig(dg.Config, ProxyConfig):
 class ProxyEnsembleConfig(dg.Config):
     """How many proxies, and on what share of the pool each is trained."""
 
-    num_proxies: int = Field(2, ge=1, le=64, description="Proxies in the ensemble (M).")
+    num_proxies: int = Field(4, ge=1, le=64, description="Proxies in the ensemble (M).")
     train_fraction: float = Field(
         0.5, gt=0, le=1, description="Share of the pool each proxy trains on (random, seeded)."
     )
@@ -99,7 +100,7 @@ class DatamodelConfig(dg.Config):
     """TRAK estimator settings."""
 
     lambda_relative: float = Field(
-        0.01, gt=0, description="Ridge lambda as a multiple of the kernel's mean diagonal."
+        LAMBDA_RELATIVE, gt=0, description="Ridge lambda as a multiple of the kernel's mean diagonal."
     )
 
 

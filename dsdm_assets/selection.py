@@ -74,7 +74,7 @@ class SelectionConfig(BudgetConfig):
         description="Task -> weight for mixing several target tasks; empty means equal weights.",
     )
     standardise_tasks: bool = Field(
-        False, description="Divide each task's scores by their spread over the pool before "
+        True, description="Divide each task's scores by their spread over the pool before "
         "mixing, so each task counts as its weight says (raw scores let the task whose loss "
         "moves most dominate).",
     )

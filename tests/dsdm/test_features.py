@@ -109,10 +109,12 @@ def test_sketch_tracks_full_gradients_better_than_small_factors(
 ) -> None:
     """At the same d, a wide Kronecker stage + CountSketch keeps inner products and cosines
     of the full per-example gradients better than per-layer factors summing to d. (The gap
-    grows with the layers' width: the tiny model's are 32 wide, the demo proxy's 128.)"""
+    grows with the layers' width: the tiny model's are 32 wide, the demo proxy's 128.) The
+    hidden layers only: the thresholds are for their D."""
     model = trained_tiny.model
     ids, mask = encode_bytes([d["text"] for d in demo_docs[100:140]], 64)
-    projs = layer_projections(model, FeatureConfig())
+    layers = {"include_lm_head": False, "include_embeddings": False}
+    projs = layer_projections(model, FeatureConfig(**layers))
     full = ExactFeaturizer(projs, output="full", batch_size=8)(model, ids, mask).phi.double()
     true = full @ full.T
     off = torch.triu_indices(len(ids), len(ids), offset=1)
@@ -124,13 +126,19 @@ def test_sketch_tracks_full_gradients_better_than_small_factors(
         cos_e = est / est.diagonal().sqrt()[:, None] / est.diagonal().sqrt()[None]
         return pearson(cos_t[off[0], off[1]], cos_e[off[0], off[1]])
 
-    sketched = cosine_agreement(FeatureConfig(target_dim=512, seed=1))
-    small = cosine_agreement(FeatureConfig(target_dim=512, sketch="none", seed=1))
+    sketched = cosine_agreement(FeatureConfig(target_dim=512, seed=1, **layers))
+    small = cosine_agreement(FeatureConfig(target_dim=512, sketch="none", seed=1, **layers))
     logger.info("cosine agreement at d=512 (D=%d): countsketch %.4f, small factors %.4f",
                 full.shape[1], sketched, small)
     assert sketched >= 0.99, f"countsketch cosine agreement {sketched:.4f}"
     # at most half the disagreement (1 - Pearson) of the small factors
     assert 1 - sketched < 0.5 * (1 - small), f"countsketch {sketched:.4f}, small factors {small:.4f}"
+
+
+def _flat_weight_grads(layers: dict[str, torch.nn.Module]) -> torch.Tensor:
+    """The layers' .grad concatenated, an embedding's in the projections' [H, V] orientation."""
+    return torch.cat([(m.weight.grad.T if isinstance(m, torch.nn.Embedding) else m.weight.grad)
+                      .flatten() for m in layers.values()])
 
 
 def test_log_prob_output_is_the_gradient_of_the_summed_log_likelihood(
@@ -142,13 +150,13 @@ def test_log_prob_output_is_the_gradient_of_the_summed_log_likelihood(
     projs = layer_projections(model, config)
     per_example = ExactFeaturizer(projs, output="full", batch_size=3,
                                   model_output="log_prob")(model, ids, mask).phi
-    layers = featurised_layers(model, include_lm_head=True)
+    layers = featurised_layers(model, include_lm_head=True, include_embeddings=True)
     for i in range(len(ids)):
         model.zero_grad(set_to_none=True)
         logp = torch.log_softmax(model(ids[i : i + 1]).logits[:, :-1].float(), -1)
         picked = logp.gather(-1, ids[i : i + 1, 1:, None]).squeeze(-1)
         (picked * mask[i : i + 1, 1:]).sum().backward()
-        loop = torch.cat([m.weight.grad.flatten() for m in layers.values()])
+        loop = _flat_weight_grads(layers)
         torch.testing.assert_close(per_example[i], loop, rtol=1e-4, atol=1e-5)
     model.zero_grad(set_to_none=True)
 
@@ -166,9 +174,7 @@ def test_exact_gradients_equal_single_example_backward(
         model.zero_grad(set_to_none=True)
         f, _ = margins_and_q(model(ids[i : i + 1]).logits, ids[i : i + 1], mask[i : i + 1])
         f.sum().backward()
-        # the embedding's gradient in the projections' [H, V] orientation
-        loop = torch.cat([(m.weight.grad.T if isinstance(m, torch.nn.Embedding) else m.weight.grad)
-                          .flatten() for m in layers.values()])
+        loop = _flat_weight_grads(layers)
         torch.testing.assert_close(per_example[i], loop, rtol=1e-4, atol=1e-5)
     model.zero_grad(set_to_none=True)
 
@@ -247,8 +253,9 @@ def test_factored_equals_exact_on_a_llama_model(demo_docs: list[dict], encode_by
         )).eval()
     ids, mask = encode_bytes([d["text"][: 30 + 3 * i] for i, d in enumerate(demo_docs[:9])], 64)
     attention = ids != PAD
-    projs = layer_projections(llama, FeatureConfig(target_dim=512, include_lm_head=True))
-    assert projs[-1].name == "lm_head" and len(projs) == 15
+    projs = layer_projections(llama, FeatureConfig(target_dim=512))
+    assert projs[0].name == "model.embed_tokens" and projs[-1].name == "lm_head"
+    assert len(projs) == 16
     fast = FactoredFeaturizer(projs, batch_size=4)(llama, ids, mask, attention_mask=attention)
     ref = ExactFeaturizer(projs, batch_size=3)(llama, ids, mask, attention_mask=attention)
     scale = ref.phi.abs().max()
