@@ -54,7 +54,8 @@ def test_kernel_tiles_cover_the_matrix(phi: tuple[torch.Tensor, torch.Tensor], m
 def test_regularised_inverse(phi: tuple[torch.Tensor, torch.Tensor]) -> None:
     k = trak.kernel([phi[0]])
     lam = trak.default_lambda(k)
-    assert lam == pytest.approx(0.01 * k.diagonal().mean().item())
+    assert lam == pytest.approx(trak.LAMBDA_RELATIVE * k.diagonal().mean().item())
+    assert trak.default_lambda(k, 0.5) == pytest.approx(0.5 * k.diagonal().mean().item())
     k_inv = trak.regularised_inverse(k)
     torch.testing.assert_close(k_inv @ (k + lam * torch.eye(16, dtype=k.dtype)),
                                torch.eye(16, dtype=k.dtype))
