@@ -51,6 +51,15 @@ EXTRA_ROLES = ("profile",)
 """Run only when named in --roles: a torch.profiler table of the fast path."""
 
 
+def _feature_config(args: argparse.Namespace, **overrides):
+    """The FeatureConfig the command line describes (every path featurises the same weights)."""
+    from dsdm.features import FeatureConfig
+
+    return FeatureConfig(target_dim=args.dim, sketch=args.sketch, factor_dim=args.factor_dim,
+                         include_lm_head=args.lm_head, include_embeddings=args.embeddings,
+                         batch_size=args.batch_size, **overrides)
+
+
 def _threads_and_load(args: argparse.Namespace):
     import torch
     from safetensors.torch import load_file
@@ -122,16 +131,13 @@ def role_featurize(args: argparse.Namespace) -> dict:
     import numpy as np
 
     from bench.common import peak_rss_mb
-    from dsdm.features import FeatureConfig, featurize
+    from dsdm.features import featurize
 
     data, model = _threads_and_load(args)
     n = args.examples if args.role == "fast" else args.exact_examples
     ids, mask = data["pool_ids"][:n], data["pool_mask"][:n]
-    config = FeatureConfig(method="factored" if args.role == "fast" else "exact",
-                           target_dim=args.dim, sketch=args.sketch, factor_dim=args.factor_dim,
-                           include_lm_head=args.lm_head, include_embeddings=args.embeddings,
-                           batch_size=args.batch_size,
-                           autocast_dtype="bfloat16" if args.bf16 else "float32")
+    config = _feature_config(args, method="factored" if args.role == "fast" else "exact",
+                             autocast_dtype="bfloat16" if args.bf16 else "float32")
     featurize(model, ids[: args.batch_size], mask[: args.batch_size], config)  # warm-up
     rss_before = _current_rss_mb()
     out = _timed(lambda: featurize(model, ids, mask, config), n, args.repeats)
@@ -149,12 +155,11 @@ def role_profile(args: argparse.Namespace) -> dict:
     """torch.profiler over the fast path: the operators that take its time, by input shape."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dsdm.features import FeatureConfig, featurize
+    from dsdm.features import featurize
 
     data, model = _threads_and_load(args)
     ids, mask = data["pool_ids"][: args.examples], data["pool_mask"][: args.examples]
-    config = FeatureConfig(target_dim=args.dim, include_lm_head=args.lm_head,
-                           include_embeddings=args.embeddings, batch_size=args.batch_size)
+    config = _feature_config(args)
     featurize(model, ids[: args.batch_size], mask[: args.batch_size], config)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         wall = time.perf_counter()
@@ -174,12 +179,11 @@ def role_reference(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from dsdm.features import ExactFeaturizer, FeatureConfig, layer_projections
+    from dsdm.features import ExactFeaturizer, layer_projections
 
     data, model = _threads_and_load(args)
     c_ids, c_mask, t_ids, t_mask, t_attn = _scoring_set(data, args)
-    projs = layer_projections(model, FeatureConfig(target_dim=args.dim, include_lm_head=args.lm_head,
-                                                   include_embeddings=args.embeddings))
+    projs = layer_projections(model, _feature_config(args))
     full = ExactFeaturizer(projs, output="full", batch_size=args.batch_size)
     start = time.perf_counter()
     cand = full(model, c_ids, c_mask)
