@@ -11,9 +11,10 @@ Materialises every asset of the code location (ingest -> proxies -> datamodels -
 selections -> evaluation models -> LDS) on one crawl with the run config built from the
 flags, in a store and DuckDB file under bench/out/selection_quality/<name>/. Re-runs reuse
 every finished asset and every trained model whose inputs did not change: a run that changes
-only DsDm's settings trains only DsDm's evaluation models. Writes bench/out/selection_quality-<name>.json (losses per
-method x task with sd over seeds, multipliers, LDS, wall time per asset) and the report PNG
-beside it, and prints the JSON. The bench crawl is built by `make bench-corpus`.
+only DsDm's settings trains only DsDm's evaluation models. Writes
+bench/out/selection_quality-<name>.json (losses per method x task with sd over seeds,
+multipliers with whether each lies outside the random curve, LDS, the unigram reference, wall
+time per asset, the run config) and the report PNG beside it, and prints the JSON. The bench crawl is built by `make bench-corpus`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 import dagster as dg  # noqa: E402
 import duckdb  # noqa: E402
+import polars as pl  # noqa: E402
 
 from dsdm.features import FeatureConfig  # noqa: E402
 from dsdm.trak import LAMBDA_RELATIVE  # noqa: E402
@@ -155,8 +157,6 @@ def summary(result, folder: Path, name: str, args: argparse.Namespace, wall: flo
         SELECT method, task, avg(value), coalesce(stddev_pop(value), 0), count(*)
         FROM evaluations WHERE metric = 'loss' AND crawl = ? GROUP BY 1, 2 ORDER BY 2, 1""",
                          [name]).fetchall()
-    mults = con.execute("SELECT method, task, value FROM evaluations "
-                        "WHERE metric = 'multiplier' AND crawl = ? ORDER BY 2, 1", [name]).fetchall()
     lds = con.execute("SELECT task, metric, value FROM evaluations "
                       "WHERE metric LIKE 'lds%' AND crawl = ? ORDER BY 1, 2", [name]).fetchall()
     unigram = con.execute("SELECT task, metric, value FROM evaluations WHERE method = 'unigram' "
@@ -171,6 +171,8 @@ def summary(result, folder: Path, name: str, args: argparse.Namespace, wall: flo
         if event.is_step_success:
             durations[event.step_key] = round(event.event_specific_data.duration_ms / 1000, 1)
     png = Path(meta["evaluations"]["plot"].removeprefix("file://"))
+    # Beside the plot: the multipliers with their 'outside the random curve' flag.
+    mults = pl.read_parquet(png.parent / "multipliers.parquet").sort("task", "method")
     plot = OUT / f"selection_quality-{name}.png"
     shutil.copyfile(png, plot)
     report = {
@@ -180,7 +182,8 @@ def summary(result, folder: Path, name: str, args: argparse.Namespace, wall: flo
         "flags": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "loss": [{"method": m, "task": t, "mean": round(v, 4), "sd": round(s, 4), "seeds": n}
                  for m, t, v, s, n in losses],
-        "multiplier": [{"method": m, "task": t, "value": round(v, 3)} for m, t, v in mults],
+        "multiplier": [{"method": r["method"], "task": r["task"], "value": round(r["multiplier"], 3),
+                        "extrapolated": r["extrapolated"]} for r in mults.iter_rows(named=True)],
         "lds": [{"task": t, "metric": k, "value": round(v, 3)} for t, k, v in lds],
         "unigram": [{"task": t, "metric": k, "value": round(v, 4)} for t, k, v in unigram],
         "run_config": run_config(args),
