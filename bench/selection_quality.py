@@ -14,7 +14,8 @@ every finished asset and every trained model whose inputs did not change: a run 
 only DsDm's settings trains only DsDm's evaluation models. Writes
 bench/out/selection_quality-<name>.json (losses per method x task with sd over seeds,
 multipliers with whether each lies outside the random curve, LDS, the unigram reference, wall
-time per asset, the run config) and the report PNG beside it, and prints the JSON. The bench crawl is built by `make bench-corpus`.
+time per asset, the run config) and the report PNG beside it, and prints the JSON. The
+bench crawl is built by `make bench-corpus`.
 """
 
 from __future__ import annotations
