@@ -27,6 +27,7 @@ $(DAGSTER_HOME)/dagster.yaml:
 	printf 'telemetry:\n  enabled: false\n' > $@
 
 demo: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dsdm check-config $(CONFIG)
 	$(BIN)/dsdm add-crawl $(CRAWL)
 	$(BIN)/dagster job execute -m dsdm_assets.definitions -j selection_job -c $(CONFIG) \
 		--tags '{"dagster/partition": "$(CRAWL)"}'

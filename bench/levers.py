@@ -421,11 +421,12 @@ def selection_scores(args: argparse.Namespace, out: Path, data: Data, method: st
                                      rows.column("n_tokens").to_pylist(), strict=True)]
         return DsirSelection().scores(PoolData(pool_texts(out, data), tokenizer.decode_batch(ids)))
     variant = json.loads(method)
-    scoring = {k: v for k, v in variant.items() if k != "standardise"}  # a selection-only key
+    selection_only = ("standardise", "weights")  # keys that change the mix, not the scores
+    scoring = {k: v for k, v in variant.items() if k not in selection_only}
     task_scores = np.load(out / f"task_scores-{digest(scoring)}.npy")
     names = sorted(set(data.t_tasks.tolist()))
     return combine_task_scores({t: task_scores[:, i] for i, t in enumerate(names)},
-                               standardise=variant.get("standardise", True))
+                               variant.get("weights"), standardise=variant.get("standardise", True))
 
 
 def evaluate(args: argparse.Namespace) -> None:

@@ -71,7 +71,8 @@ class UnsupportedLayerError(TypeError):
 class FeatureConfig(BaseModel):
     """How phi is computed; saved beside every gradient shard so shards stay comparable."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False,
+                              use_attribute_docstrings=True)
 
     method: Literal["factored", "exact"] = "factored"
     """'factored' (hooks, cost near one training step) or 'exact' (torch.func reference)."""

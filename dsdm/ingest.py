@@ -32,7 +32,7 @@ EXCERPT_CHARS = 200
 class IngestConfig(BaseModel):
     """How crawl rows are validated and which fields they carry."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     text_field: str = Field("text", description="Field holding the document text.")
     id_field: str = Field("id", description="Field holding the crawl's own id (optional).")
@@ -84,6 +84,17 @@ def normalise_text(text: str) -> str:
     text = re.sub(r" *\n *", "\n", text)
     text = re.sub(r"\n{3,}", "\n\n", text)
     return text.strip()
+
+
+#: Unicode categories that print nothing: separators, controls, format characters (zero-width
+#: space and joiners, byte-order marks, bidi marks) and unassigned code points
+_INVISIBLE_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf", "Cn"})
+
+
+def has_visible_text(text: str) -> bool:
+    """True when `text` has at least one character that prints (not whitespace, control or a
+    zero-width/format character)."""
+    return any(unicodedata.category(c) not in _INVISIBLE_CATEGORIES for c in text)
 
 
 def doc_id_of(normalised_text: str) -> str:
@@ -189,6 +200,10 @@ def _validate(raw: _RawRow, config: IngestConfig) -> _RawRow | tuple[str, dict[s
     normalised = normalise_text(text)
     if not normalised:
         return _RawRow(raw.file, raw.row, None, "empty_text", None, excerpt)
+    if not has_visible_text(normalised):
+        return _RawRow(raw.file, raw.row, None, "empty_text",
+                       "no visible characters (only whitespace, zero-width or format characters)",
+                       excerpt)
     if len(normalised) < config.min_chars:
         return _RawRow(
             raw.file, raw.row, None, "too_short",

@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 class ProxyConfig(BaseModel):
     """Architecture and training recipe of one proxy model (JSON-able, saved beside weights)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False,
+                              use_attribute_docstrings=True)
 
     vocab_size: int = Field(4096, gt=0)
     """Number of token ids; every id in the data must be < vocab_size."""
@@ -121,6 +122,37 @@ def causal_lm_loss(
     return (nll * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+#: fewest optimiser steps after the warmup for a proxy whose loss must be seen to fall (the
+#: `loss_fell` check compares the first and last tenth of the curve)
+MIN_STEPS_AFTER_WARMUP = 10
+
+
+def training_steps(n_examples: int, config: ProxyConfig) -> int:
+    """Optimiser steps `train_proxy` takes on `n_examples`: epochs x ceil(N / batch_size),
+    capped at max_steps."""
+    total = config.epochs * math.ceil(n_examples / config.batch_size)
+    return total if config.max_steps is None else min(total, config.max_steps)
+
+
+def check_trainable(n_examples: int, config: ProxyConfig, what: str) -> None:
+    """Raise ValueError when `n_examples` give fewer than warmup_steps +
+    MIN_STEPS_AFTER_WARMUP steps, naming `what` is too small and the minimum it needs."""
+    needed = config.warmup_steps + MIN_STEPS_AFTER_WARMUP
+    steps = training_steps(n_examples, config)
+    if steps >= needed:
+        return
+    if config.max_steps is not None and config.max_steps < needed:
+        remedy = f"raise max_steps to at least {needed}"
+    else:  # ceil(n / batch) * epochs >= needed from this many examples on
+        examples = (math.ceil(needed / config.epochs) - 1) * config.batch_size + 1
+        remedy = (f"it needs at least {examples} examples, or more epochs, a smaller "
+                  "batch_size or fewer warmup_steps")
+    raise ValueError(
+        f"{what} has {n_examples} examples: {steps} optimiser steps of {config.batch_size} over "
+        f"{config.epochs} epoch(s), fewer than the {needed} a proxy needs (warmup_steps "
+        f"{config.warmup_steps} + {MIN_STEPS_AFTER_WARMUP}); {remedy}")
+
+
 def lr_at(step: int, total_steps: int, config: ProxyConfig) -> float:
     """Learning rate of optimiser step `step` (0-based): linear warmup, then cosine decay."""
     if step < config.warmup_steps:
@@ -203,10 +235,7 @@ def train_proxy(
     )
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     n = input_ids.shape[0]
-    steps_per_epoch = math.ceil(n / config.batch_size)
-    total = config.epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
+    total = training_steps(n, config)
     snapshot_at = set(checkpoint_steps)
     outside = sorted(s for s in snapshot_at if not 1 <= s <= total)
     if outside:

@@ -15,6 +15,7 @@ import polars as pl
 import pyarrow as pa
 from tokenizers import Tokenizer
 
+from dsdm.ingest import has_visible_text
 from dsdm.tokenization import encode_prompt_continuation, examples_table
 
 SPLITS = ("select", "eval")
@@ -77,6 +78,12 @@ def _parse_task_row(path: str, row: int, line: bytes, name: str) -> dict[str, An
     for key in REQUIRED_FIELDS:
         if not isinstance(record.get(key), str) or not record[key]:
             raise TaskFileError(f"{path} row {row}: field {key!r} missing or not a non-empty string")
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in record[key]):
+            raise TaskFileError(f"{path} row {row}: field {key!r} has a lone surrogate "
+                                "(not encodable as UTF-8)")
+        if key in ("prompt", "continuation") and not has_visible_text(record[key]):
+            raise TaskFileError(f"{path} row {row}: field {key!r} has no visible characters "
+                                "(only whitespace, zero-width or format characters)")
     if record["split"] not in SPLITS:
         raise TaskFileError(f"{path} row {row}: split {record['split']!r} not in {SPLITS}")
     if record.get("task", name) != name:

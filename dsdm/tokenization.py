@@ -24,7 +24,7 @@ PAD_TOKEN = "<|pad|>"
 class TokenizerConfig(BaseModel):
     """Which tokenizer to use: trained on the crawl, or a local pretrained one."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     vocab_size: int = Field(
         4096, ge=260, le=262_144,

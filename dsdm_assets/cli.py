@@ -3,6 +3,7 @@
     dsdm add-crawl NAME [NAME ...]   register crawls as partitions (needs DAGSTER_HOME)
     dsdm crawls                      list registered crawls
     dsdm report CRAWL                what the lineage database holds for a crawl
+    dsdm check-config FILE [--job J] check a run config's values before a run starts
 """
 
 import argparse
@@ -31,9 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("crawls", help="list registered crawl partitions")
     report = commands.add_parser("report", help="summarise a crawl's rows in the lineage DB")
     report.add_argument("crawl")
+    check = commands.add_parser("check-config", help="check a run config (YAML) for a job")
+    check.add_argument("file")
+    check.add_argument("--job", default="selection_job",
+                       choices=("selection_job", "evaluation_job"))
     args = parser.parse_args(argv)
     if args.command == "report":
         return print_report(args.crawl)
+    if args.command == "check-config":
+        return check_config_file(args.file, args.job)
 
     import dagster as dg
 
@@ -59,6 +66,25 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def check_config_file(path: str, job_name: str) -> int:
+    """Dagster's shape and type check of ``path`` for ``job_name``, then every value against
+    its step's constraints; 0 when both pass, 2 with every problem printed otherwise."""
+    import yaml
+
+    from dsdm_assets.config import check_run_config
+    from dsdm_assets.definitions import defs
+
+    try:
+        with open(path) as file:
+            run_config = yaml.safe_load(file) or {}
+        check_run_config(run_config, path, defs.resolve_job_def(job_name))
+    except (OSError, yaml.YAMLError, ValueError) as error:
+        print(f"dsdm: {error}", file=sys.stderr)
+        return 2
+    print(f"{path}: a valid run config for {job_name}")
+    return 0
 
 
 REPORT_QUERIES = {

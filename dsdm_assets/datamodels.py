@@ -32,10 +32,11 @@ from dsdm.datamodels import (
     task_means,
 )
 from dsdm.features import FeatureConfig, featurize
-from dsdm.proxy import ProxyConfig, load_proxy, proxy_to_bytes, train_proxy
+from dsdm.proxy import ProxyConfig, check_trainable, load_proxy, proxy_to_bytes, train_proxy
 from dsdm.store import ArtifactStore, StoredArtifact
 from dsdm.tokenization import to_tensors
 from dsdm.trak import LAMBDA_RELATIVE
+from dsdm_assets.config import StepConfig
 from dsdm_assets.ingest import target_tasks, tokenized_corpus, tokenizer
 from dsdm_assets.partitions import crawl_partitions
 from dsdm_assets.recording import AssetWriter, Upstream, adopt_file, read_upstream
@@ -77,12 +78,12 @@ def model_for_data(model: ProxyConfig, tok_up: Upstream, corpus_up: Upstream) ->
     return ProxyConfig.model_validate({**model.model_dump(), **derived})
 
 
-class ProxyModelConfig(dg.Config, ProxyConfig):
+class ProxyModelConfig(StepConfig, ProxyConfig):
     """Proxy architecture and training recipe. vocab_size and seq_len come from the
     tokenizer and corpus; setting them to anything else is an error."""
 
 
-class ProxyEnsembleConfig(dg.Config):
+class ProxyEnsembleConfig(StepConfig):
     """How many proxies, and on what share of the pool each is trained."""
 
     num_proxies: int = Field(4, ge=1, le=64, description="Proxies in the ensemble (M).")
@@ -92,11 +93,11 @@ class ProxyEnsembleConfig(dg.Config):
     model: ProxyModelConfig = Field(default_factory=ProxyModelConfig)
 
 
-class GradientConfig(dg.Config, FeatureConfig):
+class GradientConfig(StepConfig, FeatureConfig):
     """Projected per-example gradients: method, projection and dimension."""
 
 
-class DatamodelConfig(dg.Config):
+class DatamodelConfig(StepConfig):
     """TRAK estimator settings."""
 
     lambda_relative: float = Field(
@@ -151,6 +152,11 @@ def proxy_checkpoints(
         input_ids = torch.cat([ids for _, ids, _ in shards])
         loss_mask = torch.cat([mask for _, _, mask in shards])
         subsets = proxy_subsets(len(input_ids), config.num_proxies, config.train_fraction, base.seed)
+        try:
+            check_trainable(min(map(len, subsets)), base, f"each proxy's share of the pool "
+                            f"(train_fraction {config.train_fraction} of {len(input_ids)})")
+        except ValueError as error:
+            raise dg.Failure(f"proxy_checkpoints: {error}") from error
         proxies = []
         for m, subset in enumerate(subsets):
             folder = f"proxy-{m:02d}"

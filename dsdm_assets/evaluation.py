@@ -38,6 +38,7 @@ from dsdm.report import multipliers, plot_png, summarise, wide_table
 from dsdm.selection import select_top
 from dsdm.store import ArtifactStore, fingerprint
 from dsdm.tokenization import to_tensors
+from dsdm_assets.config import StepConfig
 from dsdm_assets.datamodels import (
     GPU_STEP_TAGS,
     datamodel_weights,
@@ -61,7 +62,7 @@ from resources import ArtifactStoreResource, ComputeResource, LineageResource
 GROUP = "evaluation"
 
 
-class EvalModelConfig(dg.Config, ProxyConfig):
+class EvalModelConfig(StepConfig, ProxyConfig):
     """Evaluation LM architecture and recipe (default: larger than the default proxy).
     vocab_size and seq_len come from the tokenizer and corpus."""
 
@@ -70,7 +71,7 @@ class EvalModelConfig(dg.Config, ProxyConfig):
     num_heads: int = Field(4, gt=0)
 
 
-class EvaluationConfig(dg.Config):
+class EvaluationConfig(StepConfig):
     """Which selections to evaluate, with what model, seeds and random budgets."""
 
     methods: list[str] = Field(
@@ -103,7 +104,7 @@ class EvaluationConfig(dg.Config):
         return sorted(set(multiples))
 
 
-class LdsConfig(dg.Config):
+class LdsConfig(StepConfig):
     """Linear datamodeling score: models on random subsets of the pool (proxy recipe)."""
 
     num_models: int = Field(8, ge=3, description="Random subsets / models (the Spearman's n).")

@@ -24,6 +24,7 @@ from dsdm.tokenization import (
     tokenizer_to_bytes,
     train_bpe,
 )
+from dsdm_assets.config import StepConfig
 from dsdm_assets.partitions import crawl_partitions
 from dsdm_assets.recording import AssetWriter, read_upstream
 from dsdm_assets.tables import markdown_table
@@ -32,15 +33,15 @@ from resources import ArtifactStoreResource, CrawlSourceResource, LineageResourc
 GROUP = "ingest"
 
 
-class DocumentsConfig(dg.Config, IngestConfig):
+class DocumentsConfig(StepConfig, IngestConfig):
     """Validation bounds and field names of the crawl's rows."""
 
 
-class TokenizerAssetConfig(dg.Config, TokenizerConfig):
+class TokenizerAssetConfig(StepConfig, TokenizerConfig):
     """Byte-level BPE trained on the crawl, or a local pretrained tokenizer."""
 
 
-class CorpusConfig(dg.Config):
+class CorpusConfig(StepConfig):
     """How documents become fixed-length training/selection examples."""
 
     seq_len: int = Field(128, ge=8, le=8192, description="Tokens per example (paper: 1024).")
@@ -52,7 +53,7 @@ class CorpusConfig(dg.Config):
     )
 
 
-class TargetTasksConfig(dg.Config):
+class TargetTasksConfig(StepConfig):
     """Which target tasks to load from the crawl source's ``tasks_url``."""
 
     tasks: list[str] = Field(

@@ -30,6 +30,7 @@ from dsdm.proxy import load_proxy
 from dsdm.selection import DEGENERATE_SHARE, combine_task_scores, dominant_source, select_top
 from dsdm.store import ArtifactStore
 from dsdm.tokenization import to_tensors, tokenizer_from_bytes
+from dsdm_assets.config import StepConfig
 from dsdm_assets.datamodels import GPU_STEP_TAGS, datamodel_weights, proxy_checkpoints
 from dsdm_assets.ingest import target_tasks, tokenized_corpus, tokenizer
 from dsdm_assets.partitions import crawl_partitions
@@ -45,7 +46,7 @@ SELECTION_ASSETS = {"dsdm": "selected_subset", "random": "random_subset", "dsir"
                     "classifier": "classifier_subset", "semdedup": "semdedup_subset"}
 
 
-class BudgetConfig(dg.Config):
+class BudgetConfig(StepConfig):
     """How much to keep (exactly one of fraction/token_budget) and how to shard it."""
 
     fraction: float | None = Field(

@@ -1,6 +1,8 @@
 """The run config that sensor- and schedule-launched runs use: a YAML file named by
 ``DSDM_RUN_CONFIG`` (same format as ``dagster job execute -c``), read at every tick so an
-edited file takes effect without reloading the code location."""
+edited file takes effect without reloading the code location. Every value is checked against
+its step's constraints at the tick (`dsdm_assets.config.check_run_config`), so a bad value
+fails the tick, naming the file and the field, instead of a step hours into the run."""
 
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,4 +29,7 @@ def run_config_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ValueError(f"{RUN_CONFIG_VARIABLE}={path}: expected a mapping with ops/execution "
                          f"keys, got {type(loaded).__name__}")
+    from dsdm_assets.config import check_run_config  # the code location imports this module
+
+    check_run_config(loaded, f"{RUN_CONFIG_VARIABLE}={path}")
     return loaded

@@ -23,7 +23,8 @@ from dsdm.baselines.ngrams import HashedNgrams, hashed_ngrams
 class ClassifierSelection(BaseModel, BaselineMethod):
     """Linear target-vs-pool classifier on hashed n-grams; keep the most target-like."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False,
+                              use_attribute_docstrings=True)
     name: ClassVar[str] = "classifier"
 
     num_buckets: int = Field(10_000, ge=2)

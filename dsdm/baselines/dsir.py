@@ -26,7 +26,8 @@ from dsdm.baselines.ngrams import HashedNgrams, hashed_ngrams
 class DsirSelection(BaseModel, BaselineMethod):
     """DSIR with hashed n-gram features and Gumbel top-k resampling."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False,
+                              use_attribute_docstrings=True)
     name: ClassVar[str] = "dsir"
 
     num_buckets: int = Field(10_000, ge=2)

@@ -18,7 +18,8 @@ class RandomSelection(BaseModel, BaselineMethod):
     one), which is what the compute-multiplier curve wants.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False,
+                              use_attribute_docstrings=True)
     name: ClassVar[str] = "random"
 
     seed: int = 0

@@ -30,7 +30,8 @@ DUPLICATE_SCORE = -1.0
 class SemDedupSelection(BaseModel, BaselineMethod):
     """Near-duplicate removal by embedding cosine within k-means clusters, then random."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False,
+                              use_attribute_docstrings=True)
     name: ClassVar[str] = "semdedup"
 
     embedder: Literal["proxy", "minilm"] = "proxy"

@@ -16,10 +16,12 @@ from dsdm.proxy import (
     TrainResult,
     build_proxy,
     causal_lm_loss,
+    check_trainable,
     load_proxy,
     lr_at,
     proxy_to_bytes,
     train_proxy,
+    training_steps,
 )
 
 
@@ -43,6 +45,11 @@ def test_config_validates_and_is_json(tiny_config: ProxyConfig) -> None:
         ProxyConfig.model_validate({**d, "unknown_field": 1})
     with pytest.raises(ValueError, match="must divide"):
         build_proxy(ProxyConfig(hidden_size=30, num_heads=4))
+    for field in ("lr", "weight_decay", "grad_clip"):
+        with pytest.raises(ValueError, match=f"{field}\n.*finite number"):
+            ProxyConfig(**{field: float("inf")})
+    with pytest.raises(ValueError, match="finite number"):
+        ProxyConfig(lr=float("nan"))
 
 
 def test_lr_schedule_warms_up_then_decays() -> None:
@@ -113,7 +120,18 @@ def test_epochs_bound_the_steps(
 ) -> None:
     ids = tiny_train_data[0][:20, :16]
     cfg = tiny_config.model_copy(update={"max_steps": None, "epochs": 2, "batch_size": 8})
-    assert len(train_proxy(cfg, ids).losses) == 2 * 3
+    assert len(train_proxy(cfg, ids).losses) == 2 * 3 == training_steps(len(ids), cfg)
+
+
+def test_a_pool_too_small_to_train_names_the_minimum() -> None:
+    config = ProxyConfig(warmup_steps=20, batch_size=32, epochs=1)
+    check_trainable(929, config, "the pool")  # ceil(929 / 32) = 30 = 20 warmup + 10 steps
+    with pytest.raises(ValueError, match=r"the pool has 928 examples: 29 optimiser steps .* "
+                                         r"needs at least 929 examples"):
+        check_trainable(928, config, "the pool")
+    check_trainable(465, config.model_copy(update={"epochs": 2}), "the pool")
+    with pytest.raises(ValueError, match="raise max_steps to at least 30"):
+        check_trainable(10_000, config.model_copy(update={"max_steps": 25}), "the pool")
 
 
 def test_round_trip_through_bytes(trained_tiny: TrainResult, tiny_config: ProxyConfig,

@@ -107,3 +107,27 @@ def test_a_target_copied_from_the_pool_is_flagged(tmp_path, demo_rows, demo_reso
     (check,) = result.get_asset_check_evaluations()
     assert check.check_name == "targets_not_in_pool" and check.passed is False
     assert check.metadata["first_leaks"].value == ["leak"]
+
+
+def test_a_pool_too_small_for_the_proxies_fails_before_training(tmp_path, demo_rows,
+                                                                demo_resources) -> None:
+    import gzip
+    import json
+
+    from dsdm_assets.datamodels import proxy_checkpoints
+
+    (tmp_path / "crawls" / "tiny").mkdir(parents=True)
+    with gzip.open(tmp_path / "crawls" / "tiny" / "part-00000.jsonl.gz", "wt") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in demo_rows[:40])
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(crawl_partitions.name, ["tiny"])
+    result = dg.materialize(
+        [*INGEST_ASSETS, proxy_checkpoints], partition_key="tiny", instance=instance,
+        resources=demo_resources(tmp_path, crawl_root=tmp_path / "crawls"),
+        run_config={"ops": {"tokenizer": {"config": {"vocab_size": 512}}}}, raise_on_error=False)
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    message = failure.step_failure_data.error.message
+    assert failure.step_key == "proxy_checkpoints"
+    assert "each proxy's share of the pool (train_fraction 0.5 of" in message
+    assert "fewer than the 30 a proxy needs" in message and "needs at least 929 examples" in message
+    assert not list((tmp_path / "store").glob("proxy_checkpoints/*/*/proxy-00/losses.json"))

@@ -117,3 +117,12 @@ def test_impossible_config_values_name_the_field() -> None:
         IngestConfig(min_chars=0)
     with pytest.raises(ValueError, match="extra"):
         IngestConfig(text_feild="body")
+
+
+def test_a_document_of_zero_width_characters_is_empty_text(tmp_path, demo_rows) -> None:
+    invisible = {"id": "zw", "text": "\u200b\u200c\u200d\ufeff\u2060 " * 40}
+    crawl = _crawl(tmp_path, {"zw.jsonl": _jsonl([demo_rows[0], invisible, demo_rows[1]])})
+    result = ingest_crawl(str(crawl))
+    assert _reasons(result) == [("zw.jsonl", 1, "empty_text")]
+    assert "no visible characters" in result.quarantine["detail"][0]
+    assert result.documents.height == 2 and result.reconciles()

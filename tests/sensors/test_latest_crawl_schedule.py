@@ -48,3 +48,15 @@ def test_cron_and_status_come_from_the_environment() -> None:
 def test_bad_cron_names_the_variable() -> None:
     with pytest.raises(ValueError, match="DSDM_SCHEDULE_CRON='every day'"):
         build_latest_crawl_schedule({"DSDM_SCHEDULE_CRON": "every day"})
+
+
+def test_a_run_config_value_its_step_refuses_fails_the_tick(tmp_path, monkeypatch) -> None:
+    config = tmp_path / "bench.yaml"
+    config.write_text("ops:\n  selected_subset:\n    config:\n      fraction: 1.5\n")
+    monkeypatch.setenv("DSDM_RUN_CONFIG", str(config))
+    schedule = build_latest_crawl_schedule({})
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(crawl_partitions.name, ["crawl-0"])
+        with pytest.raises(Exception, match=r"(?s)bench.yaml: 1 invalid run-config value.*"
+                                            r"ops.selected_subset.config.fraction"):
+            _evaluate(schedule, instance)
