@@ -35,7 +35,7 @@ from dsdm_assets.datamodels import GPU_STEP_TAGS, datamodel_weights, proxy_check
 from dsdm_assets.ingest import target_tasks, tokenized_corpus, tokenizer
 from dsdm_assets.partitions import crawl_partitions
 from dsdm_assets.recording import AssetWriter, Upstream, read_upstream
-from dsdm_assets.tables import markdown_table
+from dsdm_assets.tables import bounded, markdown_table, metadata_key
 from resources import ArtifactStoreResource, ComputeResource, LineageResource
 
 GROUP = "selection"
@@ -215,7 +215,8 @@ def _write_selection(
             "bottom_of_pool": dg.MetadataValue.md(markdown_table(
                 pool.with_columns(pl.Series("score", scores)).sort("score").head(5)
                 .select("example_id", "source", "score"))),
-            **{f"share_{row['source']}": float(row["selected"]) for row in shares.to_dicts()},
+            **{metadata_key("share_", row["source"]): float(row["selected"])
+               for row in shares.to_dicts()},
             **(extra_metadata(scores) if extra_metadata else {}),
         },
         check_results=[
@@ -224,9 +225,10 @@ def _write_selection(
             dg.AssetCheckResult(
                 check_name="source_mix", passed=not mix["degenerate"],
                 severity=dg.AssetCheckSeverity.WARN,
-                description=f"{mix['selected_share']:.1%} of the selection is {mix['source']!r} "
-                f"(pool: {mix['pool_share']:.1%})",
-                metadata={k: v for k, v in mix.items() if k != "degenerate"}),
+                description=f"{mix['selected_share']:.1%} of the selection is "
+                f"{bounded(repr(mix['source']))} (pool: {mix['pool_share']:.1%})",
+                metadata={k: bounded(v) if isinstance(v, str) else v
+                          for k, v in mix.items() if k != "degenerate"}),
         ],
     )
 
