@@ -11,6 +11,7 @@ instead of failing.
 """
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -104,6 +105,11 @@ class ArtifactRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+log = logging.getLogger(__name__)
+#: seconds between "still waiting for the lock" log lines
+LOCK_REPORT_S = 10.0
+
+
 class LineageDB:
     """The lineage/result DuckDB file at ``path`` (created on first use)."""
 
@@ -123,15 +129,25 @@ class LineageDB:
     def connect(self, read_only: bool | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived connection; waits (with backoff) while another process writes."""
         read_only = self.read_only if read_only is None else read_only
-        deadline = time.monotonic() + self.lock_timeout_s
-        delay = 0.05
+        start = time.monotonic()
+        delay, next_report = 0.05, 0.0
         while True:
             try:
                 con = duckdb.connect(self.path, read_only=read_only)
                 break
             except duckdb.IOException as error:
-                if "lock" not in str(error).lower() or time.monotonic() > deadline:
+                if "lock" not in str(error).lower():
                     raise
+                waited = time.monotonic() - start
+                if waited > self.lock_timeout_s:
+                    raise TimeoutError(
+                        f"lineage database {self.path} is still locked by another process after "
+                        f"{waited:.0f} s (lock_timeout_s {self.lock_timeout_s:g}): {error}"
+                    ) from error
+                if waited >= next_report:  # at once, then every LOCK_REPORT_S
+                    log.warning("lineage database %s is locked by another process; waited %.0f "
+                                "of %g s", self.path, waited, self.lock_timeout_s)
+                    next_report = waited + LOCK_REPORT_S
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
         try:

@@ -64,3 +64,33 @@ def test_two_processes_writing_at_once_lose_no_rows(tmp_path: Path) -> None:
     counts = LineageDB(path).query(
         "SELECT crawl, count(*) n FROM artifacts GROUP BY 1 ORDER BY 1").to_pylist()
     assert counts == [{"crawl": "a", "n": 25}, {"crawl": "b", "n": 25}]
+
+
+def _hold_write_lock(path: str, ready, release) -> None:
+    import duckdb
+
+    con = duckdb.connect(path)
+    ready.set()
+    release.wait(30)
+    con.close()
+
+
+def test_a_held_lock_is_logged_while_waiting_and_times_out_naming_the_file(
+        tmp_path: Path, caplog) -> None:
+    path = str(tmp_path / "l.duckdb")
+    LineageDB(path)  # schema created before another process takes the lock
+    context = multiprocessing.get_context("spawn")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_write_lock, args=(path, ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        with caplog.at_level("WARNING", logger="dsdm.lineage"), \
+                pytest.raises(TimeoutError, match=r"l.duckdb is still locked by another process "
+                                                  r"after \d+ s \(lock_timeout_s 1.5\)"):
+            LineageDB(path, lock_timeout_s=1.5).query("SELECT 1")
+        assert "is locked by another process; waited 0 of 1.5 s" in caplog.text
+    finally:
+        release.set()
+        holder.join(30)
+    assert LineageDB(path).query("SELECT 1 AS one").to_pylist() == [{"one": 1}]
