@@ -7,6 +7,7 @@ Only continuation tokens count in the loss.
 
 import gzip
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +27,21 @@ class TaskFileError(ValueError):
     """A task file is missing or has a bad row; the message names file, row and reason."""
 
 
+#: a task name is a file stem under the tasks root, never a path
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def validate_task_name(name: str) -> str:
+    """`name` if it is a plain task name (1-64 letters, digits, '.', '_', '-', no '..');
+    otherwise a TaskFileError, so a name cannot read a file outside the tasks root."""
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name) or ".." in name:
+        raise TaskFileError(f"task name {name!r} is not a name: use 1-64 letters, digits, '.', "
+                            "'_' or '-', starting with a letter or digit (no '/' or '..')")
+    return name
+
+
 def _task_path(fs: Any, root: str, name: str) -> str:
+    validate_task_name(name)
     for suffix in (".jsonl.gz", ".jsonl"):
         if fs.exists(f"{root}/{name}{suffix}"):
             return f"{root}/{name}{suffix}"

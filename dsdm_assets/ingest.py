@@ -10,11 +10,11 @@ import dagster as dg
 import fsspec
 import polars as pl
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from dsdm.contamination import find_overlaps
 from dsdm.ingest import IngestConfig, ingest_crawl, list_shards
-from dsdm.tasks import read_tasks, tokenize_tasks
+from dsdm.tasks import read_tasks, tokenize_tasks, validate_task_name
 from dsdm.tokenization import (
     TokenizerConfig,
     chunk_documents,
@@ -60,6 +60,13 @@ class TargetTasksConfig(StepConfig):
         default_factory=lambda: ["wiki_qa", "lambada_cloze", "tech_faq"],
         description="Task names; each is a <name>.jsonl.gz file with select and eval splits.",
     )
+
+    @field_validator("tasks")
+    @classmethod
+    def _names_not_paths(cls, names: list[str]) -> list[str]:
+        if not names:
+            raise ValueError("give at least one task name")
+        return [validate_task_name(name) for name in names]
 
 
 def _file_sha256(fs, path: str) -> str:

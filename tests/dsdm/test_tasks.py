@@ -48,3 +48,12 @@ def test_a_lone_surrogate_names_file_row_and_field(tmp_path) -> None:
     with pytest.raises(TaskFileError, match=r"tech_faq.jsonl.gz row 5: field 'prompt' has a lone "
                                             r"surrogate"):
         read_tasks(str(tmp_path), ["tech_faq"])
+
+
+@pytest.mark.parametrize("name", ["../tasks/wiki_qa", "/etc/passwd", "wiki_qa/..", "a/b", "", ".x"])
+def test_a_task_name_is_a_name_not_a_path(tmp_path, name) -> None:
+    (tmp_path / "tasks").mkdir()
+    _write(tmp_path, "wiki_qa", [json.dumps(r) for r in _demo_rows("wiki_qa")])  # outside the root
+    with pytest.raises(TaskFileError, match="is not a name"):
+        read_tasks(str(tmp_path / "tasks"), [name])
+

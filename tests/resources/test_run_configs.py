@@ -16,6 +16,7 @@ from dsdm_assets.config import (
 )
 from dsdm_assets.datamodels import GradientConfig
 from dsdm_assets.definitions import ASSETS, defs
+from dsdm_assets.ingest import TargetTasksConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
@@ -100,3 +101,9 @@ def test_dsdm_check_config_command(tmp_path, capsys) -> None:
     assert main(["check-config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "ops.datamodel_weights.config.lambda_relative" in err
+
+
+def test_the_task_config_refuses_a_path_before_the_run() -> None:
+    assert TargetTasksConfig(tasks=["wiki_qa", "tech_faq"]).tasks == ["wiki_qa", "tech_faq"]
+    with pytest.raises(ValueError, match=r"tasks\.?\n?.*'\.\./secret' is not a name"):
+        TargetTasksConfig(tasks=["wiki_qa", "../secret"])
