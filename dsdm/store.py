@@ -73,6 +73,14 @@ class ArtifactStore:
         rel = [p[len(self.root) + 1 :] if p.startswith(self.root) else p for p in found]
         return sorted(r for r in rel if ".part-" not in r.rsplit("/", 1)[-1])
 
+    def remove_folder(self, relpath: str) -> int:
+        """Delete the folder ``relpath`` and everything below it; returns the files removed
+        (0 when it does not exist)."""
+        files = self.list(relpath)
+        if self.fs.exists(self.path(relpath)):
+            self.fs.rm(self.path(relpath), recursive=True)
+        return len(files)
+
     def write_bytes(self, relpath: str, data: bytes) -> StoredArtifact:
         """Write ``data`` atomically and return its URI and sha256."""
         path = self.path(relpath)

@@ -42,7 +42,7 @@ from dsdm_assets.partitions import crawl_partitions
 from dsdm_assets.recording import AssetWriter, Upstream, adopt_file, read_upstream
 from dsdm_assets.tables import markdown_table
 from resources import ArtifactStoreResource, ComputeResource, LineageResource
-from resources.storage import step_json_io_manager
+from resources.storage import step_json_io_manager, step_values_folder
 
 GROUP = "datamodels"
 GRADIENTS_VERSION = "2"  # 2: target features moved to target_gradients
@@ -349,6 +349,10 @@ def collect_gradient_shards(context: dg.OpExecutionContext, plan: dict, results:
             "examples_per_s": _rate(sum(r["rows"] for r in done), sum(r["seconds"] for r in done)),
             "proxy_checkpoints_sha256": plan["proxy_checkpoints_sha256"],
         })
+    # The values the graph's steps handed each other are spent once the manifest exists (a
+    # re-execution from failure never re-runs a succeeded collect), so they do not pile up.
+    removed = artifacts.remove_folder(step_values_folder(context.run.run_id))
+    context.log.info(f"removed {removed} step values of this run from the store")
     summary = manifest["summary"]
     yield dg.Output(None, "result", data_version=writer.data_version, metadata={
         **writer.base_metadata(manifest, plan["reused"]),

@@ -51,6 +51,11 @@ class CrawlSourceResource(dg.ConfigurableResource):
 STEP_VALUES = "_steps"
 
 
+def step_values_folder(run_id: str) -> str:
+    """Store folder of the JSON values the steps of run ``run_id`` hand each other."""
+    return f"{STEP_VALUES}/{run_id}"
+
+
 class StepJsonIOManager(dg.IOManager):
     """Keeps the small JSON values one step hands to the next (work lists, per-file results)
     in the artifact store under ``_steps/<run>/<step>/<output>[/<mapping key>].json``.
@@ -65,7 +70,8 @@ class StepJsonIOManager(dg.IOManager):
 
     @staticmethod
     def _path(identifier: list[str]) -> str:
-        return f"{STEP_VALUES}/{'/'.join(identifier)}.json"
+        run_id, *rest = identifier
+        return f"{step_values_folder(run_id)}/{'/'.join(rest)}.json"
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         try:

@@ -52,3 +52,15 @@ def test_fingerprint_is_stable_and_order_insensitive_for_dict_keys() -> None:
     assert fingerprint({"a": 1, "b": 2}, "x") == fingerprint({"b": 2, "a": 1}, "x")
     assert fingerprint({"a": 1}) != fingerprint({"a": 2})
     assert len(fingerprint("anything")) == 16
+
+
+def test_remove_folder_deletes_only_that_folder(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path))
+    for name in ("_steps/run-a/plan/out.json", "_steps/run-a/shard/0.json",
+                 "_steps/run-b/plan/out.json"):
+        store.write_bytes(name, b"{}")
+    assert store.remove_folder("_steps/run-a") == 2
+    assert store.list("_steps") == ["_steps/run-b/plan/out.json"]
+    assert store.remove_folder("_steps/run-a") == 0
+    with pytest.raises(ValueError, match="stay below the root"):
+        store.remove_folder("../elsewhere")

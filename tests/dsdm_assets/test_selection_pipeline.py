@@ -73,6 +73,15 @@ def test_asset_checks_ran_and_passed(first_run) -> None:
                       "targets_not_in_pool": True}
 
 
+def test_step_values_are_removed_once_the_features_are_collected(first_run) -> None:
+    folder, _, result, *_ = first_run
+    assert not (folder / "store" / "_steps" / result.run_id).exists()
+    logged = [e.message for e in result.all_events
+              if e.step_key == "gradient_shards.collect_gradient_shards" and e.message]
+    assert any(m.startswith("removed ") and "step values of this run" in m for m in logged)
+    assert not any(m.startswith("removed 0 ") for m in logged)  # the run had step values
+
+
 def test_selection_metadata_shows_source_shares(first_run) -> None:
     _, _, result, *_ = first_run
     meta = _meta(result, "selected_subset")
