@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
@@ -56,15 +57,29 @@ def _sorted_header(data: bytes) -> bytes:
     return len(encoded).to_bytes(8, "little") + encoded + data[8 + length :]
 
 
-def features_from_bytes(data: bytes) -> Features:
-    tensors = safetensors_load(data)
+def features_from_bytes(data: bytes, source: str) -> Features:
+    """A feature shard written by `features_to_bytes`; `source` (its path) names it in the
+    ValueError raised for a truncated or foreign file."""
+    try:
+        tensors = safetensors_load(data)
+    except SafetensorError as error:
+        raise ValueError(f"{source}: not a readable feature shard ({error})") from error
+    missing = sorted({"phi", "q", "margin"} - set(tensors))
+    if missing:
+        raise ValueError(f"{source}: feature shard without tensor(s) {missing}")
     return Features(phi=tensors["phi"], q=tensors["q"], margin=tensors["margin"])
 
 
-def feature_header(data: bytes) -> dict[str, str]:
-    """The safetensors metadata of a feature shard (read without loading tensors)."""
+def feature_header(data: bytes, source: str) -> dict[str, str]:
+    """The safetensors metadata of a feature shard (read without loading tensors); a
+    ValueError naming `source` when the header is cut or not JSON."""
     length = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + length]).get("__metadata__", {})
+    try:
+        if len(data) < 8 + length:
+            raise ValueError(f"header of {length} bytes, file of {len(data)}")
+        return json.loads(data[8 : 8 + length]).get("__metadata__", {})
+    except ValueError as error:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{source}: not a readable feature shard ({error})") from error
 
 
 def ensemble_scores(

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -286,12 +287,18 @@ def proxy_to_bytes(model: torch.nn.Module) -> bytes:
 
 
 def load_proxy(
-    config: Mapping[str, Any], weights: bytes, *, device: torch.device | str = "cpu"
+    config: Mapping[str, Any], weights: bytes, *, device: torch.device | str = "cpu",
+    source: str = "proxy weights",
 ) -> GPTNeoXForCausalLM:
     """Rebuild a proxy from `ProxyConfig.to_dict()` and `proxy_to_bytes()` output (eval mode).
 
-    Loading is strict: a missing or unexpected tensor raises.
+    Loading is strict: a missing or unexpected tensor raises. `source` (the file's path)
+    names the file in the ValueError raised for a truncated or foreign one.
     """
     model = build_proxy(ProxyConfig.model_validate(dict(config)))
-    model.load_state_dict(safetensors_load(weights), strict=True)
+    try:
+        state = safetensors_load(weights)
+    except SafetensorError as error:
+        raise ValueError(f"{source}: not a readable proxy checkpoint ({error})") from error
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval()

@@ -223,7 +223,8 @@ def proxy_checkpoints(
 
 def _load_proxy(store: ArtifactStore, checkpoint_path: str, device: torch.device):
     config = store.read_json(checkpoint_path.replace("model.safetensors", "config.json"))
-    return load_proxy(config, store.read_bytes(checkpoint_path), device=device)
+    return load_proxy(config, store.read_bytes(checkpoint_path), device=device,
+                      source=store.uri(checkpoint_path))
 
 
 def _featurise(model, table: pa.Table, config: FeatureConfig, proxy: int, source: str,
@@ -240,9 +241,9 @@ def _featurise(model, table: pa.Table, config: FeatureConfig, proxy: int, source
     return data, seconds
 
 
-def _nonfinite(data: bytes) -> tuple[int, int]:
-    """(NaN/inf values in phi and q, feature dimension d) of a feature file."""
-    features = features_from_bytes(data)
+def _nonfinite(data: bytes, source: str) -> tuple[int, int]:
+    """(NaN/inf values in phi and q, feature dimension d) of the feature file at `source`."""
+    features = features_from_bytes(data, source)
     bad = (~torch.isfinite(features.phi)).sum() + (~torch.isfinite(features.q)).sum()
     return int(bad), int(features.phi.shape[1])
 
@@ -300,7 +301,7 @@ def featurise_gradient_shard(context: dg.OpExecutionContext, work: dict,
     path = f"{work['folder']}/{work['name']}"
     if artifacts.exists(path):
         data, stored = adopt_file(artifacts, path)
-        rows, seconds, computed = int(feature_header(data)["rows"]), 0.0, False
+        rows, seconds, computed = int(feature_header(data, stored.uri)["rows"]), 0.0, False
         context.log.info(f"{work['name']}: finished by an earlier attempt, adopting")
     else:
         device = compute.setup()
@@ -312,7 +313,7 @@ def featurise_gradient_shard(context: dg.OpExecutionContext, work: dict,
         rows, computed = table.num_rows, True
         context.log.info(f"{work['name']}: {rows} examples, {rows / max(seconds, 1e-9):.1f} "
                          "examples/s")
-    nonfinite, dim = _nonfinite(data)
+    nonfinite, dim = _nonfinite(data, stored.uri)
     return {"name": work["name"], "uri": stored.uri, "sha256": stored.sha256,
             "size_bytes": stored.size_bytes, "rows": rows, "computed": computed,
             "seconds": seconds, "nonfinite": nonfinite, "dim": dim}
@@ -439,7 +440,7 @@ def target_gradients(
                 writer.write_bytes(name, data, kind="targets", rows=table.num_rows)
                 computed, rows, seconds = computed + 1, rows + table.num_rows, seconds + took
                 context.log.info(f"proxy {m} targets: {table.num_rows} examples in {took:.1f}s")
-            bad, dim = _nonfinite(data)
+            bad, dim = _nonfinite(data, artifacts.uri(f"{writer.folder}/{name}"))
             nonfinite += bad
         manifest = writer.finish({
             "proxies": len(writer.written), "targets": table.num_rows, "dim": dim,
@@ -526,15 +527,16 @@ def datamodel_weights(
         digest = hashlib.sha256("\n".join(select_ids).encode()).hexdigest()
         target_phi = []
         for m in range(num_proxies):
-            data = artifacts.read_bytes(target_grads_up.path_of(f"proxy-{m:02d}/targets.safetensors"))
-            if feature_header(data).get("example_ids_sha256") != digest:
+            path = target_grads_up.path_of(f"proxy-{m:02d}/targets.safetensors")
+            data = artifacts.read_bytes(path)
+            if feature_header(data, artifacts.uri(path)).get("example_ids_sha256") != digest:
                 raise dg.Failure("target_gradients were made for other targets than target_tasks' "
                                  "select split; re-materialise target_gradients")
-            target_phi.append(features_from_bytes(data).phi)
+            target_phi.append(features_from_bytes(data, artifacts.uri(path)).phi)
 
         def load_shard(m: int, k: int):
-            return features_from_bytes(
-                artifacts.read_bytes(grads_up.path_of(f"proxy-{m:02d}/shard-{k:05d}.safetensors")))
+            path = grads_up.path_of(f"proxy-{m:02d}/shard-{k:05d}.safetensors")
+            return features_from_bytes(artifacts.read_bytes(path), artifacts.uri(path))
 
         select_targets = targets.filter(pl.Series(select))
         writer.write_parquet("target_columns.parquet", select_targets.to_arrow(), kind="columns")
@@ -543,8 +545,8 @@ def datamodel_weights(
                                                 config.lambda_relative)):
             corpus_file = corpus_up.files("examples")[k]
             ids = artifacts.read_parquet(corpus_file["path"], columns=["example_id"]).column(0)
-            header = feature_header(
-                artifacts.read_bytes(grads_up.path_of(f"proxy-00/shard-{k:05d}.safetensors")))
+            path = grads_up.path_of(f"proxy-00/shard-{k:05d}.safetensors")
+            header = feature_header(artifacts.read_bytes(path), artifacts.uri(path))
             if int(header["rows"]) != len(ids):
                 raise dg.Failure(f"feature shard {k} has {header['rows']} rows, corpus {len(ids)}")
             writer.write_bytes(f"tau-{k:05d}.safetensors",

@@ -423,7 +423,8 @@ def semdedup_subset(
             entry = proxies_up.files("checkpoint")[0]
             model = load_proxy(
                 artifacts.read_json(entry["path"].replace("model.safetensors", "config.json")),
-                artifacts.read_bytes(entry["path"]), device=device)
+                artifacts.read_bytes(entry["path"]), device=device,
+                source=artifacts.uri(entry["path"]))
             parts = []
             for f in corpus_up.files("examples"):
                 table = artifacts.read_parquet(f["path"])
