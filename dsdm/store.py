@@ -73,6 +73,11 @@ class ArtifactStore:
         rel = [p[len(self.root) + 1 :] if p.startswith(self.root) else p for p in found]
         return sorted(r for r in rel if ".part-" not in r.rsplit("/", 1)[-1])
 
+    def remove_file(self, relpath: str) -> None:
+        """Delete the file at ``relpath`` if it exists."""
+        if self.exists(relpath):
+            self.fs.rm_file(self.path(relpath))
+
     def remove_folder(self, relpath: str) -> int:
         """Delete the folder ``relpath`` and everything below it; returns the files removed
         (0 when it does not exist)."""
@@ -114,6 +119,24 @@ class ArtifactStore:
         sink = io.BytesIO()
         pq.write_table(table, sink, compression="zstd")
         return self.write_bytes(relpath, sink.getvalue())
+
+    def sha256(self, relpath: str, chunk_bytes: int = 1 << 22) -> str:
+        """sha256 of the file at ``relpath``, streamed (memory: one chunk)."""
+        digest = hashlib.sha256()
+        with self.fs.open(self.path(relpath), "rb") as handle:
+            while chunk := handle.read(chunk_bytes):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def mismatch(self, relpath: str, sha256: str, size_bytes: int | None = None) -> str | None:
+        """Why the file at ``relpath`` is not the one recorded (missing, other size, other
+        sha256), or None when it is. The size is compared first: it costs no read."""
+        if not self.exists(relpath):
+            return "missing"
+        if size_bytes is not None and (size := self.fs.size(self.path(relpath))) != size_bytes:
+            return f"{size} bytes, recorded {size_bytes}"
+        found = self.sha256(relpath)
+        return None if found == sha256 else f"sha256 {found[:12]}..., recorded {sha256[:12]}..."
 
     def read_parquet(self, relpath: str, columns: Iterable[str] | None = None) -> pa.Table:
         with self.fs.open(self.path(relpath), "rb") as handle:

@@ -105,6 +105,11 @@ class DatamodelConfig(StepConfig):
     )
 
 
+#: the files of one finished proxy (losses.json, written last, marks it finished) and kinds
+PROXY_FILES = {"model.safetensors": "checkpoint", "config.json": "config",
+               "subset.parquet": "subset", "losses.json": "losses"}
+
+
 def _corpus_tensors(store: ArtifactStore, corpus: Upstream, shard: int) -> tuple[pa.Table, ...]:
     table = store.read_parquet(corpus.files("examples")[shard]["path"])
     return (table, *to_tensors(table))
@@ -160,12 +165,12 @@ def proxy_checkpoints(
         proxies = []
         for m, subset in enumerate(subsets):
             folder = f"proxy-{m:02d}"
-            if writer.has(f"{folder}/losses.json"):
+            if all(writer.has(f"{folder}/{name}") for name in PROXY_FILES):
                 context.log.info(f"proxy {m}: finished earlier, reusing")
                 losses = json.loads(writer.adopt(f"{folder}/losses.json", "losses"))
-                for name, kind in (("model.safetensors", "checkpoint"), ("config.json", "config"),
-                                   ("subset.parquet", "subset")):
-                    writer.adopt(f"{folder}/{name}", kind)
+                for name, kind in PROXY_FILES.items():
+                    if name != "losses.json":
+                        writer.adopt(f"{folder}/{name}", kind)
             else:
                 proxy_config = base.model_copy(update={"seed": base.seed + m})
                 context.log.info(f"proxy {m}: training on {len(subset)} examples")
@@ -241,11 +246,24 @@ def _featurise(model, table: pa.Table, config: FeatureConfig, proxy: int, source
     return data, seconds
 
 
-def _nonfinite(data: bytes, source: str) -> tuple[int, int]:
-    """(NaN/inf values in phi and q, feature dimension d) of the feature file at `source`."""
+def _feature_stats(data: bytes, source: str) -> tuple[int, int, bool]:
+    """(NaN/inf values in phi and q, feature dimension d, whether phi is degenerate) of the
+    feature file at `source`. Degenerate: more than one row and every row the same (e.g. all
+    zeros, what a corrupted checkpoint gives), so the file carries no per-example signal."""
     features = features_from_bytes(data, source)
     bad = (~torch.isfinite(features.phi)).sum() + (~torch.isfinite(features.q)).sum()
-    return int(bad), int(features.phi.shape[1])
+    phi = features.phi
+    degenerate = len(phi) > 1 and bool((phi == phi[:1]).all())
+    return int(bad), int(phi.shape[1]), degenerate
+
+
+def _features_finite_check(summary: dict, **key) -> dg.AssetCheckResult:
+    """features_finite: no NaN/inf value and no degenerate (constant) feature file."""
+    degenerate = summary.get("degenerate_files", [])  # manifests before this check: none
+    return dg.AssetCheckResult(
+        check_name="features_finite", passed=summary["nonfinite"] == 0 and not degenerate,
+        metadata={"nonfinite_values": summary["nonfinite"],
+                  "degenerate_files": dg.MetadataValue.json(degenerate[:20])}, **key)
 
 
 def _rate(rows: int, seconds: float) -> float | None:
@@ -278,7 +296,8 @@ def plan_gradient_shards(context: dg.OpExecutionContext, config: GradientConfig,
     checkpoints = [f["path"] for f in proxies_up.files("checkpoint")]
     shards = [f["path"] for f in corpus_up.files("examples")]
     yield dg.Output({"config": config.model_dump(), "inputs": inputs, "folder": writer.folder,
-                     "reused": reused, "proxies": len(checkpoints), "shards": len(shards),
+                     "reused": reused, "replaced": writer.replaced,
+                     "proxies": len(checkpoints), "shards": len(shards),
                      "proxy_checkpoints_sha256": proxies_up.sha256}, "plan")
     if reused:
         context.log.info(f"gradient_shards for these inputs complete in {writer.folder}: reusing")
@@ -313,10 +332,10 @@ def featurise_gradient_shard(context: dg.OpExecutionContext, work: dict,
         rows, computed = table.num_rows, True
         context.log.info(f"{work['name']}: {rows} examples, {rows / max(seconds, 1e-9):.1f} "
                          "examples/s")
-    nonfinite, dim = _nonfinite(data, stored.uri)
+    nonfinite, dim, degenerate = _feature_stats(data, stored.uri)
     return {"name": work["name"], "uri": stored.uri, "sha256": stored.sha256,
             "size_bytes": stored.size_bytes, "rows": rows, "computed": computed,
-            "seconds": seconds, "nonfinite": nonfinite, "dim": dim}
+            "seconds": seconds, "nonfinite": nonfinite, "dim": dim, "degenerate": degenerate}
 
 
 @dg.op(
@@ -331,8 +350,9 @@ def collect_gradient_shards(context: dg.OpExecutionContext, plan: dict, results:
                          [tuple(i) for i in plan["inputs"]], code_version=GRADIENTS_VERSION)
     if writer.folder != plan["folder"]:
         raise dg.Failure(f"planned folder {plan['folder']} differs from {writer.folder}; a bug")
-    if plan["reused"]:
-        manifest = writer.existing()
+    writer.replaced = plan["replaced"]
+    if plan["reused"]:  # verified by the plan step
+        manifest = artifacts.read_json(writer.manifest_path)
         writer.record(manifest, reused=True)
     else:
         results = sorted(results, key=lambda r: r["name"])
@@ -346,6 +366,7 @@ def collect_gradient_shards(context: dg.OpExecutionContext, plan: dict, results:
         manifest = writer.finish({
             "proxies": plan["proxies"], "shards": plan["shards"], "dim": results[0]["dim"],
             "nonfinite": sum(r["nonfinite"] for r in results),
+            "degenerate_files": [r["name"] for r in results if r["degenerate"]],
             "files_computed": len(done), "files_reused": len(results) - len(done),
             "examples_per_s": _rate(sum(r["rows"] for r in done), sum(r["seconds"] for r in done)),
             "proxy_checkpoints_sha256": plan["proxy_checkpoints_sha256"],
@@ -359,9 +380,7 @@ def collect_gradient_shards(context: dg.OpExecutionContext, plan: dict, results:
         **writer.base_metadata(manifest, plan["reused"]),
         **_feature_metadata(summary, len(manifest["files"]), plan["reused"]),
     })
-    yield dg.AssetCheckResult(check_name="features_finite", asset_key="gradient_shards",
-                              passed=summary["nonfinite"] == 0,
-                              metadata={"nonfinite_values": summary["nonfinite"]})
+    yield _features_finite_check(summary, asset_key="gradient_shards")
 
 
 @dg.config_mapping
@@ -387,7 +406,8 @@ with warnings.catch_warnings():
         ins={"proxy_checkpoints": dg.AssetIn(dagster_type=dg.Nothing),
              "tokenized_corpus": dg.AssetIn(dagster_type=dg.Nothing)},
         check_specs=[dg.AssetCheckSpec("features_finite", asset="gradient_shards", blocking=True,
-                                       description="No NaN/inf in any projected gradient or q.")],
+                                       description="No NaN/inf in any projected gradient or "
+                                       "q, and no feature file whose rows are all alike.")],
         config=_gradient_shards_config,
         resource_defs={STEP_IO: step_json_io_manager},
         description="Per proxy and corpus shard: projected per-example gradients phi of the "
@@ -400,7 +420,8 @@ with warnings.catch_warnings():
     group_name=GROUP, partitions_def=crawl_partitions, code_version=TARGET_GRADIENTS_VERSION,
     op_tags=GPU_STEP_TAGS, deps=[proxy_checkpoints, target_tasks],
     check_specs=[dg.AssetCheckSpec("features_finite", asset="target_gradients", blocking=True,
-                                   description="No NaN/inf in any target gradient or q.")],
+                                   description="No NaN/inf in any target gradient or q, "
+                                   "and no proxy's target features all alike.")],
     description="Per proxy: the target examples' projected gradients, with the same projection "
     "as gradient_shards (give both the same config). Apart from the candidates, so a new "
     "target-task set recomputes only these.",
@@ -429,7 +450,7 @@ def target_gradients(
         # Only select-split targets become datamodel columns; the eval split stays unseen.
         table = table.filter(pc.equal(table.column("split"), "select"))
         feature_config = FeatureConfig.model_validate(config.model_dump())
-        nonfinite, computed, rows, seconds = 0, 0, 0, 0.0
+        nonfinite, degenerate, computed, rows, seconds = 0, [], 0, 0, 0.0
         for m, checkpoint in enumerate(f["path"] for f in proxies_up.files("checkpoint")):
             name = f"proxy-{m:02d}/targets.safetensors"
             if writer.has(name):
@@ -440,11 +461,12 @@ def target_gradients(
                 writer.write_bytes(name, data, kind="targets", rows=table.num_rows)
                 computed, rows, seconds = computed + 1, rows + table.num_rows, seconds + took
                 context.log.info(f"proxy {m} targets: {table.num_rows} examples in {took:.1f}s")
-            bad, dim = _nonfinite(data, artifacts.uri(f"{writer.folder}/{name}"))
+            bad, dim, constant = _feature_stats(data, artifacts.uri(f"{writer.folder}/{name}"))
             nonfinite += bad
+            degenerate += [name] if constant else []
         manifest = writer.finish({
             "proxies": len(writer.written), "targets": table.num_rows, "dim": dim,
-            "nonfinite": nonfinite, "files_computed": computed,
+            "nonfinite": nonfinite, "degenerate_files": degenerate, "files_computed": computed,
             "files_reused": len(writer.written) - computed,
             "examples_per_s": _rate(rows, seconds),
             "proxy_checkpoints_sha256": proxies_up.sha256,
@@ -454,10 +476,7 @@ def target_gradients(
         data_version=writer.data_version,
         metadata={**writer.base_metadata(manifest, reused),
                   **_feature_metadata(summary, len(manifest["files"]), reused)},
-        check_results=[dg.AssetCheckResult(
-            check_name="features_finite", passed=summary["nonfinite"] == 0,
-            metadata={"nonfinite_values": summary["nonfinite"]},
-        )],
+        check_results=[_features_finite_check(summary)],
     )
 
 

@@ -54,7 +54,25 @@ def read_upstream(
         raise dg.Failure(f"latest {asset} materialisation for {crawl!r} has no manifest path")
     path = metadata[MANIFEST_KEY].value
     data = store.read_bytes(path)
-    return Upstream(path, store.uri(path), hashlib.sha256(data).hexdigest(), json.loads(data))
+    upstream = Upstream(path, store.uri(path), hashlib.sha256(data).hexdigest(), json.loads(data))
+    changed = verify_files(store, upstream.manifest)
+    if changed:
+        listed = "; ".join(f"{p}: {reason}" for p, reason in changed.items())
+        raise dg.Failure(f"{asset} for crawl {crawl!r}: {len(changed)} stored file(s) are not what "
+                         f"its manifest recorded ({listed}); materialise {asset} again, which "
+                         "recomputes exactly those")
+    return upstream
+
+
+def verify_files(store: ArtifactStore, manifest: dict[str, Any]) -> dict[str, str]:
+    """Store path -> why it differs, for every file of ``manifest`` that is missing or is not
+    the size and sha256 recorded (sha256 streamed; nothing is loaded)."""
+    changed = {}
+    for f in manifest["files"]:
+        reason = store.mismatch(f["path"], f["sha256"], f.get("size_bytes"))
+        if reason:
+            changed[f["path"]] = reason
+    return changed
 
 
 def adopt_file(store: ArtifactStore, path: str) -> tuple[bytes, StoredArtifact]:
@@ -81,6 +99,8 @@ class AssetWriter:
     written: list[tuple[str, StoredArtifact, int | None, str, bool]] = field(default_factory=list)
     shared: set[str] = field(default_factory=set)
     """Names in `written` that are store paths outside `folder` (see `write_shared`)."""
+    replaced: dict[str, str] = field(default_factory=dict)
+    """Store path -> reason, for files of an earlier manifest found changed (`existing`)."""
 
     @property
     def crawl(self) -> str:
@@ -99,9 +119,21 @@ class AssetWriter:
         return f"{self.folder}/manifest.json"
 
     def existing(self) -> dict[str, Any] | None:
-        """The manifest of an earlier run with identical config and inputs, if complete."""
-        if self.store.exists(self.manifest_path):
-            return self.store.read_json(self.manifest_path)
+        """The manifest of an earlier run with identical config and inputs, if complete and
+        every file it lists is still the one it recorded. A missing or changed file is
+        logged and removed with the manifest, so the asset recomputes it (adopting the files
+        that are intact); the new manifest and its lineage rows name what was replaced."""
+        if not self.store.exists(self.manifest_path):
+            return None
+        manifest = self.store.read_json(self.manifest_path)
+        self.replaced = verify_files(self.store, manifest)
+        if not self.replaced:
+            return manifest
+        for path, reason in self.replaced.items():
+            self.context.log.warning(f"{self.asset}: stored {path} is not the file its manifest "
+                                     f"recorded ({reason}); recomputing it")
+            self.store.remove_file(path)
+        self.store.remove_file(self.manifest_path)
         return None
 
     def write_parquet(self, name: str, table: pa.Table, kind: str) -> StoredArtifact:
@@ -161,6 +193,7 @@ class AssetWriter:
                 for name, s, rows, kind, adopted in self.written
             ],
             "summary": summary,
+            **({"replaced": self.replaced} if self.replaced else {}),
         }
         self.store.write_json(self.manifest_path, manifest)
         self.record(manifest, reused=False)
@@ -177,7 +210,10 @@ class AssetWriter:
         records = [
             ArtifactRecord(uri=f["uri"], sha256=f["sha256"], size_bytes=f["size_bytes"],
                            row_count=f["rows"],
-                           extra={"kind": f["kind"], "adopted": f.get("adopted", False)}, **common)
+                           extra={"kind": f["kind"], "adopted": f.get("adopted", False),
+                                  **({"replaced": manifest["replaced"][f["path"]]}
+                                     if f["path"] in manifest.get("replaced", {}) else {})},
+                           **common)
             for f in manifest["files"]
         ]
         records.append(ArtifactRecord(

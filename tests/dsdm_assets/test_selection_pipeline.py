@@ -3,6 +3,7 @@ runs are deterministic, and an interrupted featurisation resumes from its finish
 
 import copy
 import hashlib
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -74,12 +75,11 @@ def test_asset_checks_ran_and_passed(first_run) -> None:
 
 
 def test_step_values_are_removed_once_the_features_are_collected(first_run) -> None:
-    folder, _, result, *_ = first_run
+    folder, _, result, instance, _ = first_run
     assert not (folder / "store" / "_steps" / result.run_id).exists()
-    logged = [e.message for e in result.all_events
-              if e.step_key == "gradient_shards.collect_gradient_shards" and e.message]
-    assert any(m.startswith("removed ") and "step values of this run" in m for m in logged)
-    assert not any(m.startswith("removed 0 ") for m in logged)  # the run had step values
+    (logged,) = [e.user_message for e in instance.all_logs(result.run_id)
+                 if "step values of this run" in e.user_message]
+    assert logged.startswith("removed ") and not logged.startswith("removed 0 ")
 
 
 def test_selection_metadata_shows_source_shares(first_run) -> None:
@@ -125,3 +125,46 @@ def test_interrupted_featurisation_resumes_from_finished_shards(first_run) -> No
     assert meta["files_reused"] == len(files) - len(lost)
     assert meta["files_computed"] == len(lost)
     assert meta["config_hash"] == grads["config_hash"]
+
+
+def test_a_changed_or_missing_stored_file_is_recomputed_not_trusted(first_run) -> None:
+    folder, resources, result, instance, config = first_run
+    by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
+    grads = _meta(result, "gradient_shards")
+    grad_folder = folder / "store" / grads["dsdm/manifest"].rsplit("/", 1)[0]
+    flipped, deleted = grad_folder / "proxy-00" / "shard-00001.safetensors", \
+        grad_folder / "proxy-01" / "shard-00000.safetensors"
+    originals = {f: f.read_bytes() for f in (flipped, deleted)}
+    damaged = bytearray(originals[flipped])
+    damaged[-64] ^= 0b101  # two bits of one float: same size, other sha256
+    flipped.write_bytes(bytes(damaged))
+    deleted.unlink()
+
+    # A reader of the damaged asset refuses it, naming both files.
+    reader = dg.materialize([by_name["datamodel_weights"]], partition_key="small",
+                            instance=instance, resources=resources, raise_on_error=False)
+    (failure,) = [e for e in reader.all_events if e.is_step_failure]
+    message = failure.step_failure_data.error.message
+    assert "2 stored file(s) are not what its manifest recorded" in message
+    assert "proxy-00/shard-00001.safetensors: sha256" in message
+    assert "proxy-01/shard-00000.safetensors: missing" in message
+
+    # Re-materialising it recomputes exactly those two files, byte for byte, and says so.
+    rerun = dg.materialize([by_name["gradient_shards"]], partition_key="small",
+                           instance=instance, resources=resources,
+                           run_config={"ops": {"gradient_shards": config["ops"]["gradient_shards"]}})
+    meta = _meta(rerun, "gradient_shards")
+    assert meta["reused"] is False and meta["files_reused"] == len(list(
+        grad_folder.glob("proxy-*/*.safetensors"))) - 2
+    assert all(f.read_bytes() == data for f, data in originals.items())
+    warnings = [e.user_message for e in instance.all_logs(rerun.run_id)
+                if "is not the file its manifest recorded" in e.user_message]
+    assert len(warnings) == 2
+    manifest = json.loads((grad_folder / "manifest.json").read_text())
+    assert sorted(p.rsplit("/", 2)[-2] for p in manifest["replaced"]) == ["proxy-00", "proxy-01"]
+    rows = duckdb.connect(str(folder / "lineage.duckdb"), read_only=True).sql(
+        "SELECT uri, json_extract_string(extra, '$.replaced') AS why FROM artifacts "
+        "WHERE run_id = $run AND why IS NOT NULL", params={"run": rerun.run_id}).fetchall()
+    assert sorted(uri.rsplit("/", 2)[-2] for uri, _ in rows) == ["proxy-00", "proxy-01"]
+    assert dg.materialize([by_name["datamodel_weights"]], partition_key="small",
+                          instance=instance, resources=resources).success
