@@ -39,7 +39,13 @@ from dsdm.trak import LAMBDA_RELATIVE
 from dsdm_assets.config import StepConfig
 from dsdm_assets.ingest import target_tasks, tokenized_corpus, tokenizer
 from dsdm_assets.partitions import crawl_partitions
-from dsdm_assets.recording import AssetWriter, Upstream, adopt_file, read_upstream
+from dsdm_assets.recording import (
+    AssetWriter,
+    Upstream,
+    adopt_file,
+    read_upstream,
+    require_made_from,
+)
 from dsdm_assets.tables import markdown_table
 from resources import ArtifactStoreResource, ComputeResource, LineageResource
 from resources.storage import step_json_io_manager, step_values_folder
@@ -289,6 +295,7 @@ def plan_gradient_shards(context: dg.OpExecutionContext, config: GradientConfig,
     artifacts = store.get_store()
     proxies_up = read_upstream(context, artifacts, "proxy_checkpoints")
     corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
+    require_made_from(proxies_up, "proxy_checkpoints", corpus_up, "tokenized_corpus")
     inputs = [(u.uri, u.sha256) for u in (proxies_up, corpus_up)]
     writer = AssetWriter(context, artifacts, lineage.get_db(), "gradient_shards",
                          config.model_dump(), inputs, code_version=GRADIENTS_VERSION)
@@ -418,7 +425,7 @@ with warnings.catch_warnings():
 
 @dg.asset(
     group_name=GROUP, partitions_def=crawl_partitions, code_version=TARGET_GRADIENTS_VERSION,
-    op_tags=GPU_STEP_TAGS, deps=[proxy_checkpoints, target_tasks],
+    op_tags=GPU_STEP_TAGS, deps=[proxy_checkpoints, target_tasks, tokenizer],
     check_specs=[dg.AssetCheckSpec("features_finite", asset="target_gradients", blocking=True,
                                    description="No NaN/inf in any target gradient or q, "
                                    "and no proxy's target features all alike.")],
@@ -436,6 +443,9 @@ def target_gradients(
     artifacts, db = store.get_store(), lineage.get_db()
     proxies_up = read_upstream(context, artifacts, "proxy_checkpoints")
     targets_up = read_upstream(context, artifacts, "target_tasks")
+    tok_up = read_upstream(context, artifacts, "tokenizer")
+    require_made_from(proxies_up, "proxy_checkpoints", tok_up, "tokenizer")
+    require_made_from(targets_up, "target_tasks", tok_up, "tokenizer")
     writer = AssetWriter(context, artifacts, db, "target_gradients", config.model_dump(),
                          [(u.uri, u.sha256) for u in (proxies_up, targets_up)],
                          code_version=TARGET_GRADIENTS_VERSION)

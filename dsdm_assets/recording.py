@@ -64,6 +64,15 @@ def read_upstream(
     return upstream
 
 
+def require_made_from(made: Upstream, made_name: str, source: Upstream, source_name: str) -> None:
+    """Fail unless ``made`` (e.g. the proxies) was built from this very ``source`` (e.g. the
+    latest tokenized corpus): after a new tokenizer, proxies of the old one would embed or
+    featurise token ids that mean other text."""
+    if {"uri": source.uri, "sha256": source.sha256} not in made.manifest["inputs"]:
+        raise dg.Failure(f"{made_name} was built from another {source_name} than the latest "
+                         f"({source.path}); materialise {made_name} again first")
+
+
 def verify_files(store: ArtifactStore, manifest: dict[str, Any]) -> dict[str, str]:
     """Store path -> why it differs, for every file of ``manifest`` that is missing or is not
     the size and sha256 recorded (sha256 streamed; nothing is loaded)."""

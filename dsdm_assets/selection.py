@@ -34,7 +34,7 @@ from dsdm_assets.config import StepConfig
 from dsdm_assets.datamodels import GPU_STEP_TAGS, datamodel_weights, proxy_checkpoints
 from dsdm_assets.ingest import target_tasks, tokenized_corpus, tokenizer
 from dsdm_assets.partitions import crawl_partitions
-from dsdm_assets.recording import AssetWriter, Upstream, read_upstream
+from dsdm_assets.recording import AssetWriter, Upstream, read_upstream, require_made_from
 from dsdm_assets.tables import bounded, markdown_table, metadata_key
 from resources import ArtifactStoreResource, ComputeResource, LineageResource
 
@@ -414,6 +414,7 @@ def semdedup_subset(
     proxies_up = None
     if method.embedder == "proxy":
         proxies_up = read_upstream(context, artifacts, "proxy_checkpoints")
+        require_made_from(proxies_up, "proxy_checkpoints", corpus_up, "tokenized_corpus")
         inputs.append(proxies_up)
     pool = _pool(artifacts, corpus_up)
 

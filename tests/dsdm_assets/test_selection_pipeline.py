@@ -168,3 +168,20 @@ def test_a_changed_or_missing_stored_file_is_recomputed_not_trusted(first_run) -
     assert sorted(uri.rsplit("/", 2)[-2] for uri, _ in rows) == ["proxy-00", "proxy-01"]
     assert dg.materialize([by_name["datamodel_weights"]], partition_key="small",
                           instance=instance, resources=resources).success
+
+
+def test_proxies_of_another_tokenizer_are_refused(first_run) -> None:
+    _, resources, _, instance, config = first_run
+    by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
+    retokenised = dg.materialize(
+        [by_name["tokenizer"], by_name["tokenized_corpus"]], partition_key="small",
+        instance=instance, resources=resources,
+        run_config={"ops": {"tokenizer": {"config": {"vocab_size": 768}},
+                            "tokenized_corpus": config["ops"]["tokenized_corpus"]}})
+    assert retokenised.success
+    for asset in ("semdedup_subset", "gradient_shards", "target_gradients"):
+        run_config = {"ops": {asset: config["ops"].get(asset, {"config": {"embedder": "proxy"}})}}
+        refused = dg.materialize([by_name[asset]], partition_key="small", instance=instance,
+                                 resources=resources, run_config=run_config, raise_on_error=False)
+        (failure,) = [e for e in refused.all_events if e.is_step_failure]
+        assert "proxy_checkpoints was built from another" in failure.step_failure_data.error.message
