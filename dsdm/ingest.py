@@ -214,7 +214,31 @@ def _validate(raw: _RawRow, config: IngestConfig) -> _RawRow | tuple[str, dict[s
             raw.file, raw.row, None, "too_long",
             f"{len(normalised)} chars > max_chars {config.max_chars}", excerpt,
         )
+    problem = _metadata_problem(record, config)
+    if problem:
+        return _RawRow(raw.file, raw.row, None, "bad_field", problem, excerpt)
     return normalised, record
+
+
+#: longest value of each metadata field a document may carry, in characters
+FIELD_MAX_CHARS = {"source": 256, "id": 1024, "url": 4096, "license": 256}
+
+
+def _metadata_problem(record: dict[str, Any], config: IngestConfig) -> str | None:
+    """Why a document's source, id, url or license cannot be stored (a lone surrogate is not
+    encodable as UTF-8; a 5 MB source name would flood every table and event), or None."""
+    fields = {"source": config.source_field, "id": config.id_field, "url": "url",
+              "license": "license"}
+    for role, name in fields.items():
+        value = record.get(name)
+        if value is None:
+            continue
+        text = str(value)
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+            return f"{name!r} has a lone surrogate (not encodable as UTF-8)"
+        if len(text) > FIELD_MAX_CHARS[role]:
+            return f"{name!r} is {len(text)} chars > {FIELD_MAX_CHARS[role]}"
+    return None
 
 
 def ingest_crawl(

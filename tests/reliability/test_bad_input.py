@@ -126,3 +126,23 @@ def test_a_document_of_zero_width_characters_is_empty_text(tmp_path, demo_rows) 
     assert _reasons(result) == [("zw.jsonl", 1, "empty_text")]
     assert "no visible characters" in result.quarantine["detail"][0]
     assert result.documents.height == 2 and result.reconciles()
+
+
+@pytest.mark.parametrize(("field", "value", "detail"), [
+    ("source", "wiki\ud800pedia", "'source' has a lone surrogate"),
+    ("id", "\udfff", "'id' has a lone surrogate"),
+    ("url", "https://example.org/\ud800", "'url' has a lone surrogate"),
+    ("source", "s" * 5_000_000, "'source' is 5000000 chars > 256"),
+    ("url", "https://example.org/" + "a" * 5000, "'url' is 5020 chars > 4096"),
+])
+def test_a_bad_metadata_field_quarantines_its_row(tmp_path, demo_rows, field, value, detail) -> None:
+    bad = {**demo_rows[2], field: value}
+    # json.dumps writes a lone surrogate as the escape \\udXXX, which json.loads accepts
+    crawl = _crawl(tmp_path, {"f.jsonl": _jsonl([demo_rows[0], bad, demo_rows[1]])})
+    result = ingest_crawl(str(crawl))
+    assert _reasons(result) == [("f.jsonl", 1, "bad_field")]
+    assert result.quarantine["detail"][0].startswith(detail)
+    assert len(result.quarantine["excerpt"][0]) <= 200
+    assert result.documents.height == 2 and result.reconciles()
+    result.documents.write_parquet(tmp_path / "docs.parquet")  # every stored string encodes
+    result.quarantine.write_parquet(tmp_path / "quarantine.parquet")
