@@ -13,7 +13,9 @@ reconcile: ``rows_read = accepted + quarantined + duplicates``.
 import gzip
 import hashlib
 import json
+import os
 import re
+import stat
 import unicodedata
 import zlib
 from collections.abc import Iterator
@@ -118,6 +120,22 @@ def list_shards(crawl_url: str, storage_options: dict[str, Any] | None = None) -
     return shards
 
 
+def shard_refusal(fs: Any, root: str, path: str) -> str | None:
+    """Why the shard at `path` must not be read, or None. On a local crawl folder only regular
+    files inside it are read: a link that leads out of the folder (its lines would land in the
+    quarantine excerpts) or to a device, FIFO or socket (a read that never ends) is refused.
+    Object stores have neither."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if not protocols & {"file", "local"}:
+        return None
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        return f"a link to {real}, outside the crawl folder"
+    if not stat.S_ISREG(os.stat(real).st_mode):
+        return "not a regular file (a device, FIFO or socket)"
+    return None
+
+
 @dataclass(frozen=True)
 class _RawRow:
     file: str
@@ -128,12 +146,38 @@ class _RawRow:
     excerpt: str | None = None
 
 
-def _iter_jsonl(fs: Any, path: str) -> Iterator[_RawRow]:
+def max_line_bytes(config: IngestConfig) -> int:
+    """Longest JSON line that can hold an accepted document: max_chars characters of at most
+    12 bytes each (a non-BMP character written as a JSON surrogate-pair escape) plus 64 KiB for
+    the other fields. A longer line is quarantined as it streams, never held whole."""
+    return 12 * config.max_chars + (1 << 16)
+
+
+def _bounded_lines(stream: Any, max_bytes: int) -> Iterator[tuple[bytes, int]]:
+    """(line, length) of each line; a line longer than `max_bytes` comes back as its first
+    EXCERPT_CHARS bytes with its full length, the rest read and dropped in chunks, so memory
+    stays within `max_bytes` whatever the input (a 200 MB line, a gzip bomb)."""
+    while line := stream.readline(max_bytes + 1):
+        if len(line) <= max_bytes or line.endswith(b"\n"):
+            yield line, len(line)
+            continue
+        head, length = line[:EXCERPT_CHARS], len(line)
+        while not line.endswith(b"\n") and (line := stream.readline(1 << 20)):
+            length += len(line)
+        yield head, length
+
+
+def _iter_jsonl(fs: Any, path: str, line_limit: int) -> Iterator[_RawRow]:
     with fs.open(path, "rb") as raw:
         stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
         row = -1
         try:
-            for row, line in enumerate(stream):
+            for row, (line, length) in enumerate(_bounded_lines(stream, line_limit)):
+                if length > line_limit:
+                    yield _RawRow(path, row, None, "line_too_long",
+                                  f"{length} bytes > {line_limit} (12 x max_chars + 64 KiB)",
+                                  line[:EXCERPT_CHARS].decode("utf-8", errors="replace"))
+                    continue
                 # A byte-order mark is an encoding artefact, not content.
                 yield _parse_json_line(path, row, line.removeprefix(b"\xef\xbb\xbf") if row == 0 else line)
         except (EOFError, OSError, zlib.error) as error:
@@ -252,17 +296,22 @@ def ingest_crawl(
     ``progress``, if given, is called as ``progress(file, rows_so_far)`` after each shard.
     """
     config = config or IngestConfig()
-    fs, _ = fsspec.core.url_to_fs(crawl_url, **(storage_options or {}))
+    fs, root = fsspec.core.url_to_fs(crawl_url, **(storage_options or {}))
     shards = list_shards(crawl_url, storage_options)
     docs: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     first_seen: dict[str, tuple[str, int | None]] = {}
     rows_read = 0
     for path in shards:
+        refusal = shard_refusal(fs, root, path)
+        if refusal:  # one row read, as for any whole-file failure
+            rows_read += 1
+            rejected.append(_quarantine_row(_RawRow(path, None, None, "refused_file", refusal)))
+            continue
         if path.endswith(".parquet"):
             rows = _iter_parquet(fs, path, config.text_field)
         else:
-            rows = _iter_jsonl(fs, path)
+            rows = _iter_jsonl(fs, path, max_line_bytes(config))
         for raw in rows:
             # A whole-file failure (schema mismatch, unreadable tail) counts as one row read.
             rows_read += 1

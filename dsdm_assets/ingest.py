@@ -13,7 +13,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from dsdm.contamination import find_overlaps
-from dsdm.ingest import IngestConfig, ingest_crawl, list_shards
+from dsdm.ingest import IngestConfig, ingest_crawl, list_shards, shard_refusal
 from dsdm.tasks import read_tasks, tokenize_tasks, validate_task_name
 from dsdm.tokenization import (
     TokenizerConfig,
@@ -93,9 +93,11 @@ def documents(
     crawl_url = crawls.crawl_url(context.partition_key)
     options = crawls.storage_options()
     artifacts, db = store.get_store(), lineage.get_db()
-    fs, _ = fsspec.core.url_to_fs(crawl_url, **options)
+    fs, root = fsspec.core.url_to_fs(crawl_url, **options)
     shards = list_shards(crawl_url, options)
-    inputs = [(fs.unstrip_protocol(p), _file_sha256(fs, p)) for p in shards]
+    # A refused shard (a link out of the folder, a device) is never opened, here or in ingest.
+    inputs = [(fs.unstrip_protocol(p), _file_sha256(fs, p) if not shard_refusal(fs, root, p)
+               else "refused") for p in shards]
     writer = AssetWriter(context, artifacts, db, "documents", config.model_dump(), inputs)
 
     manifest = writer.existing()

@@ -43,15 +43,19 @@ def test_empty_files_are_reported_not_skipped(tmp_path, demo_rows) -> None:
     assert result.documents.height == 3 and result.reconciles()
 
 
-def test_a_50_mb_document_is_quarantined_as_too_long(tmp_path, demo_rows) -> None:
+def test_a_document_over_max_chars_is_quarantined_as_too_long(tmp_path, demo_rows) -> None:
     text = demo_rows[0]["text"]
-    huge = (text + "\n\n") * (50_000_000 // (len(text) + 2) + 1)
-    crawl = _crawl(tmp_path, {"big.jsonl": _jsonl([{"id": "big", "text": huge}, demo_rows[1]])})
-    result = ingest_crawl(str(crawl))
-    (row,) = result.quarantine.to_dicts()
-    assert row["reason"] == "too_long" and row["row"] == 0
-    assert "max_chars 1000000" in row["detail"] and len(row["excerpt"]) <= 200
-    assert result.documents.height == 1 and result.reconciles()
+    for size, reason, detail in ((2_000_000, "too_long", "max_chars 1000000"),
+                                 (50_000_000, "line_too_long", "(12 x max_chars + 64 KiB)")):
+        huge = (text + "\n\n") * (size // (len(text) + 2) + 1)
+        (tmp_path / str(size)).mkdir()
+        crawl = _crawl(tmp_path / str(size), {"big.jsonl": _jsonl([{"id": "big", "text": huge},
+                                                                    demo_rows[1]])})
+        result = ingest_crawl(str(crawl))
+        (row,) = result.quarantine.to_dicts()
+        assert row["reason"] == reason and row["row"] == 0
+        assert detail in row["detail"] and len(row["excerpt"]) <= 200
+        assert result.documents.height == 1 and result.reconciles()
 
 
 def test_byte_order_mark_and_mixed_encodings(tmp_path, demo_rows) -> None:
@@ -146,3 +150,52 @@ def test_a_bad_metadata_field_quarantines_its_row(tmp_path, demo_rows, field, va
     assert result.documents.height == 2 and result.reconciles()
     result.documents.write_parquet(tmp_path / "docs.parquet")  # every stored string encodes
     result.quarantine.write_parquet(tmp_path / "quarantine.parquet")
+
+
+def test_a_200_mb_line_and_a_gzip_bomb_are_quarantined_as_they_stream(tmp_path, demo_rows) -> None:
+    import subprocess
+    import sys
+
+    long_line = b'{"id": "long", "text": "' + b"word " * 40_000_000 + b'"}\n'  # 200 MB
+    crawl = _crawl(tmp_path, {"long.jsonl": _jsonl(demo_rows[:2]) + long_line
+                              + _jsonl(demo_rows[2:4])})
+    del long_line
+    # 512 MiB of one JSON string in about 0.5 MB of gzip
+    bomb = gzip.compress(b'{"id": "bomb", "text": "' + b"a" * (1 << 29) + b'"}\n', 1)
+    (crawl / "bomb.jsonl.gz").write_bytes(bomb + gzip.compress(_jsonl(demo_rows[4:5])))
+    # In a child process, so that its peak RSS is the ingest's own: VmHWM starts afresh at
+    # exec (ru_maxrss would carry over the forking test process's).
+    script = ("import json, sys; from dsdm.ingest import ingest_crawl; "
+              "r = ingest_crawl(sys.argv[1]); "
+              "print(json.dumps({'reasons': [(x['file'].rsplit('/', 1)[-1], x['row'], x['reason'],"
+              " x['detail']) for x in r.quarantine.to_dicts()], 'docs': r.documents.height, "
+              "'ok': r.reconciles(), 'rss_mb': int([x for x in open('/proc/self/status') "
+              "if x.startswith('VmHWM')][0].split()[1]) / 1024}))")
+    out = json.loads(subprocess.run([sys.executable, "-c", script, str(crawl)], check=True,
+                                    capture_output=True, text=True).stdout)
+    assert [r[:3] for r in out["reasons"]] == [["bomb.jsonl.gz", 0, "line_too_long"],
+                                               ["long.jsonl", 2, "line_too_long"]]
+    assert "bytes > 12065536" in out["reasons"][0][3]
+    assert out["docs"] == 5 and out["ok"]
+    assert out["rss_mb"] < 300, out  # ~120 MB (imports ~100); a whole 200 MB line took 2.2 GB
+
+
+def test_links_out_of_the_crawl_and_special_files_are_refused(tmp_path, demo_rows) -> None:
+    import os
+
+    secret = tmp_path / "elsewhere" / "secret.jsonl"
+    secret.parent.mkdir()
+    secret.write_bytes(_jsonl([{"id": "s", "text": "a private line that must not be read " * 3}]))
+    crawl = _crawl(tmp_path, {"good.jsonl": _jsonl(demo_rows[:3])})
+    (crawl / "outside.jsonl").symlink_to(secret)
+    (crawl / "zero.jsonl").symlink_to("/dev/zero")
+    os.mkfifo(crawl / "pipe.jsonl")
+    (crawl / "inside.jsonl").symlink_to(crawl / "good.jsonl")  # a link within the folder is read
+    result = ingest_crawl(str(crawl))
+    reasons = {name: (reason, detail) for (name, _, reason), detail in
+               zip(_reasons(result), result.quarantine["detail"], strict=True)}
+    assert reasons["outside.jsonl"][0] == "refused_file" and "outside the crawl" in reasons["outside.jsonl"][1]
+    assert reasons["zero.jsonl"][0] == "refused_file"
+    assert reasons["pipe.jsonl"] == ("refused_file", "not a regular file (a device, FIFO or socket)")
+    assert "private" not in " ".join(result.quarantine["excerpt"].fill_null("").to_list())
+    assert result.reconciles() and result.documents.height == 3  # inside.jsonl: 3 duplicates
