@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import dagster as dg
 import pytest
+import yaml
 
-from dsdm_assets.jobs import executor_from_env
+from dsdm_assets.jobs import IN_PROCESS_ANY_CONFIG, executor_from_env
 
 PROBE = """
 import json
@@ -41,6 +43,41 @@ def test_k8s_executor_with_a_gpu_request_on_each_torch_step() -> None:
 
 def test_default_and_named_executors() -> None:
     assert executor_from_env({}) is dg.multi_or_in_process_executor
-    assert executor_from_env({"DSDM_EXECUTOR": "in_process"}) is dg.in_process_executor
+    assert executor_from_env({"DSDM_EXECUTOR": "in_process"}) is IN_PROCESS_ANY_CONFIG
     with pytest.raises(ValueError, match="DSDM_EXECUTOR='celery': choose one of"):
         executor_from_env({"DSDM_EXECUTOR": "celery"})
+
+
+def _record_pid() -> None:
+    with open(os.environ["DSDM_TEST_PID_FILE"], "a") as handle:
+        handle.write(f"{os.getpid()}\n")
+
+
+@dg.asset
+def _pid_a() -> None:
+    _record_pid()
+
+
+@dg.asset(deps=[_pid_a])
+def _pid_b() -> None:
+    _record_pid()
+
+
+def _pid_job() -> dg.JobDefinition:
+    return dg.Definitions(assets=[_pid_a, _pid_b], jobs=[dg.define_asset_job("pids")],
+                          executor=IN_PROCESS_ANY_CONFIG).resolve_job_def("pids")
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_in_process_executor_takes_every_committed_config(path: Path, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("DSDM_TEST_PID_FILE", str(tmp_path / "pids"))
+    execution = yaml.safe_load(path.read_text()).get("execution", {})
+    with dg.instance_for_test() as instance, dg.execute_job(
+            dg.reconstructable(_pid_job), instance,
+            run_config={"execution": execution} if execution else {}) as result:
+        assert result.success
+    pids = (tmp_path / "pids").read_text().split()
+    assert pids == [str(os.getpid())] * 2  # both steps ran here, even under a multiprocess block
