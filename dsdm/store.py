@@ -73,6 +73,27 @@ class ArtifactStore:
         rel = [p[len(self.root) + 1 :] if p.startswith(self.root) else p for p in found]
         return sorted(r for r in rel if ".part-" not in r.rsplit("/", 1)[-1])
 
+    def claim(self, relpath: str, on_wait: Any = None) -> Any:
+        """An exclusive claim on ``relpath`` (e.g. one asset folder) among the processes that
+        share this store, blocking while another holds it; release it with ``.close()`` (or
+        by ending the process). ``on_wait()`` is called once if it has to wait. Local stores
+        only (an advisory ``flock`` on ``_locks/<relpath>.lock``); on an object store it is
+        None: coordinate runs there with Dagster's run queue (docs/OPERATIONS.md)."""
+        if not self._is_local:
+            return None
+        import fcntl  # POSIX; the local store runs where the pipeline runs
+
+        path = self.path(f"_locks/{relpath}.lock")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        handle = open(path, "a")  # noqa: SIM115 - held open until released
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        return handle
+
     def remove_file(self, relpath: str) -> None:
         """Delete the file at ``relpath`` if it exists."""
         if self.exists(relpath):

@@ -300,6 +300,7 @@ def plan_gradient_shards(context: dg.OpExecutionContext, config: GradientConfig,
     writer = AssetWriter(context, artifacts, lineage.get_db(), "gradient_shards",
                          config.model_dump(), inputs, code_version=GRADIENTS_VERSION)
     reused = writer.existing() is not None
+    writer.release()  # the featurise steps run elsewhere; collect claims the folder again
     checkpoints = [f["path"] for f in proxies_up.files("checkpoint")]
     shards = [f["path"] for f in corpus_up.files("examples")]
     yield dg.Output({"config": config.model_dump(), "inputs": inputs, "folder": writer.folder,
@@ -358,8 +359,10 @@ def collect_gradient_shards(context: dg.OpExecutionContext, plan: dict, results:
     if writer.folder != plan["folder"]:
         raise dg.Failure(f"planned folder {plan['folder']} differs from {writer.folder}; a bug")
     writer.replaced = plan["replaced"]
-    if plan["reused"]:  # verified by the plan step
-        manifest = artifacts.read_json(writer.manifest_path)
+    # verified by the plan step; or finished by another run of this partition meanwhile
+    manifest = artifacts.read_json(writer.manifest_path) if plan["reused"] else writer.existing()
+    reused = manifest is not None
+    if reused:
         writer.record(manifest, reused=True)
     else:
         results = sorted(results, key=lambda r: r["name"])
@@ -384,8 +387,8 @@ def collect_gradient_shards(context: dg.OpExecutionContext, plan: dict, results:
     context.log.info(f"removed {removed} step values of this run from the store")
     summary = manifest["summary"]
     yield dg.Output(None, "result", data_version=writer.data_version, metadata={
-        **writer.base_metadata(manifest, plan["reused"]),
-        **_feature_metadata(summary, len(manifest["files"]), plan["reused"]),
+        **writer.base_metadata(manifest, reused),
+        **_feature_metadata(summary, len(manifest["files"]), reused),
     })
     yield _features_finite_check(summary, asset_key="gradient_shards")
 

@@ -110,6 +110,8 @@ class AssetWriter:
     """Names in `written` that are store paths outside `folder` (see `write_shared`)."""
     replaced: dict[str, str] = field(default_factory=dict)
     """Store path -> reason, for files of an earlier manifest found changed (`existing`)."""
+    _claim: Any = None
+    """This folder's claim among processes sharing the store, from `existing` to `record`."""
 
     @property
     def crawl(self) -> str:
@@ -131,7 +133,14 @@ class AssetWriter:
         """The manifest of an earlier run with identical config and inputs, if complete and
         every file it lists is still the one it recorded. A missing or changed file is
         logged and removed with the manifest, so the asset recomputes it (adopting the files
-        that are intact); the new manifest and its lineage rows name what was replaced."""
+        that are intact); the new manifest and its lineage rows name what was replaced.
+
+        First it claims the folder: a second run of the same partition waits here while the
+        first computes, then reuses its work instead of doing it twice and rewriting files the
+        first recorded. The claim is released when the lineage is recorded."""
+        if self._claim is None:
+            self._claim = self.store.claim(self.folder, on_wait=lambda: self.context.log.info(
+                f"{self.asset}: another run is computing {self.folder}; waiting to reuse it"))
         if not self.store.exists(self.manifest_path):
             return None
         manifest = self.store.read_json(self.manifest_path)
@@ -231,6 +240,13 @@ class AssetWriter:
             size_bytes=len(manifest_bytes), extra={"kind": "manifest"}, **common,
         ))
         self.lineage.record_artifacts(records)
+        self.release()
+
+    def release(self) -> None:
+        """Give up this folder's claim (see `existing`); done by `record`."""
+        if self._claim is not None:
+            self._claim.close()
+            self._claim = None
 
     def base_metadata(self, manifest: dict[str, Any], reused: bool) -> dict[str, Any]:
         return {
