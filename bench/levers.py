@@ -5,6 +5,7 @@
     python -m bench.levers lds-models --num 32             # models on random halves, cached
     python -m bench.levers features --proxies 8 --target-dim 4096 --sketch countsketch
     python -m bench.levers score --grid configs.json       # LDS + cross-task correlation
+    python -m bench.levers mixing --variant '{...}'        # selection rules, by prediction
 
 Everything works on the engine directly (no Dagster), in a folder under bench/out/levers/
 (``--out``). Each stage caches its results under a name derived from its settings, so a
@@ -466,6 +467,34 @@ def evaluate(args: argparse.Namespace) -> None:
                     f"{ {k: round(v, 3) for k, v in zip(losses['task'], losses['loss'], strict=True)} }")
 
 
+def mixing(args: argparse.Namespace) -> None:
+    """Selection rules for several tasks, compared by the datamodel's own prediction: for a
+    scored variant, each rule's selection (the evaluation's budget) and, per task, the mean
+    standardised task score of the selected examples (the predicted gain, in pool sd), with
+    each task's own top share as the ceiling. Rules: `sum` (the pipeline's standardised sum)
+    and `round_robin` (each task's ranking in turn: the union of every task's top r)."""
+    out, data = Path(args.out), Data(Path(args.out))
+    variant = json.loads(args.variant)
+    task_scores = np.load(out / f"task_scores-{digest(variant)}.npy")
+    names = sorted(set(data.t_tasks.tolist()))
+    z = task_scores / task_scores.std(0, keepdims=True)
+    k = int(args.fraction * len(z))
+    own = {t: np.argsort(-z[:, i], kind="stable")[:k] for i, t in enumerate(names)}
+    ranks = np.argsort(np.argsort(-z, axis=0, kind="stable"), axis=0, kind="stable")
+    rules = {"sum": np.argsort(-z.mean(1), kind="stable")[:k],
+             "round_robin": np.argsort(ranks.min(1), kind="stable")[:k]}
+    result = {"variant": variant, "budget": k, "tasks": names, "rules": {}}
+    for rule, chosen in rules.items():
+        result["rules"][rule] = {
+            "mean_z": {t: round(float(z[chosen, i].mean()), 3) for i, t in enumerate(names)},
+            "overlap_with_sum": round(len(np.intersect1d(chosen, rules["sum"])) / k, 3)}
+    result["own_top"] = {t: round(float(z[own[t], i].mean()), 3) for i, t in enumerate(names)}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.result:
+        Path(args.result).write_text(text)
+
+
 def report(args: argparse.Namespace) -> None:
     """Loss per method x task (mean, sd over seeds), multipliers against the random curve,
     the unigram reference and the selections' source shares; printed, and as JSON with
@@ -576,6 +605,11 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=160)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3)
+    p = sub.add_parser("mixing")
+    p.set_defaults(func=mixing)
+    p.add_argument("--variant", required=True, help="a scored DsDm variant as JSON")
+    p.add_argument("--fraction", type=float, default=0.2)
+    p.add_argument("--result", help="also write the JSON here")
     p = sub.add_parser("report")
     p.set_defaults(func=report)
     p.add_argument("--result", help="also write the report as JSON here")
