@@ -26,6 +26,15 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def file_sha256(fs: Any, path: str, chunk_bytes: int = 1 << 22) -> str:
+    """sha256 of the file at filesystem path ``path`` of ``fs``, streamed (memory: one chunk)."""
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class StoredArtifact:
     """What the lineage table needs to know about one written file."""
@@ -141,13 +150,9 @@ class ArtifactStore:
         pq.write_table(table, sink, compression="zstd")
         return self.write_bytes(relpath, sink.getvalue())
 
-    def sha256(self, relpath: str, chunk_bytes: int = 1 << 22) -> str:
+    def sha256(self, relpath: str) -> str:
         """sha256 of the file at ``relpath``, streamed (memory: one chunk)."""
-        digest = hashlib.sha256()
-        with self.fs.open(self.path(relpath), "rb") as handle:
-            while chunk := handle.read(chunk_bytes):
-                digest.update(chunk)
-        return digest.hexdigest()
+        return file_sha256(self.fs, self.path(relpath))
 
     def mismatch(self, relpath: str, sha256: str, size_bytes: int | None = None) -> str | None:
         """Why the file at ``relpath`` is not the one recorded (missing, other size, other

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 
 from dsdm.contamination import find_overlaps
 from dsdm.ingest import IngestConfig, ingest_crawl, list_shards, shard_refusal
+from dsdm.store import file_sha256
 from dsdm.tasks import read_tasks, tokenize_tasks, validate_task_name
 from dsdm.tokenization import (
     TokenizerConfig,
@@ -69,14 +70,6 @@ class TargetTasksConfig(StepConfig):
         return [validate_task_name(name) for name in names]
 
 
-def _file_sha256(fs, path: str) -> str:
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dg.asset(
     group_name=GROUP, partitions_def=crawl_partitions, code_version="1",
     description="Validated, whitespace-normalised, exact-deduplicated crawl documents "
@@ -96,7 +89,7 @@ def documents(
     fs, root = fsspec.core.url_to_fs(crawl_url, **options)
     shards = list_shards(crawl_url, options)
     # A refused shard (a link out of the folder, a device) is never opened, here or in ingest.
-    inputs = [(fs.unstrip_protocol(p), _file_sha256(fs, p) if not shard_refusal(fs, root, p)
+    inputs = [(fs.unstrip_protocol(p), file_sha256(fs, p) if not shard_refusal(fs, root, p)
                else "refused") for p in shards]
     writer = AssetWriter(context, artifacts, db, "documents", config.model_dump(), inputs)
 
