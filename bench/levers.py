@@ -422,7 +422,7 @@ def selection_scores(args: argparse.Namespace, out: Path, data: Data, method: st
                                      rows.column("n_tokens").to_pylist(), strict=True)]
         return DsirSelection().scores(PoolData(pool_texts(out, data), tokenizer.decode_batch(ids)))
     variant = json.loads(method)
-    selection_only = ("standardise", "weights")  # keys that change the mix, not the scores
+    selection_only = ("standardise", "weights", "unit")  # keys that change the selection, not the scores
     scoring = {k: v for k, v in variant.items() if k not in selection_only}
     task_scores = np.load(out / f"task_scores-{digest(scoring)}.npy")
     names = sorted(set(data.t_tasks.tolist()))
@@ -433,7 +433,7 @@ def selection_scores(args: argparse.Namespace, out: Path, data: Data, method: st
 def evaluate(args: argparse.Namespace) -> None:
     """Evaluation models (the bench's recipe) on each method's selection; eval-split losses."""
     from dsdm.evaluation import target_losses
-    from dsdm.selection import select_top
+    from dsdm.selection import select
 
     out, data = Path(args.out), Data(Path(args.out))
     targets = pq.read_table(out / "targets_table.parquet")
@@ -446,7 +446,11 @@ def evaluate(args: argparse.Namespace) -> None:
         multiples = args.multiples if method == "random" else [1.0]
         scores = selection_scores(args, out, data, method)
         for multiple in multiples:
-            chosen = np.sort(select_top(scores, keys, fraction=args.fraction * multiple))
+            # a variant's "unit": "document" keeps whole documents, fraction = share of tokens
+            unit = json.loads(method).get("unit", "example") if method.startswith("{") else "example"
+            chosen = np.sort(select(scores, keys, data.n_tokens.numpy() - 1, unit=unit,
+                                    doc_ids=data.pool["doc_id"].to_numpy(),
+                                    fraction=args.fraction * multiple).order)
             for seed in args.seeds:
                 name = folder / f"{digest([method, multiple, seed])}.json"
                 if name.exists():

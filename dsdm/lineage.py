@@ -70,8 +70,11 @@ CREATE TABLE IF NOT EXISTS selections (
     example_id    VARCHAR NOT NULL,
     doc_id        VARCHAR NOT NULL,
     source        VARCHAR,
-    score         DOUBLE
+    score         DOUBLE,                -- the score of the unit that kept the example
+    unit          VARCHAR DEFAULT 'example'  -- example, or document (whole documents kept)
 );
+-- files made before the selection unit existed gain the column (rows: 'example')
+ALTER TABLE selections ADD COLUMN IF NOT EXISTS unit VARCHAR DEFAULT 'example';
 CREATE TABLE IF NOT EXISTS evaluations (
     crawl         VARCHAR NOT NULL,
     run_id        VARCHAR,

@@ -21,7 +21,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 from safetensors.torch import load as safetensors_load
 
-from dsdm.baselines.random import uniform_keys
+from dsdm.baselines.random import document_keys, uniform_keys
 from dsdm.datamodels import proxy_subsets
 from dsdm.evaluation import (
     example_losses,
@@ -35,7 +35,7 @@ from dsdm.evaluation import (
 from dsdm.lineage import LineageDB
 from dsdm.proxy import ProxyConfig
 from dsdm.report import multipliers, plot_png, summarise, wide_table
-from dsdm.selection import select_top
+from dsdm.selection import select
 from dsdm.store import ArtifactStore, fingerprint
 from dsdm.tokenization import to_tensors
 from dsdm_assets.config import StepConfig
@@ -208,13 +208,17 @@ def evaluations(
         pool = _read_examples(artifacts, corpus_up, "examples")
         unigram = _unigram_reference(pool, targets, tok_up.manifest["summary"]["vocab_size"])
         writer.write_parquet("unigram.parquet", unigram.to_arrow(), kind="unigram")
+        # The random curve continues random_subset: same seed, same unit, larger budgets.
         random_config = selections["random"].manifest["config"]
-        keys = uniform_keys(pool.num_rows, random_config["seed"])
+        doc_ids = pool.column("doc_id").to_numpy(zero_copy_only=False)
+        unit = {k: random_config[k] for k in ("unit", "document_score") if k in random_config}
+        keys = (document_keys(doc_ids, random_config["seed"]) if unit.get("unit") == "document"
+                else uniform_keys(pool.num_rows, random_config["seed"]))
         tokens = pool.column("n_tokens").to_numpy() - 1
         for multiple in config.random_multiples:
             budget = _scaled_budget(random_config, multiple, pool.num_rows, int(tokens.sum()))
-            order = select_top(keys, pool.column("example_id").to_numpy(zero_copy_only=False),
-                               token_counts=tokens, **budget)
+            order = select(keys, pool.column("example_id").to_numpy(zero_copy_only=False),
+                           tokens, doc_ids=doc_ids, **unit, **budget).order
             runs[f"random@{multiple:g}x"] = (multiple, pool.take(pa.array(np.sort(order))))
         rows = []
         for label, (multiple, examples) in runs.items():

@@ -11,7 +11,7 @@ subset of methods (select the assets in the UI, or `dagster asset materialize --
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
 import numpy as np
@@ -23,11 +23,17 @@ from pydantic import Field, model_validator
 from dsdm.baselines import BaselineMethod, PoolData
 from dsdm.baselines.classifier import ClassifierSelection
 from dsdm.baselines.dsir import DsirSelection
-from dsdm.baselines.random import RandomSelection
+from dsdm.baselines.random import RandomSelection, document_keys
 from dsdm.baselines.semdedup import SemDedupSelection, minilm_embeddings, proxy_embeddings
 from dsdm.lineage import LineageDB
 from dsdm.proxy import load_proxy
-from dsdm.selection import DEGENERATE_SHARE, combine_task_scores, dominant_source, select_top
+from dsdm.selection import (
+    DEGENERATE_SHARE,
+    Selection,
+    combine_task_scores,
+    dominant_source,
+    select,
+)
 from dsdm.store import ArtifactStore
 from dsdm.tokenization import to_tensors, tokenizer_from_bytes
 from dsdm_assets.config import StepConfig
@@ -39,8 +45,9 @@ from dsdm_assets.tables import bounded, markdown_table, metadata_key
 from resources import ArtifactStoreResource, ComputeResource, LineageResource
 
 GROUP = "selection"
-#: bump when the selection folder's contents change (2: scores.parquet of the whole pool)
-SELECTION_VERSION = "2"
+#: bump when the selection folder's contents change (2: scores.parquet of the whole pool;
+#: 3: the unit in the manifest, the shards' metadata and the selections table)
+SELECTION_VERSION = "3"
 #: method name -> the asset that holds its selection (evaluation reads them by this map)
 SELECTION_ASSETS = {"dsdm": "selected_subset", "random": "random_subset", "dsir": "dsir_subset",
                     "classifier": "classifier_subset", "semdedup": "semdedup_subset"}
@@ -56,6 +63,16 @@ class BudgetConfig(StepConfig):
         None, gt=0, description="Keep examples in rank order while their tokens fit this budget."
     )
     output_shard_size: int = Field(1024, ge=16, description="Examples per selected-text shard.")
+    unit: Literal["example", "document"] = Field(
+        "example", description="What is kept or dropped: single examples, or whole documents "
+        "(kept in rank order while their tokens fit; fraction then means that share of the "
+        "pool's tokens).",
+    )
+    document_score: Literal["mean", "token_sum"] = Field(
+        "mean", description="With unit document (ignored otherwise): a document's score from its examples', the "
+        "token-weighted mean (gain per token, the default) or the token-weighted sum "
+        "(favours long documents).",
+    )
 
     @model_validator(mode="after")
     def _one_budget(self) -> "BudgetConfig":
@@ -64,7 +81,12 @@ class BudgetConfig(StepConfig):
         return self
 
     def budget(self) -> dict[str, Any]:
-        return {"token_budget": self.token_budget} if self.token_budget else {"fraction": self.fraction}
+        """The keyword arguments of `dsdm.selection.select` (an example-unit budget names no
+        unit, so selections made before units existed keep their fingerprints)."""
+        size = {"token_budget": self.token_budget} if self.token_budget else {"fraction": self.fraction}
+        if self.unit == "document":
+            return {"unit": "document", "document_score": self.document_score, **size}
+        return size
 
 
 class SelectionConfig(BudgetConfig):
@@ -139,6 +161,17 @@ def _write_selection(
     writer = AssetWriter(context, artifacts, db, asset,
                          {"method": method, **config, **budget, "output_shard_size": output_shard_size},
                          [(u.uri, u.sha256) for u in inputs], code_version=SELECTION_VERSION)
+    keys = pool["example_id"].to_numpy()
+    scored_tokens = (pool["n_tokens"] - 1).to_numpy()
+    doc_ids = pool["doc_id"].to_numpy()
+
+    def chosen_by(scores: np.ndarray) -> Selection:
+        try:
+            return select(scores, keys, scored_tokens, doc_ids=doc_ids, **budget)
+        except ValueError as error:
+            raise dg.Failure(f"{asset}: {error}") from error
+
+    chosen_by(np.zeros(pool.height))  # an impossible budget fails before any scoring work
     manifest = writer.existing()
     reused = manifest is not None
     if reused:
@@ -148,15 +181,11 @@ def _write_selection(
         scores = stored.column("score").to_numpy()
     else:
         scores = compute_scores()
-    keys = pool["example_id"].to_numpy()
-    scored_tokens = (pool["n_tokens"] - 1).to_numpy()
-    try:
-        order = select_top(scores, keys, token_counts=scored_tokens, **budget)
-    except ValueError as error:
-        raise dg.Failure(f"{asset}: {error}") from error
-
+    chosen = chosen_by(scores)
+    order = chosen.order
     selection = pool[order].select("example_id", "doc_id", "source").with_columns(
-        pl.Series("rank", np.arange(1, len(order) + 1)), pl.Series("score", scores[order]))
+        pl.Series("rank", np.arange(1, len(order) + 1)), pl.Series("score", chosen.unit_scores),
+        pl.lit(chosen.unit).alias("unit"))
     if reused:
         writer.record(manifest, reused=True)
     else:
@@ -164,23 +193,12 @@ def _write_selection(
             "example_id": pool["example_id"].to_arrow(), "score": pa.array(scores, pa.float64())}),
             kind="scores")
         writer.write_parquet("manifest.parquet", selection.select(
-            "rank", "example_id", "doc_id", "source", "score").to_arrow(), kind="selection")
-        tok = tokenizer_from_bytes(artifacts.read_bytes(tok_up.files("tokenizer")[0]["path"]))
-        chosen = set(selection["example_id"].to_list())
-        shard_rows: list[pa.Table] = []
-        for f in corpus_up.files("examples"):
-            table = artifacts.read_parquet(f["path"])
-            mask = pa.array([e in chosen for e in table.column("example_id").to_pylist()])
-            shard_rows.append(table.filter(mask))
-        examples = pa.concat_tables(shard_rows)
-        text = [tok.decode(ids[:n]) for ids, n in zip(
-            examples.column("input_ids").to_pylist(), examples.column("n_tokens").to_pylist(), strict=True)]
-        examples = examples.append_column("text", pa.array(text, pa.string()))
-        for index, start in enumerate(range(0, examples.num_rows, output_shard_size)):
-            writer.write_parquet(f"examples-{index:05d}.parquet",
-                                 examples.slice(start, output_shard_size), kind="examples")
+            "rank", "example_id", "doc_id", "source", "score", "unit").to_arrow(), kind="selection")
+        _write_training_shards(writer, artifacts, corpus_up, tok_up, selection, output_shard_size)
         manifest = writer.finish({"selected": selection.height, "pool": pool.height,
-                                  "tokens": int(scored_tokens[order].sum()), "method": method})
+                                  "tokens": int(scored_tokens[order].sum()), "method": method,
+                                  "unit": chosen.unit,
+                                  "documents": selection["doc_id"].n_unique()})
     n = selection.height
     db.replace_rows("selections", {"crawl": writer.crawl, "selection_id": writer.config_hash},
                     pa.table({
@@ -188,20 +206,18 @@ def _write_selection(
                         "selection_id": [writer.config_hash] * n, "method": [method] * n,
                         "rank": selection["rank"], "example_id": selection["example_id"],
                         "doc_id": selection["doc_id"], "source": selection["source"],
-                        "score": selection["score"],
+                        "score": selection["score"], "unit": selection["unit"],
                     }))
 
     # What a reader wants to see: source mix vs the pool (also per single task), the score
     # distribution, and the best and worst documents.
     shares = _shares(pool, "pool").join(_shares(selection, "selected"), on="source", how="left")
     for name, task_scores in (extra_shares or {}).items():
-        top = select_top(task_scores, keys, token_counts=scored_tokens, **budget)
-        shares = shares.join(_shares(pool[top], name), on="source", how="left")
+        shares = shares.join(_shares(pool[chosen_by(task_scores).order], name), on="source", how="left")
     shares = shares.fill_null(0.0).sort("source")
     counts, edges = np.histogram(scores, bins=12)
     histogram = pl.DataFrame({"from": edges[:-1], "to": edges[1:], "examples": counts,
                               "selected": np.histogram(scores[order], bins=edges)[0]})
-    expected = _expected_size(scores, keys, scored_tokens, budget)
     mix = dominant_source(selection["source"].to_list(), pool["source"].to_list())
     return dg.MaterializeResult(
         data_version=writer.data_version,
@@ -220,8 +236,7 @@ def _write_selection(
             **(extra_metadata(scores) if extra_metadata else {}),
         },
         check_results=[
-            dg.AssetCheckResult(check_name="size_matches_budget", passed=n == expected,
-                                metadata={"selected": n, "expected": expected}),
+            _budget_check(pool, scores, order, budget),
             dg.AssetCheckResult(
                 check_name="source_mix", passed=not mix["degenerate"],
                 severity=dg.AssetCheckSeverity.WARN,
@@ -275,12 +290,57 @@ def selected_subset(
     )
 
 
-def _expected_size(scores: np.ndarray, keys: np.ndarray, tokens: np.ndarray, budget: dict) -> int:
-    """The budget's size, computed independently of `select_top`."""
-    if "fraction" in budget:
-        return int(np.floor(budget["fraction"] * len(scores)))
-    order = np.lexsort((keys, -scores))
-    return int((np.cumsum(tokens[order]) <= budget["token_budget"]).sum())
+def _write_training_shards(
+    writer: AssetWriter, artifacts: ArtifactStore, corpus_up: Upstream, tok_up: Upstream,
+    selection: pl.DataFrame, output_shard_size: int,
+) -> None:
+    """The selected examples (token ids + decoded text), in corpus order, as Parquet shards
+    whose schema metadata names the selection unit (``dsdm.unit``)."""
+    tok = tokenizer_from_bytes(artifacts.read_bytes(tok_up.files("tokenizer")[0]["path"]))
+    chosen = set(selection["example_id"].to_list())
+    shard_rows: list[pa.Table] = []
+    for f in corpus_up.files("examples"):
+        table = artifacts.read_parquet(f["path"])
+        mask = pa.array([e in chosen for e in table.column("example_id").to_pylist()])
+        shard_rows.append(table.filter(mask))
+    examples = pa.concat_tables(shard_rows)
+    text = [tok.decode(ids[:n]) for ids, n in zip(
+        examples.column("input_ids").to_pylist(), examples.column("n_tokens").to_pylist(), strict=True)]
+    examples = examples.append_column("text", pa.array(text, pa.string()))
+    examples = examples.replace_schema_metadata(
+        {**(examples.schema.metadata or {}), b"dsdm.unit": selection["unit"][0].encode()})
+    for index, start in enumerate(range(0, examples.num_rows, output_shard_size)):
+        writer.write_parquet(f"examples-{index:05d}.parquet",
+                             examples.slice(start, output_shard_size), kind="examples")
+
+
+def _budget_check(pool: pl.DataFrame, scores: np.ndarray, order: np.ndarray,
+                  budget: dict) -> dg.AssetCheckResult:
+    """``size_matches_budget``, computed independently of `dsdm.selection.select`: examples,
+    as many as the budget allows; documents, whole ones within the tokens, and no left-out
+    document that would still fit."""
+    tokens = (pool["n_tokens"] - 1).to_numpy()
+    n = len(order)
+    if budget.get("unit") != "document":
+        if "fraction" in budget:
+            expected = int(np.floor(budget["fraction"] * len(scores)))
+        else:
+            ranked = np.lexsort((pool["example_id"].to_numpy(), -scores))
+            expected = int((np.cumsum(tokens[ranked]) <= budget["token_budget"]).sum())
+        return dg.AssetCheckResult(check_name="size_matches_budget", passed=n == expected,
+                                   metadata={"selected": n, "expected": expected})
+    limit = budget.get("token_budget") or int(np.floor(budget["fraction"] * tokens.sum()))
+    kept = pool["doc_id"].is_in(pool["doc_id"][order].implode()).to_numpy()
+    used = int(tokens[order].sum())
+    left_out = (pool.filter(~kept).group_by("doc_id").agg((pl.col("n_tokens") - 1).sum())
+                ["n_tokens"])
+    smallest_left_out = int(left_out.min()) if len(left_out) else None
+    whole = int(kept.sum()) == n
+    fits = smallest_left_out is not None and smallest_left_out <= limit - used
+    return dg.AssetCheckResult(
+        check_name="size_matches_budget", passed=whole and used <= limit and not fits,
+        metadata={"selected": n, "selected_tokens": used, "token_budget": int(limit),
+                  "whole_documents": whole, "smallest_left_out_document": smallest_left_out})
 
 
 def _pool_texts(artifacts: ArtifactStore, corpus_up: Upstream, tok_up: Upstream) -> list[str]:
@@ -333,7 +393,9 @@ def random_subset(
         context, artifacts, db, asset="random_subset", method=method.name,
         config=method.model_dump(mode="json"), inputs=[corpus_up, tok_up], corpus_up=corpus_up,
         tok_up=tok_up, pool=pool, budget=config.budget(),
-        compute_scores=lambda: _scores("random_subset", method, PoolData(pool["example_id"].to_list())),
+        compute_scores=lambda: (
+            document_keys(pool["doc_id"].to_numpy(), method.seed) if config.unit == "document"
+            else _scores("random_subset", method, PoolData(pool["example_id"].to_list()))),
         output_shard_size=config.output_shard_size,
     )
 

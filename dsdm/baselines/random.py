@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+from numpy.typing import ArrayLike
 from pydantic import BaseModel, ConfigDict
 
 from dsdm.baselines.base import BaselineMethod, PoolData
@@ -32,3 +33,12 @@ class RandomSelection(BaseModel, BaselineMethod):
 def uniform_keys(n: int, seed: int) -> np.ndarray:
     """[n] float64 uniform keys in [0, 1) from a generator of its own (never the global RNG)."""
     return np.random.default_rng(seed).random(n)
+
+
+def document_keys(doc_ids: ArrayLike, seed: int) -> np.ndarray:
+    """[N] float64 keys, one uniform key per document (documents in order of first appearance)
+    shared by all its examples: ranking documents by key is a uniform sample of documents,
+    whatever their number of examples (a mean of per-example keys would favour short ones)."""
+    _, first, inverse = np.unique(np.asarray(doc_ids), return_index=True, return_inverse=True)
+    keys = uniform_keys(len(first), seed)
+    return keys[np.argsort(np.argsort(first, kind="stable"), kind="stable")][inverse]

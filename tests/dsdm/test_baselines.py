@@ -15,10 +15,10 @@ from dsdm.baselines import PoolData
 from dsdm.baselines.classifier import ClassifierSelection
 from dsdm.baselines.dsir import DsirSelection
 from dsdm.baselines.ngrams import hashed_ngrams
-from dsdm.baselines.random import RandomSelection
+from dsdm.baselines.random import RandomSelection, document_keys
 from dsdm.baselines.semdedup import SemDedupSelection, proxy_embeddings
 from dsdm.proxy import ProxyConfig, build_proxy
-from dsdm.selection import select_top
+from dsdm.selection import document_ranking, select_documents, select_top
 
 TASKS = Path(__file__).resolve().parents[2] / "data" / "tasks"
 WINDOW = 80  # words per pool example: equal-length units, as the pipeline's token windows
@@ -99,6 +99,20 @@ def test_random_selection_is_seeded_and_uniform(pool) -> None:
     top = select_top(first, np.arange(len(texts)), fraction=0.2)
     for source, count in Counter(sources).items():
         assert abs(np.mean(sources[top] == source) - count / len(texts)) < 0.04
+
+
+def test_random_documents_are_a_uniform_sample_of_documents() -> None:
+    """One key per document: a document of 9 examples is drawn as often as one of 1."""
+    doc_ids = np.repeat(np.array(["long", "a", "b", "c"]), [9, 1, 1, 1])
+    keys = document_keys(doc_ids, 0)
+    assert len(set(keys[:9])) == 1 and len(set(keys)) == 4
+    assert np.array_equal(keys, document_keys(doc_ids, 0))
+    tokens = np.ones(len(doc_ids), dtype=np.int64)
+    wins = Counter()
+    for seed in range(2000):
+        ranking = document_ranking(document_keys(doc_ids, seed), doc_ids, tokens)
+        wins[ranking.doc_ids[select_documents(ranking, 9)[0]]] += 1
+    assert all(abs(wins[d] / 2000 - 0.25) < 0.04 for d in ("long", "a", "b", "c")), wins
 
 
 def test_semdedup_removes_planted_near_duplicates(pool) -> None:

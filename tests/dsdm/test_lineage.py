@@ -94,3 +94,22 @@ def test_a_held_lock_is_logged_while_waiting_and_times_out_naming_the_file(
         release.set()
         holder.join(30)
     assert LineageDB(path).query("SELECT 1 AS one").to_pylist() == [{"one": 1}]
+
+
+def test_a_file_from_before_selection_units_gains_the_column(tmp_path: Path) -> None:
+    import duckdb
+
+    path = tmp_path / "old.duckdb"
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE TABLE selections (crawl VARCHAR NOT NULL, run_id VARCHAR, "
+                    "selection_id VARCHAR NOT NULL, method VARCHAR NOT NULL, \"rank\" BIGINT NOT NULL, "
+                    "example_id VARCHAR NOT NULL, doc_id VARCHAR NOT NULL, source VARCHAR, score DOUBLE)")
+        con.execute("INSERT INTO selections VALUES ('c', 'r', 's', 'dsdm', 1, 'e', 'd', 'wiki', 0.5)")
+    db = LineageDB(str(path))
+    assert db.query("SELECT unit FROM selections").column("unit").to_pylist() == ["example"]
+    rows = pa.table({"crawl": ["c"], "run_id": ["r2"], "selection_id": ["t"], "method": ["dsdm"],
+                     "rank": [1], "example_id": ["e"], "doc_id": ["d"], "source": ["wiki"],
+                     "score": [0.5], "unit": ["document"]})
+    db.replace_rows("selections", {"crawl": "c", "selection_id": "t"}, rows)
+    assert sorted(db.query("SELECT unit FROM selections").column("unit").to_pylist()) == [
+        "document", "example"]

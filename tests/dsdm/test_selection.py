@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dsdm.selection import combine_task_scores, dominant_source, rank, select_top
+from dsdm.selection import (
+    combine_task_scores,
+    document_ranking,
+    dominant_source,
+    rank,
+    select,
+    select_documents,
+    select_top,
+)
 
 
 def test_combine_normalises_weights() -> None:
@@ -21,8 +29,8 @@ def test_combine_normalises_weights() -> None:
     ("weights", "message"),
     [
         ({"qa": 1.0, "math": 1.0}, "unknown tasks \\['math'\\]"),
-        ({"qa": -1.0, "code": 2.0}, "finite and >= 0"),
-        ({"qa": float("nan")}, "finite and >= 0"),
+        ({"qa": float("nan")}, "finite numbers"),
+        ({"qa": float("-inf"), "code": 1.0}, "finite numbers"),
         ({"qa": 0.0, "code": 0.0}, "all zero"),
     ],
 )
@@ -121,3 +129,88 @@ def test_standardised_mixing_lets_each_task_count_equally() -> None:
     assert abs(np.corrcoef(std, small)[0, 1] - np.corrcoef(std, large)[0, 1]) < 0.05
     flat = combine_task_scores({"flat": np.ones(4), "x": np.arange(4.0)}, standardise=True)
     np.testing.assert_allclose(flat, 0.5 * np.arange(4.0) / np.arange(4.0).std())
+
+
+def test_a_negative_weight_counts_a_task_against_a_candidate() -> None:
+    scores = {"qa": np.array([1.0, 0.0, 2.0]), "spam": np.array([0.0, 4.0, 2.0])}
+    combined = combine_task_scores(scores, {"qa": 3.0, "spam": -1.0})
+    # normalised by the sum of absolute weights: 0.75 qa - 0.25 spam
+    np.testing.assert_allclose(combined, [0.75, -1.0, 1.0])
+    assert rank(combined, np.arange(3)).tolist() == [2, 0, 1]
+    std = combine_task_scores(scores, {"qa": 1.0, "spam": -1.0}, standardise=True)
+    np.testing.assert_allclose(std, 0.5 * scores["qa"] / scores["qa"].std()
+                               - 0.5 * scores["spam"] / scores["spam"].std())
+
+
+def _brute_force_documents(doc_score: dict, doc_tokens: dict, budget: int) -> list:
+    """The documented rule, written out: best first, skip what does not fit."""
+    kept, left = [], budget
+    for doc in sorted(doc_score, key=lambda d: (-doc_score[d], d)):
+        if doc_tokens[doc] <= left:
+            kept.append(doc)
+            left -= doc_tokens[doc]
+    return kept
+
+
+def test_document_scores_are_token_weighted_means_or_sums() -> None:
+    scores = np.array([1.0, 3.0, 2.0, -1.0, 5.0])
+    docs = np.array(["b", "b", "a", "a", "c"])
+    tokens = np.array([100, 50, 10, 30, 0])
+    ranking = document_ranking(scores, docs, tokens, "mean")
+    assert ranking.doc_ids.tolist() == ["b", "a", "c"]  # first appearance in the pool
+    np.testing.assert_allclose(ranking.scores, [(100 + 150) / 150, (20 - 30) / 40, 0.0])
+    assert ranking.tokens.tolist() == [150, 40, 0]
+    assert ranking.of_example.tolist() == [0, 0, 1, 1, 2]
+    summed = document_ranking(scores, docs, tokens, "token_sum")
+    np.testing.assert_allclose(summed.scores, [250.0, -10.0, 0.0])
+    with pytest.raises(ValueError, match="unknown document score"):
+        document_ranking(scores, docs, tokens, "max")  # type: ignore[arg-type]
+
+
+def test_document_selection_keeps_whole_documents_within_the_budget(demo_rows) -> None:
+    """On the demo crawl's documents split into 128-token windows: whole documents only, the
+    kept tokens never above the budget, no left-out document would still fit, and the kept
+    set is exactly the documented greedy rule's."""
+    rng = np.random.default_rng(0)
+    doc_ids, tokens = [], []
+    for row in demo_rows:
+        n = len(row["text"].encode()) // 4 + 1  # roughly a token per 4 bytes
+        for start in range(0, n, 128):
+            doc_ids.append(row["id"])
+            tokens.append(min(128, n - start))
+    doc_ids, tokens = np.array(doc_ids), np.array(tokens)
+    scores = rng.normal(size=len(doc_ids))
+    keys = np.array([f"{d}#{i}" for i, d in enumerate(doc_ids)])
+    budget = int(tokens.sum() * 0.2)
+    chosen = select(scores, keys, tokens, unit="document", doc_ids=doc_ids, token_budget=budget)
+    assert chosen.unit == "document"
+    kept_docs = set(doc_ids[chosen.order].tolist())
+    assert sorted(chosen.order.tolist()) == np.flatnonzero(np.isin(doc_ids, list(kept_docs))).tolist()
+    assert int(tokens[chosen.order].sum()) <= budget
+    ranking = document_ranking(scores, doc_ids, tokens)
+    left = budget - int(tokens[chosen.order].sum())
+    outside = ~np.isin(ranking.doc_ids, list(kept_docs))
+    assert (ranking.tokens[outside] > left).all()
+    score_of = dict(zip(ranking.doc_ids.tolist(), ranking.scores.tolist(), strict=True))
+    tokens_of = dict(zip(ranking.doc_ids.tolist(), ranking.tokens.tolist(), strict=True))
+    expected = _brute_force_documents(score_of, tokens_of, budget)
+    # examples come document by document in rank order, each document's in pool order
+    assert list(dict.fromkeys(doc_ids[chosen.order].tolist())) == expected
+    np.testing.assert_allclose(chosen.unit_scores, [score_of[d] for d in doc_ids[chosen.order]])
+    # a fraction is a share of the pool's tokens
+    same = select(scores, keys, tokens, unit="document", doc_ids=doc_ids, fraction=0.2)
+    assert same.order.tolist() == chosen.order.tolist()
+
+
+def test_document_budgets_that_cannot_work_say_why() -> None:
+    ranking = document_ranking(np.zeros(3), np.array(["a", "a", "b"]), np.array([10, 10, 15]))
+    with pytest.raises(ValueError, match=r"smaller than the smallest document \(15"):
+        select_documents(ranking, 14)
+    assert select_documents(ranking, 15).tolist() == [1]
+    with pytest.raises(ValueError, match="exceeds the pool's 35"):
+        select(np.zeros(3), np.arange(3), np.array([10, 10, 15]), unit="document",
+               doc_ids=np.array(["a", "a", "b"]), token_budget=36)
+    with pytest.raises(ValueError, match="needs doc_ids"):
+        select(np.zeros(3), np.arange(3), np.ones(3), unit="document", fraction=0.5)
+    with pytest.raises(ValueError, match="unknown selection unit"):
+        select(np.zeros(3), np.arange(3), np.ones(3), unit="page", fraction=0.5)  # type: ignore[arg-type]

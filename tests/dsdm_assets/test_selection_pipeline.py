@@ -8,6 +8,8 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
+import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
 from dsdm_assets.definitions import defs
@@ -168,6 +170,49 @@ def test_a_changed_or_missing_stored_file_is_recomputed_not_trusted(first_run) -
     assert sorted(uri.rsplit("/", 2)[-2] for uri, _ in rows) == ["proxy-00", "proxy-01"]
     assert dg.materialize([by_name["datamodel_weights"]], partition_key="small",
                           instance=instance, resources=resources).success
+
+
+def test_document_selection_keeps_whole_documents_within_the_token_budget(first_run) -> None:
+    """unit: document, for DsDm and two baselines, on the small demo crawl: only whole
+    documents, tokens within 20% of the pool's, no left-out document that would still fit;
+    the manifest, the shards and the selections table name the unit."""
+    folder, resources, _, instance, _ = first_run
+    by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
+    methods = {"selected_subset": "dsdm", "random_subset": "random", "dsir_subset": "dsir"}
+    result = dg.materialize(
+        [by_name[a] for a in methods], partition_key="small", instance=instance,
+        resources=resources,
+        run_config={"ops": {a: {"config": {"unit": "document"}} for a in methods}})
+    assert result.success
+    checks = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
+    con = duckdb.connect(str(folder / "lineage.duckdb"), read_only=True)
+    corpus = pl.concat([pl.read_parquet(f, columns=["doc_id", "n_tokens"]) for f in sorted(
+        (folder / "store" / "tokenized_corpus" / "small").glob("*/shard-*.parquet"))])
+    doc_tokens = dict(corpus.group_by("doc_id").agg(pl.col("n_tokens") - 1).with_columns(
+        pl.col("n_tokens").list.sum()).iter_rows())
+    budget = int(0.2 * sum(doc_tokens.values()))
+    kept_by = {}
+    for asset, method in methods.items():
+        meta = _meta(result, asset)
+        kept = con.execute("SELECT DISTINCT doc_id FROM selections WHERE crawl = 'small' AND "
+                           "selection_id = ? AND unit = 'document'", [meta["selection_id"]]).fetchall()
+        kept_by[method] = kept = {d for (d,) in kept}
+        rows = con.execute("SELECT count(*), count(DISTINCT unit) FROM selections "
+                           "WHERE selection_id = ?", [meta["selection_id"]]).fetchone()
+        assert rows == (corpus["doc_id"].is_in(list(kept)).sum(), 1), method  # whole documents
+        used = sum(doc_tokens[d] for d in kept)
+        assert used == meta["selected_tokens"] and used <= budget, method
+        assert all(n > budget - used for d, n in doc_tokens.items() if d not in kept), method
+        check = checks[(asset, "size_matches_budget")]
+        assert check.passed and check.metadata["whole_documents"].value, method
+        selection_folder = folder / "store" / meta["dsdm/manifest"].rsplit("/", 1)[0]
+        assert set(pq.read_table(selection_folder / "manifest.parquet").column("unit").to_pylist()) == {"document"}
+        shard = pq.read_schema(sorted(selection_folder.glob("examples-*.parquet"))[0])
+        assert shard.metadata[b"dsdm.unit"] == b"document"
+    example_level = {d for (d,) in con.execute(
+        "SELECT DISTINCT doc_id FROM selections WHERE method = 'dsdm' AND unit = 'example'").fetchall()}
+    assert example_level and example_level != kept_by["dsdm"]
+    assert kept_by["dsdm"] != kept_by["random"]
 
 
 def test_proxies_of_another_tokenizer_are_refused(first_run) -> None:
