@@ -4,11 +4,19 @@
     dsdm crawls                      list registered crawls
     dsdm report CRAWL                what the lineage database holds for a crawl
     dsdm check-config FILE [--job J] check a run config's values before a run starts
+    dsdm diff A B                    what changed between two selections (A, B: CRAWL,
+                                     CRAWL:METHOD, or a selection_id)
 """
 
 import argparse
 import re
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from dsdm.lineage import LineageDB
 
 CRAWL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -36,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("file")
     check.add_argument("--job", default="selection_job",
                        choices=("selection_job", "evaluation_job"))
+    diff = commands.add_parser("diff", help="what changed between two selections")
+    diff.add_argument("a", help="CRAWL (its latest DsDm selection), CRAWL:METHOD, or a selection_id")
+    diff.add_argument("b")
     args = parser.parse_args(argv)
+    if args.command == "diff":
+        return print_diff(args.a, args.b)
     if args.command == "report":
         return print_report(args.crawl)
     if args.command == "check-config":
@@ -121,3 +134,99 @@ def print_report(crawl: str) -> int:
             print(f"\n{title}:")
             relation.show(max_width=120)
     return 0
+
+
+DIFF_QUERIES = {
+    "examples and documents": """
+        WITH a AS (SELECT * FROM selections WHERE selection_id = $a),
+             b AS (SELECT * FROM selections WHERE selection_id = $b)
+        SELECT 'examples' AS unit, (SELECT count(*) FROM a) AS in_a, (SELECT count(*) FROM b) AS in_b,
+               (SELECT count(*) FROM a JOIN b USING (example_id)) AS shared,
+               (SELECT count(*) FROM b ANTI JOIN a USING (example_id)) AS entering,
+               (SELECT count(*) FROM a ANTI JOIN b USING (example_id)) AS leaving
+        UNION ALL
+        SELECT 'documents', (SELECT count(DISTINCT doc_id) FROM a), (SELECT count(DISTINCT doc_id) FROM b),
+               (SELECT count(*) FROM (SELECT DISTINCT doc_id FROM a) JOIN (SELECT DISTINCT doc_id FROM b) USING (doc_id)),
+               (SELECT count(*) FROM (SELECT DISTINCT doc_id FROM b) ANTI JOIN a USING (doc_id)),
+               (SELECT count(*) FROM (SELECT DISTINCT doc_id FROM a) ANTI JOIN b USING (doc_id))""",
+    "source shares (largest change first)": """
+        WITH a AS (SELECT source, count(*) / sum(count(*)) OVER () AS share FROM selections
+                   WHERE selection_id = $a GROUP BY source),
+             b AS (SELECT source, count(*) / sum(count(*)) OVER () AS share FROM selections
+                   WHERE selection_id = $b GROUP BY source)
+        SELECT source, round(coalesce(a.share, 0), 4) AS share_a, round(coalesce(b.share, 0), 4) AS share_b,
+               round(coalesce(b.share, 0) - coalesce(a.share, 0), 4) AS change
+        FROM a FULL JOIN b USING (source) ORDER BY abs(change) DESC, source""",
+    "score drift of the shared examples": """
+        SELECT count(*) AS shared, round(avg(b.score - a.score), 6) AS mean_change,
+               round(avg(abs(b.score - a.score)), 6) AS mean_abs_change,
+               round(corr(a.score, b.score), 4) AS pearson, round(corr(a.rank, b.rank), 4) AS rank_corr
+        FROM selections a JOIN selections b USING (example_id)
+        WHERE a.selection_id = $a AND b.selection_id = $b""",
+    "entering (best five in B)": """
+        SELECT b.rank, b.example_id, b.source, round(b.score, 6) AS score FROM selections b
+        WHERE b.selection_id = $b AND b.example_id NOT IN
+            (SELECT example_id FROM selections WHERE selection_id = $a)
+        ORDER BY b.rank LIMIT 5""",
+    "leaving (best five in A)": """
+        SELECT a.rank, a.example_id, a.source, round(a.score, 6) AS score FROM selections a
+        WHERE a.selection_id = $a AND a.example_id NOT IN
+            (SELECT example_id FROM selections WHERE selection_id = $b)
+        ORDER BY a.rank LIMIT 5""",
+}
+
+
+def resolve_selection(db: "LineageDB", spec: str) -> dict:
+    """A selection named as CRAWL (its latest DsDm selection), CRAWL:METHOD or a
+    selection_id -> its crawl, method, unit and selection_id; ValueError naming the spec."""
+    by_id = db.query("SELECT any_value(crawl) AS crawl, any_value(method) AS method, "
+                     "any_value(unit) AS unit, selection_id FROM selections "
+                     "WHERE selection_id = ? GROUP BY selection_id", [spec]).to_pylist()
+    if by_id:
+        return by_id[0]
+    crawl, _, method = spec.partition(":")
+    method = method or "dsdm"
+    # the latest: the selection whose run recorded its artifacts last
+    latest = db.query("""
+        SELECT s.crawl, s.method, any_value(s.unit) AS unit, s.selection_id
+        FROM selections s LEFT JOIN artifacts a ON a.run_id = s.run_id AND a.crawl = s.crawl
+        WHERE s.crawl = ? AND s.method = ? GROUP BY ALL
+        ORDER BY max(a.recorded_at) DESC NULLS LAST, s.selection_id LIMIT 1""",
+                      [crawl, method]).to_pylist()
+    if not latest:
+        known = db.query("SELECT DISTINCT crawl || ':' || method AS s FROM selections ORDER BY s")
+        raise ValueError(f"no selection for {spec!r} (crawl {crawl!r}, method {method!r}); "
+                         f"selections in the database: {known.column('s').to_pylist() or 'none'}")
+    return latest[0]
+
+
+def print_diff(spec_a: str, spec_b: str) -> int:
+    """Print what changed from selection A to selection B (see DIFF_QUERIES)."""
+    import duckdb
+
+    from dsdm.lineage import LineageDB
+    from resources import default_resources
+
+    path = default_resources()["lineage"].database
+    try:
+        LineageDB(path, read_only=True)  # exists?
+        db = LineageDB(path)  # writable once: brings a file from an older version up to date
+        a, b = resolve_selection(db, spec_a), resolve_selection(db, spec_b)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"dsdm: {error}", file=sys.stderr)
+        return 2
+    for name, sel in (("A", a), ("B", b)):
+        print(f"{name}: crawl {sel['crawl']}, method {sel['method']}, unit {sel['unit']}, "
+              f"selection {sel['selection_id']}")
+    for title, table in selection_diff(db, a["selection_id"], b["selection_id"]).items():
+        print(f"\n{title}:")
+        duckdb.from_arrow(table).show(max_width=120)
+    return 0
+
+
+def selection_diff(db: "LineageDB", selection_a: str, selection_b: str) -> dict[str, "pa.Table"]:
+    """DIFF_QUERIES' answers for two selection ids, by title (the same SQL works in DuckDB)."""
+    params = {"a": selection_a, "b": selection_b}
+    with db.connect() as con:
+        return {title: con.sql(sql, params=params).to_arrow_table()
+                for title, sql in DIFF_QUERIES.items()}
