@@ -75,6 +75,35 @@ CREATE TABLE IF NOT EXISTS selections (
 );
 -- files made before the selection unit existed gain the column (rows: 'example')
 ALTER TABLE selections ADD COLUMN IF NOT EXISTS unit VARCHAR DEFAULT 'example';
+CREATE TABLE IF NOT EXISTS target_contributions (
+    crawl         VARCHAR NOT NULL,
+    run_id        VARCHAR,
+    scores_id     VARCHAR NOT NULL,      -- the datamodel (scores) the tau values come from
+    example_id    VARCHAR NOT NULL,      -- candidate
+    shard         INTEGER,               -- its corpus shard
+    effect        VARCHAR NOT NULL,      -- helps (largest tau) or hurts (most negative tau)
+    "rank"        SMALLINT NOT NULL,     -- 1 = the largest |tau| in that direction
+    target_id     VARCHAR NOT NULL,      -- select-split target example
+    task          VARCHAR NOT NULL,
+    tau           DOUBLE NOT NULL        -- predicted reduction of that target's loss
+);
+CREATE TABLE IF NOT EXISTS datamodel_targets (
+    crawl         VARCHAR NOT NULL,
+    scores_id     VARCHAR NOT NULL,
+    target_id     VARCHAR NOT NULL,
+    task          VARCHAR NOT NULL,
+    prompt        VARCHAR,               -- decoded as the proxies saw it (truncated to seq_len)
+    continuation  VARCHAR
+);
+CREATE TABLE IF NOT EXISTS selection_weights (
+    crawl         VARCHAR NOT NULL,
+    run_id        VARCHAR,
+    selection_id  VARCHAR NOT NULL,
+    scores_id     VARCHAR NOT NULL,      -- the task scores it mixed
+    task          VARCHAR NOT NULL,
+    weight        DOUBLE NOT NULL,       -- normalised weight (negative: a task to avoid)
+    coefficient   DOUBLE NOT NULL        -- mixed score = sum over tasks of coefficient x score
+);
 CREATE TABLE IF NOT EXISTS evaluations (
     crawl         VARCHAR NOT NULL,
     run_id        VARCHAR,
@@ -87,6 +116,19 @@ CREATE TABLE IF NOT EXISTS evaluations (
     metric        VARCHAR NOT NULL,      -- loss (nats/token), multiplier, lds, lds_task_level
     value         DOUBLE
 );
+-- why an example ranks where it does: one row per (selection, example, task), the parts sum
+-- to its mixed score (the DsDm selection's score)
+CREATE OR REPLACE VIEW explanations AS
+SELECT w.crawl, w.selection_id, s.example_id, s.task, w.weight, w.coefficient,
+       s.score AS task_score, w.coefficient * s.score AS part
+FROM selection_weights w
+JOIN scores s ON s.crawl = w.crawl AND s.scores_id = w.scores_id AND s.task = w.task;
+-- the target examples each candidate moves most, with their text
+CREATE OR REPLACE VIEW explained_targets AS
+SELECT c.crawl, c.scores_id, c.example_id, c.effect, c."rank", c.task, c.target_id, c.tau,
+       t.prompt, t.continuation
+FROM target_contributions c
+LEFT JOIN datamodel_targets t USING (crawl, scores_id, target_id);
 """
 
 
@@ -198,7 +240,8 @@ class LineageDB:
         same step replaces its rows instead of duplicating them. ``rows`` must carry the
         table's columns in order.
         """
-        if table not in {"quarantine", "scores", "selections", "evaluations"}:
+        if table not in {"quarantine", "scores", "selections", "evaluations",
+                         "target_contributions", "datamodel_targets", "selection_weights"}:
             raise ValueError(f"unknown result table {table!r}")
         clause = " AND ".join(f'"{k}" = ?' for k in where) or "TRUE"
         with self.connect() as con:

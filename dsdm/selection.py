@@ -41,6 +41,28 @@ def combine_task_scores(
     the sum (10x between the demo tasks); standardised, each task's ranking counts as its
     weight says. A task whose scores are all equal adds nothing.
     """
+    normalised = normalised_weights(task_scores, weights)
+    columns = {k: np.asarray(v, dtype=np.float64) for k, v in task_scores.items()}
+    shapes = {k: c.shape for k, c in columns.items()}
+    if len(set(shapes.values())) != 1 or any(c.ndim != 1 for c in columns.values()):
+        raise ValueError(f"task score columns must be 1-D and of equal length, got {shapes}")
+    combined = np.zeros_like(next(iter(columns.values())))
+    for name, w in normalised.items():
+        if w != 0:
+            column = columns[name]
+            if standardise:
+                spread = float(column.std())
+                column = column / spread if spread > 0 else np.zeros_like(column)
+            combined += w * column
+    return combined
+
+
+def normalised_weights(
+    task_scores: Mapping[str, ArrayLike], weights: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """Task -> weight / sum of |weights|, for the weights `combine_task_scores` takes (None:
+    equal weights over ``task_scores``' tasks); a ValueError for no tasks, unknown task
+    names, non-finite or all-zero weights."""
     if not task_scores:
         raise ValueError("no task scores given")
     if weights is None:
@@ -54,19 +76,7 @@ def combine_task_scores(
     total = float(sum(abs(w) for w in weights.values()))
     if total <= 0:
         raise ValueError(f"task weights are all zero ({dict(weights)}); give one a weight > 0")
-    columns = {k: np.asarray(v, dtype=np.float64) for k, v in task_scores.items()}
-    shapes = {k: c.shape for k, c in columns.items()}
-    if len(set(shapes.values())) != 1 or any(c.ndim != 1 for c in columns.values()):
-        raise ValueError(f"task score columns must be 1-D and of equal length, got {shapes}")
-    combined = np.zeros_like(next(iter(columns.values())))
-    for name, w in weights.items():
-        if w != 0:
-            column = columns[name]
-            if standardise:
-                spread = float(column.std())
-                column = column / spread if spread > 0 else np.zeros_like(column)
-            combined += (w / total) * column
-    return combined
+    return {name: w / total for name, w in weights.items()}
 
 
 def rank(scores: ArrayLike, keys: ArrayLike) -> np.ndarray:

@@ -70,6 +70,14 @@ class ArtifactStore:
         path = self.path(relpath)
         return f"file://{path}" if self._is_local else f"{self.protocol}://{path}"
 
+    def relpath(self, uri: str) -> str:
+        """Inverse of `uri`: the path below the root of a URI this store recorded; a
+        ValueError for a URI outside it (another store, another root)."""
+        prefix = self.uri("")
+        if not uri.startswith(prefix):
+            raise ValueError(f"{uri} is not in the artifact store at {prefix}")
+        return uri[len(prefix):]
+
     def exists(self, relpath: str) -> bool:
         return self.fs.exists(self.path(relpath))
 

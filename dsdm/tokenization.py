@@ -211,6 +211,18 @@ def to_tensors(table: pa.Table) -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids, loss_mask
 
 
+def decode_parts(tokenizer: Tokenizer, table: pa.Table) -> tuple[list[str], list[str]]:
+    """(prompts, continuations) decoded from an examples table: tokens before ``score_from``
+    and the scored tokens up to ``n_tokens``, as a model trained on the table sees them
+    (a pool example has no prompt beyond its first token)."""
+    ids = table.column("input_ids").to_pylist()
+    ends = table.column("n_tokens").to_pylist()
+    starts = [max(1, s) for s in table.column("score_from").to_pylist()]
+    prompts = tokenizer.decode_batch([row[:s] for row, s in zip(ids, starts, strict=True)])
+    rest = tokenizer.decode_batch([row[s:n] for row, s, n in zip(ids, starts, ends, strict=True)])
+    return prompts, rest
+
+
 def tokenizer_to_bytes(tokenizer: Tokenizer) -> bytes:
     return tokenizer.to_str().encode()
 

@@ -6,6 +6,8 @@
     dsdm check-config FILE [--job J] check a run config's values before a run starts
     dsdm diff A B                    what changed between two selections (A, B: CRAWL,
                                      CRAWL:METHOD, or a selection_id)
+    dsdm explain CRAWL EXAMPLE_ID    why DsDm ranks an example where it does: its score per
+                                     task, the mixing weights, the targets it moves most
 """
 
 import argparse
@@ -17,6 +19,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from dsdm.lineage import LineageDB
+    from dsdm.store import ArtifactStore
 
 CRAWL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -47,9 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     diff = commands.add_parser("diff", help="what changed between two selections")
     diff.add_argument("a", help="CRAWL (its latest DsDm selection), CRAWL:METHOD, or a selection_id")
     diff.add_argument("b")
+    explain = commands.add_parser("explain", help="why DsDm ranks an example where it does")
+    explain.add_argument("crawl")
+    explain.add_argument("example_id")
+    explain.add_argument("--selection", help="a DsDm selection_id of the crawl (default: its "
+                         "latest DsDm selection)")
     args = parser.parse_args(argv)
     if args.command == "diff":
         return print_diff(args.a, args.b)
+    if args.command == "explain":
+        return print_explanation(args.crawl, args.example_id, args.selection)
     if args.command == "report":
         return print_report(args.crawl)
     if args.command == "check-config":
@@ -75,10 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         for name in instance.get_dynamic_partitions(crawl_partitions.name):
             print(name)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def check_config_file(path: str, job_name: str) -> int:
@@ -230,3 +236,128 @@ def selection_diff(db: "LineageDB", selection_a: str, selection_b: str) -> dict[
     with db.connect() as con:
         return {title: con.sql(sql, params=params).to_arrow_table()
                 for title, sql in DIFF_QUERIES.items()}
+
+
+EXPLAIN_PARTS = """
+    SELECT task, round(weight, 4) AS weight, coefficient, task_score, part
+    FROM explanations WHERE selection_id = $selection AND example_id = $example
+    ORDER BY abs(part) DESC, task"""
+
+EXPLAIN_TARGETS = """
+    SELECT effect, "rank", task, target_id, tau, prompt, continuation FROM explained_targets
+    WHERE scores_id = $scores AND example_id = $example ORDER BY effect, "rank" """
+
+#: where an example stands: its mixed score, pool rank (ties by example_id, as the selection)
+#: and selection rank, from the explanations view and the selections table
+EXAMPLE_STANDING = """
+    WITH mixed AS (SELECT example_id, sum(part) AS score FROM explanations
+                   WHERE selection_id = $selection GROUP BY example_id),
+         mine AS (SELECT score FROM mixed WHERE example_id = $example)
+    SELECT (SELECT score FROM mine) AS score,
+           (SELECT count(*) FROM mixed WHERE score > (SELECT score FROM mine)
+               OR (score = (SELECT score FROM mine) AND example_id < $example)) + 1 AS pool_rank,
+           (SELECT count(*) FROM mixed) AS pool,
+           (SELECT "rank" FROM selections WHERE selection_id = $selection
+               AND example_id = $example) AS selection_rank,
+           (SELECT count(*) FROM selections WHERE selection_id = $selection) AS selected,
+           (SELECT any_value(scores_id) FROM selection_weights
+               WHERE selection_id = $selection) AS scores_id,
+           (SELECT any_value(shard) FROM target_contributions c JOIN selection_weights w
+               USING (crawl, scores_id) WHERE w.selection_id = $selection
+               AND c.example_id = $example) AS shard"""
+
+
+def print_explanation(crawl: str, example_id: str, selection: str | None = None) -> int:
+    """Print why the DsDm selection ranks ``example_id`` where it does: EXAMPLE_STANDING, EXPLAIN_PARTS and
+    EXPLAIN_TARGETS, plus the example's text from the store."""
+
+    from dsdm.lineage import LineageDB
+    from resources import default_resources
+
+    resources = default_resources()
+    path = resources["lineage"].database
+    try:
+        LineageDB(path, read_only=True)  # exists?
+        db = LineageDB(path)  # writable once: brings a file from an older version up to date
+        chosen = resolve_selection(db, selection or crawl)
+        if chosen["crawl"] != crawl or chosen["method"] != "dsdm":
+            raise ValueError(f"selection {chosen['selection_id']} is crawl {chosen['crawl']!r}, "
+                             f"method {chosen['method']!r}; explain needs a DsDm selection of {crawl!r}")
+        params = {"selection": chosen["selection_id"], "example": example_id}
+        with db.connect() as con:
+            standing = con.sql(EXAMPLE_STANDING, params=params).to_arrow_table().to_pylist()[0]
+        if standing["scores_id"] is None:
+            raise ValueError(f"selection {chosen['selection_id']} has no recorded mixing weights; "
+                             "materialise selected_subset again to record them")
+        if standing["score"] is None:
+            some = db.query("SELECT example_id FROM explanations WHERE selection_id = ? "
+                            "ORDER BY example_id LIMIT 3", [chosen["selection_id"]])
+            raise ValueError(f"example {example_id!r} is not in crawl {crawl!r}'s pool (examples "
+                             f"look like {some.column('example_id').to_pylist()})")
+        example = example_text(resources["store"].get_store(), chosen, example_id, standing["shard"])
+    except (FileNotFoundError, ValueError) as error:
+        print(f"dsdm: {error}", file=sys.stderr)
+        return 2
+    print(f"example {example_id} (document {example['doc_id']}, source {example['source']}, "
+          f"{example['n_tokens']} tokens):\n  {example['text'][:400]!r}")
+    where = (f"selected, rank {standing['selection_rank']} of {standing['selected']}"
+             if standing["selection_rank"] is not None else f"not selected ({standing['selected']} were)")
+    print(f"\nselection {chosen['selection_id']} (crawl {crawl}, method dsdm, unit {chosen['unit']}): "
+          f"{where}; mixed score {standing['score']:.6g}, pool rank {standing['pool_rank']} "
+          f"of {standing['pool']}")
+    with db.connect() as con:
+        print("\nscore per task (the mixed score is the sum of the parts):")
+        con.sql(EXPLAIN_PARTS, params=params).show(max_width=160)
+        targets = con.sql(EXPLAIN_TARGETS, params={
+            "scores": standing["scores_id"], "example": example_id}).to_arrow_table().to_pylist()
+    for effect, title in (("helps", "targets it helps most (largest tau: predicted loss reduction)"),
+                          ("hurts", "targets it hurts most (most negative tau)")):
+        rows = [r for r in targets if r["effect"] == effect]
+        print(f"\n{title}:" + ("" if rows else " none recorded"))
+        for r in rows:
+            print(f"  {r['rank']}. {r['task']}  {r['target_id']}  tau {r['tau']:+.6g}\n"
+                  f"     {r['prompt'][-120:]!r} -> {r['continuation'][:80]!r}")
+    return 0
+
+
+def example_text(store: "ArtifactStore", selection: dict, example_id: str,
+                 shard: int | None) -> dict:
+    """doc_id, source, n_tokens and decoded text of a pool example, read from the corpus the
+    selection was made from (found through its manifest's inputs, each checked against the
+    sha256 recorded there); ``shard`` (if known) saves scanning the corpus."""
+    import hashlib
+    import json
+
+    from dsdm.tokenization import tokenizer_from_bytes
+
+    def manifest_of(asset: str, inputs: list[dict]) -> dict:
+        for item in inputs:
+            path = store.relpath(item["uri"])
+            if path.startswith(f"{asset}/"):
+                data = store.read_bytes(path)
+                if hashlib.sha256(data).hexdigest() != item["sha256"]:
+                    raise ValueError(f"{item['uri']} is not the {asset} manifest the selection "
+                                     "recorded; re-materialise the selection")
+                return json.loads(data)
+        raise ValueError(f"the selection's manifest names no {asset} input")
+
+    folder = f"selected_subset/{selection['crawl']}/{selection['selection_id']}"
+    inputs = store.read_json(f"{folder}/manifest.json")["inputs"]
+    corpus, tok = manifest_of("tokenized_corpus", inputs), manifest_of("tokenizer", inputs)
+    shards = [f for f in corpus["files"] if f["kind"] == "examples"]
+    for f in [shards[shard]] if shard is not None else shards:
+        reason = store.mismatch(f["path"], f["sha256"], f.get("size_bytes"))
+        if reason:
+            raise ValueError(f"{f['uri']}: {reason}; re-materialise tokenized_corpus")
+        table = store.read_parquet(f["path"])
+        rows = table.column("example_id").to_pylist()
+        if example_id in rows:
+            row = table.slice(rows.index(example_id), 1).to_pylist()[0]
+            (tok_file,) = [f for f in tok["files"] if f["kind"] == "tokenizer"]
+            tokenizer = tokenizer_from_bytes(store.read_bytes(tok_file["path"]))
+            return {**row, "text": tokenizer.decode(row["input_ids"][:row["n_tokens"]])}
+    raise ValueError(f"example {example_id!r} is not in the corpus the selection was made from")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,10 +31,12 @@ from dsdm.datamodels import (
     proxy_subsets,
     task_means,
 )
+from dsdm.explain import CONTRIBUTION_SCHEMA, top_contributions
 from dsdm.features import FeatureConfig, featurize
+from dsdm.lineage import LineageDB
 from dsdm.proxy import ProxyConfig, check_trainable, load_proxy, proxy_to_bytes, train_proxy
 from dsdm.store import ArtifactStore, StoredArtifact
-from dsdm.tokenization import to_tensors
+from dsdm.tokenization import decode_parts, to_tensors, tokenizer_from_bytes
 from dsdm.trak import LAMBDA_RELATIVE
 from dsdm_assets.config import StepConfig
 from dsdm_assets.ingest import target_tasks, tokenized_corpus, tokenizer
@@ -108,6 +110,11 @@ class DatamodelConfig(StepConfig):
 
     lambda_relative: float = Field(
         LAMBDA_RELATIVE, gt=0, description="Ridge lambda as a multiple of the kernel's mean diagonal."
+    )
+    explain_targets: int = Field(
+        3, ge=0, le=100, description="Per candidate, how many target examples it helps most "
+        "(largest tau) and hurts most (most negative) to keep for `dsdm explain` and the "
+        "explained_targets view; 0 keeps none.",
     )
 
 
@@ -493,6 +500,35 @@ def target_gradients(
     )
 
 
+def _target_text(artifacts: ArtifactStore, targets_up: Upstream, tok_up: Upstream,
+                 target_ids: list[str]) -> pa.Table:
+    """target_id, task, prompt, continuation of the datamodel's target columns, decoded."""
+    table = artifacts.read_parquet(targets_up.files("targets")[0]["path"])
+    row_of = {e: i for i, e in enumerate(table.column("example_id").to_pylist())}
+    chosen = table.take([row_of[e] for e in target_ids])
+    tok = tokenizer_from_bytes(artifacts.read_bytes(tok_up.files("tokenizer")[0]["path"]))
+    prompts, continuations = decode_parts(tok, chosen)
+    return pa.table({"target_id": target_ids, "task": chosen.column("task"),
+                     "prompt": prompts, "continuation": continuations})
+
+
+def _record_explanations(db: LineageDB, writer: AssetWriter, run_id: str) -> None:
+    """The datamodel folder's contributions and target text into DuckDB (replacing this
+    scores_id's rows), the tables behind `dsdm explain` and the explained_targets view."""
+    where = {"crawl": writer.crawl, "scores_id": writer.config_hash}
+    top = writer.store.read_parquet(f"{writer.folder}/contributions.parquet")
+    n = top.num_rows
+    db.replace_rows("target_contributions", where, pa.table({
+        "crawl": [writer.crawl] * n, "run_id": [run_id] * n, "scores_id": [writer.config_hash] * n,
+        **{c: top.column(c) for c in ("example_id", "shard", "effect", "rank", "target_id",
+                                       "task", "tau")}}))
+    text = writer.store.read_parquet(f"{writer.folder}/target_text.parquet")
+    n = text.num_rows
+    db.replace_rows("datamodel_targets", where, pa.table({
+        "crawl": [writer.crawl] * n, "scores_id": [writer.config_hash] * n,
+        **{c: text.column(c) for c in ("target_id", "task", "prompt", "continuation")}}))
+
+
 # Settings that change how fast features are computed but not the features.
 _SPEED_ONLY = {"batch_size"}
 
@@ -516,14 +552,19 @@ def _check_same_features(grads: Upstream, targets: Upstream, target_tasks_up: Up
         raise dg.Failure("target_gradients is not of the latest target_tasks; re-materialise it")
 
 
+#: bump when the datamodel folder's contents change (3: contributions.parquet, target_text.parquet)
+DATAMODEL_VERSION = "3"
+
+
 @dg.asset(
-    group_name=GROUP, partitions_def=crawl_partitions, code_version="2",
-    deps=[gradient_shards, target_gradients, tokenized_corpus, target_tasks],
+    group_name=GROUP, partitions_def=crawl_partitions, code_version=DATAMODEL_VERSION,
+    deps=[gradient_shards, target_gradients, tokenized_corpus, target_tasks, tokenizer],
     check_specs=[dg.AssetCheckSpec("scores_finite", asset="datamodel_weights", blocking=True,
                                    description="Every datamodel score is a finite number.")],
     description="TRAK datamodel weights tau (candidate x select-split target, ensemble over "
     "proxies) and each candidate's mean over every task's targets; the per-task scores also "
-    "go to the DuckDB scores table. Larger = larger predicted target-loss reduction.",
+    "go to the DuckDB scores table, and each candidate's most helped and hurt targets to "
+    "target_contributions. Larger = larger predicted target-loss reduction.",
 )
 def datamodel_weights(
     context: dg.AssetExecutionContext,
@@ -538,11 +579,12 @@ def datamodel_weights(
     target_grads_up = read_upstream(context, artifacts, "target_gradients")
     corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
     targets_up = read_upstream(context, artifacts, "target_tasks")
+    tok_up = read_upstream(context, artifacts, "tokenizer")
     _check_same_features(grads_up, target_grads_up, targets_up)
     writer = AssetWriter(
         context, artifacts, db, "datamodel_weights", config.model_dump(),
-        [(u.uri, u.sha256) for u in (grads_up, target_grads_up, corpus_up, targets_up)],
-        code_version="2",
+        [(u.uri, u.sha256) for u in (grads_up, target_grads_up, corpus_up, targets_up, tok_up)],
+        code_version=DATAMODEL_VERSION,
     )
     manifest = writer.existing()
     reused = manifest is not None
@@ -572,7 +614,10 @@ def datamodel_weights(
 
         select_targets = targets.filter(pl.Series(select))
         writer.write_parquet("target_columns.parquet", select_targets.to_arrow(), kind="columns")
-        frames = []
+        writer.write_parquet("target_text.parquet",
+                             _target_text(artifacts, targets_up, tok_up, select_ids), kind="target_text")
+        target_tasks_of = select_targets["task"].to_list()
+        frames, contributions = [], []
         for k, tau in enumerate(ensemble_scores(load_shard, num_shards, target_phi,
                                                 config.lambda_relative)):
             corpus_file = corpus_up.files("examples")[k]
@@ -584,11 +629,18 @@ def datamodel_weights(
             writer.write_bytes(f"tau-{k:05d}.safetensors",
                                safetensors_save({"tau": tau.float().contiguous()}),
                                kind="tau", rows=len(ids))
-            means = task_means(tau, select_targets["task"].to_list())
+            means = task_means(tau, target_tasks_of)
             frames.append(pl.DataFrame({"example_id": ids.to_pylist(), **means}))
+            if config.explain_targets:
+                top = top_contributions(tau, ids.to_pylist(), select_ids, target_tasks_of,
+                                        config.explain_targets)
+                contributions.append(top.append_column("shard", pa.array([k] * top.num_rows, pa.int32())))
             context.log.info(f"scored shard {k + 1}/{num_shards}")
         scores = pl.concat(frames)
         writer.write_parquet("scores.parquet", scores.to_arrow(), kind="scores")
+        writer.write_parquet("contributions.parquet", pa.concat_tables(contributions) if contributions
+                             else CONTRIBUTION_SCHEMA.append(pa.field("shard", pa.int32())).empty_table(),
+                             kind="contributions")
         tasks = [c for c in scores.columns if c != "example_id"]
         manifest = writer.finish({
             "tasks": tasks, "candidates": scores.height, "targets": int(select.sum()),
@@ -602,6 +654,7 @@ def datamodel_weights(
         "scores_id": [writer.config_hash] * n, "example_id": long["example_id"],
         "task": long["task"], "score": long["score"],
     }))
+    _record_explanations(db, writer, context.run.run_id)
     finite = bool(np.isfinite(scores.select(tasks).to_numpy()).all())
     return dg.MaterializeResult(
         data_version=writer.data_version,

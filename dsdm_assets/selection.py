@@ -25,6 +25,7 @@ from dsdm.baselines.classifier import ClassifierSelection
 from dsdm.baselines.dsir import DsirSelection
 from dsdm.baselines.random import RandomSelection, document_keys
 from dsdm.baselines.semdedup import SemDedupSelection, minilm_embeddings, proxy_embeddings
+from dsdm.explain import mixing_coefficients
 from dsdm.lineage import LineageDB
 from dsdm.proxy import load_proxy
 from dsdm.selection import (
@@ -32,6 +33,8 @@ from dsdm.selection import (
     Selection,
     combine_task_scores,
     dominant_source,
+    normalised_weights,
+    rank,
     select,
 )
 from dsdm.store import ArtifactStore
@@ -153,11 +156,12 @@ def _write_selection(
     corpus_up: Upstream, tok_up: Upstream, pool: pl.DataFrame,
     compute_scores: Callable[[], np.ndarray], budget: dict[str, Any], output_shard_size: int,
     extra_shares: dict[str, np.ndarray] | None = None,
-    extra_metadata: Callable[[np.ndarray], dict[str, Any]] | None = None,
+    extra_metadata: Callable[[str, np.ndarray], dict[str, Any]] | None = None,
 ) -> dg.MaterializeResult:
     """Rank by the pool's scores [N] (larger first), keep the budget, write the selection
     contract. ``compute_scores`` runs only when no finished folder for these inputs exists;
-    otherwise the scores are read back from it (a SemDeDup or classifier rerun costs nothing)."""
+    otherwise the scores are read back from it (a SemDeDup or classifier rerun costs nothing).
+    ``extra_metadata(selection_id, scores)`` adds a method's own metadata (and rows)."""
     writer = AssetWriter(context, artifacts, db, asset,
                          {"method": method, **config, **budget, "output_shard_size": output_shard_size},
                          [(u.uri, u.sha256) for u in inputs], code_version=SELECTION_VERSION)
@@ -233,7 +237,7 @@ def _write_selection(
                 .select("example_id", "source", "score"))),
             **{metadata_key("share_", row["source"]): float(row["selected"])
                for row in shares.to_dicts()},
-            **(extra_metadata(scores) if extra_metadata else {}),
+            **(extra_metadata(writer.config_hash, scores) if extra_metadata else {}),
         },
         check_results=[
             _budget_check(pool, scores, order, budget),
@@ -272,12 +276,26 @@ def selected_subset(
     if pool["example_id"].to_list() != scores["example_id"].to_list():
         raise dg.Failure("scores and corpus disagree on the examples; re-materialise datamodel_weights")
     tasks = [c for c in scores.columns if c != "example_id"]
+    task_scores = {t: scores[t].to_numpy() for t in tasks}
     try:
-        combined = combine_task_scores({t: scores[t].to_numpy() for t in tasks},
-                                       config.task_weights or None,
+        combined = combine_task_scores(task_scores, config.task_weights or None,
                                        standardise=config.standardise_tasks)
     except ValueError as error:
         raise dg.Failure(f"selected_subset config: {error}") from error
+    weights = normalised_weights(task_scores, config.task_weights or None)
+    coefficients = mixing_coefficients(task_scores, config.task_weights or None,
+                                       standardise=config.standardise_tasks)
+
+    def explain(selection_id: str, mixed: np.ndarray) -> dict[str, Any]:
+        rows = pa.table({
+            "crawl": [context.partition_key] * len(tasks), "run_id": [context.run.run_id] * len(tasks),
+            "selection_id": [selection_id] * len(tasks),
+            "scores_id": [weights_up.manifest["config_hash"]] * len(tasks), "task": tasks,
+            "weight": [weights.get(t, 0.0) for t in tasks], "coefficient": [coefficients[t] for t in tasks]})
+        db.replace_rows("selection_weights", {"crawl": context.partition_key,
+                                              "selection_id": selection_id}, rows)
+        return _explained_examples(artifacts, weights_up, pool, mixed)
+
     return _write_selection(
         context, artifacts, db, asset="selected_subset", method="dsdm",
         config={"task_weights": config.task_weights,
@@ -287,7 +305,32 @@ def selected_subset(
         budget=config.budget(),
         output_shard_size=config.output_shard_size,
         extra_shares={f"only_{t}": scores[t].to_numpy() for t in tasks},
+        extra_metadata=explain,
     )
+
+
+def _explained_examples(artifacts: ArtifactStore, weights_up: Upstream, pool: pl.DataFrame,
+                        mixed: np.ndarray, count: int = 5) -> dict[str, Any]:
+    """UI tables: the pool's ``count`` best and worst examples by mixed score, each with the
+    target it is predicted to help most (best) or hurt most (worst)."""
+    order = rank(mixed, pool["example_id"].to_numpy())
+    ends = {"top_examples_explained": (order[:count], "helps"),
+            "bottom_examples_explained": (order[::-1][:count], "hurts")}
+    top = pl.from_arrow(artifacts.read_parquet(weights_up.path_of("contributions.parquet")))
+    text = pl.from_arrow(artifacts.read_parquet(weights_up.path_of("target_text.parquet")))
+    pool_rank = np.empty(len(order), dtype=np.int64)
+    pool_rank[order] = np.arange(1, len(order) + 1)
+    tables = {}
+    for key, (rows, effect) in ends.items():
+        chosen = pool[rows].select("example_id", "source").with_columns(
+            pl.Series("score", mixed[rows]), pl.Series("pool_rank", pool_rank[rows]))
+        first = top.filter((pl.col("effect") == effect) & (pl.col("rank") == 1)).join(
+            text.select("target_id", "continuation"), on="target_id", how="left").select(
+            "example_id", pl.col("task").alias(f"{effect}_most"), "target_id", "tau",
+            pl.col("continuation").alias("target_continuation"))
+        tables[key] = dg.MetadataValue.md(markdown_table(
+            chosen.join(first, on="example_id", how="left").sort("pool_rank"), float_digits=5))
+    return tables
 
 
 def _write_training_shards(
@@ -506,5 +549,5 @@ def semdedup_subset(
         config=method.model_dump(mode="json"), inputs=inputs, corpus_up=corpus_up, tok_up=tok_up,
         pool=pool, compute_scores=compute_scores, budget=config.budget(),
         output_shard_size=config.output_shard_size,
-        extra_metadata=lambda scores: {"near_duplicates": int((scores < 0).sum())},
+        extra_metadata=lambda _, scores: {"near_duplicates": int((scores < 0).sum())},
     )

@@ -90,6 +90,11 @@ def test_selection_metadata_shows_source_shares(first_run) -> None:
     assert "| source | pool | selected |" in meta["source_shares"]
     shares = [v for k, v in meta.items() if k.startswith("share_")]
     assert abs(sum(shares) - 1.0) < 1e-9
+    # the best and worst of the pool, each with the target it helps (hurts) most
+    top, bottom = meta["top_examples_explained"], meta["bottom_examples_explained"]
+    assert "| example_id | source | score | pool_rank | helps_most | target_id | tau |" in top
+    assert "| 1 |" in top and "hurts_most" in bottom
+    assert len(top.strip().splitlines()) == len(bottom.strip().splitlines()) == 7  # header + 5
 
 
 def _manifest_sha(folder: Path, asset: str) -> str:
