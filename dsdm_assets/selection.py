@@ -286,15 +286,17 @@ def selected_subset(
     coefficients = mixing_coefficients(task_scores, config.task_weights or None,
                                        standardise=config.standardise_tasks)
 
+    scores_id = weights_up.manifest["config_hash"]
+
     def explain(selection_id: str, mixed: np.ndarray) -> dict[str, Any]:
         rows = pa.table({
             "crawl": [context.partition_key] * len(tasks), "run_id": [context.run.run_id] * len(tasks),
             "selection_id": [selection_id] * len(tasks),
-            "scores_id": [weights_up.manifest["config_hash"]] * len(tasks), "task": tasks,
+            "scores_id": [scores_id] * len(tasks), "task": tasks,
             "weight": [weights.get(t, 0.0) for t in tasks], "coefficient": [coefficients[t] for t in tasks]})
         db.replace_rows("selection_weights", {"crawl": context.partition_key,
                                               "selection_id": selection_id}, rows)
-        return _explained_examples(artifacts, weights_up, pool, mixed)
+        return _explained_examples(db, scores_id, pool, mixed)
 
     return _write_selection(
         context, artifacts, db, asset="selected_subset", method="dsdm",
@@ -309,25 +311,25 @@ def selected_subset(
     )
 
 
-def _explained_examples(artifacts: ArtifactStore, weights_up: Upstream, pool: pl.DataFrame,
-                        mixed: np.ndarray, count: int = 5) -> dict[str, Any]:
+def _explained_examples(db: LineageDB, scores_id: str, pool: pl.DataFrame, mixed: np.ndarray,
+                        count: int = 5) -> dict[str, Any]:
     """UI tables: the pool's ``count`` best and worst examples by mixed score, each with the
-    target it is predicted to help most (best) or hurt most (worst)."""
+    target it is predicted to help most (best) or hurt most (worst), from the
+    explained_targets view that datamodel_weights filled."""
     order = rank(mixed, pool["example_id"].to_numpy())
-    ends = {"top_examples_explained": (order[:count], "helps"),
-            "bottom_examples_explained": (order[::-1][:count], "hurts")}
-    top = pl.from_arrow(artifacts.read_parquet(weights_up.path_of("contributions.parquet")))
-    text = pl.from_arrow(artifacts.read_parquet(weights_up.path_of("target_text.parquet")))
     pool_rank = np.empty(len(order), dtype=np.int64)
     pool_rank[order] = np.arange(1, len(order) + 1)
     tables = {}
-    for key, (rows, effect) in ends.items():
+    for key, rows, effect in (("top_examples_explained", order[:count], "helps"),
+                              ("bottom_examples_explained", order[::-1][:count], "hurts")):
         chosen = pool[rows].select("example_id", "source").with_columns(
             pl.Series("score", mixed[rows]), pl.Series("pool_rank", pool_rank[rows]))
-        first = top.filter((pl.col("effect") == effect) & (pl.col("rank") == 1)).join(
-            text.select("target_id", "continuation"), on="target_id", how="left").select(
-            "example_id", pl.col("task").alias(f"{effect}_most"), "target_id", "tau",
-            pl.col("continuation").alias("target_continuation"))
+        first = pl.from_arrow(db.query(
+            f"""SELECT example_id, task AS {effect}_most, target_id, tau,
+                       continuation AS target_continuation
+                FROM explained_targets WHERE scores_id = ? AND effect = ? AND "rank" = 1
+                AND example_id IN (SELECT unnest(?))""",
+            [scores_id, effect, chosen["example_id"].to_list()]))
         tables[key] = dg.MetadataValue.md(markdown_table(
             chosen.join(first, on="example_id", how="left").sort("pool_rank"), float_digits=5))
     return tables
