@@ -9,10 +9,8 @@ the target features apart, so new target tasks do not recompute the candidates.
 
 import hashlib
 import json
-import os
 import time
 import warnings
-from collections.abc import Mapping
 
 import dagster as dg
 import numpy as np
@@ -40,6 +38,7 @@ from dsdm.tokenization import decode_parts, to_tensors, tokenizer_from_bytes
 from dsdm.trak import LAMBDA_RELATIVE
 from dsdm_assets.config import StepConfig
 from dsdm_assets.ingest import target_tasks, tokenized_corpus, tokenizer
+from dsdm_assets.jobs import CPU_STEP_TAGS, STEP_RETRY_POLICY, TORCH_STEP_TAGS
 from dsdm_assets.partitions import crawl_partitions
 from dsdm_assets.recording import (
     AssetWriter,
@@ -56,22 +55,6 @@ GROUP = "datamodels"
 GRADIENTS_VERSION = "2"  # 2: target features moved to target_gradients
 TARGET_GRADIENTS_VERSION = "2"  # 2: select-split targets only
 STEP_IO = "step_json_io"
-
-
-def k8s_gpu_tags(environ: Mapping[str, str]) -> dict:
-    """Op tags asking Kubernetes for ``DSDM_K8S_GPUS_PER_STEP`` GPUs for each torch step
-    (proxy training, one featurisation step, target features). The k8s job executor reads
-    ``dagster-k8s/config``; other executors ignore it. No tags when the variable is unset."""
-    gpus = environ.get("DSDM_K8S_GPUS_PER_STEP")
-    if not gpus:
-        return {}
-    if not gpus.isdigit() or int(gpus) < 1:
-        raise ValueError(f"DSDM_K8S_GPUS_PER_STEP={gpus!r}: expected a whole number of GPUs >= 1")
-    limits = {"nvidia.com/gpu": gpus}
-    return {"dagster-k8s/config": {"container_config": {"resources": {"limits": limits}}}}
-
-
-GPU_STEP_TAGS = k8s_gpu_tags(os.environ)
 
 
 def model_for_data(model: ProxyConfig, tok_up: Upstream, corpus_up: Upstream) -> ProxyConfig:
@@ -135,7 +118,8 @@ def _attention(table: pa.Table) -> torch.Tensor:
 
 
 @dg.asset(
-    group_name=GROUP, partitions_def=crawl_partitions, code_version="1", op_tags=GPU_STEP_TAGS,
+    group_name=GROUP, partitions_def=crawl_partitions, code_version="1", op_tags=TORCH_STEP_TAGS,
+    retry_policy=STEP_RETRY_POLICY,
     deps=[tokenizer, tokenized_corpus],
     check_specs=[dg.AssetCheckSpec("loss_fell", asset="proxy_checkpoints", blocking=True,
                                    description="Every proxy's late training loss is below its early loss.")],
@@ -291,6 +275,7 @@ def _feature_metadata(summary: dict, files: int, reused: bool) -> dict:
 
 
 @dg.op(
+    tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
     ins={"proxy_checkpoints": dg.In(dg.Nothing), "tokenized_corpus": dg.In(dg.Nothing)},
     out={"plan": dg.Out(dict, io_manager_key=STEP_IO),
          "work": dg.DynamicOut(dict, io_manager_key=STEP_IO)},
@@ -326,8 +311,8 @@ def plan_gradient_shards(context: dg.OpExecutionContext, config: GradientConfig,
                 mapping_key=f"proxy_{m:02d}_shard_{k:05d}", output_name="work")
 
 
-@dg.op(out=dg.Out(dict, io_manager_key=STEP_IO), tags=GPU_STEP_TAGS,
-       description="Featurises one corpus shard under one proxy, or adopts the file an "
+@dg.op(out=dg.Out(dict, io_manager_key=STEP_IO), tags=TORCH_STEP_TAGS,
+       retry_policy=STEP_RETRY_POLICY, description="Featurises one corpus shard under one proxy, or adopts the file an "
        "interrupted attempt finished; each file is written atomically.")
 def featurise_gradient_shard(context: dg.OpExecutionContext, work: dict,
                              compute: ComputeResource, store: ArtifactStoreResource) -> dict:
@@ -354,6 +339,7 @@ def featurise_gradient_shard(context: dg.OpExecutionContext, work: dict,
 
 
 @dg.op(
+    tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
     out={"result": dg.Out(dg.Nothing), "features_finite": dg.Out(dg.Nothing)},
     description="Writes the gradient_shards manifest from every file's result (or records "
     "the reused folder), the lineage rows, and the features_finite check.",
@@ -435,7 +421,8 @@ with warnings.catch_warnings():
 
 @dg.asset(
     group_name=GROUP, partitions_def=crawl_partitions, code_version=TARGET_GRADIENTS_VERSION,
-    op_tags=GPU_STEP_TAGS, deps=[proxy_checkpoints, target_tasks, tokenizer],
+    op_tags=TORCH_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
+    deps=[proxy_checkpoints, target_tasks, tokenizer],
     check_specs=[dg.AssetCheckSpec("features_finite", asset="target_gradients", blocking=True,
                                    description="No NaN/inf in any target gradient or q, "
                                    "and no proxy's target features all alike.")],
@@ -557,6 +544,7 @@ DATAMODEL_VERSION = "3"
 
 
 @dg.asset(
+    op_tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
     group_name=GROUP, partitions_def=crawl_partitions, code_version=DATAMODEL_VERSION,
     deps=[gradient_shards, target_gradients, tokenized_corpus, target_tasks, tokenizer],
     check_specs=[dg.AssetCheckSpec("scores_finite", asset="datamodel_weights", blocking=True,

@@ -39,13 +39,9 @@ from dsdm.selection import select
 from dsdm.store import ArtifactStore, fingerprint
 from dsdm.tokenization import to_tensors
 from dsdm_assets.config import StepConfig
-from dsdm_assets.datamodels import (
-    GPU_STEP_TAGS,
-    datamodel_weights,
-    model_for_data,
-    proxy_checkpoints,
-)
+from dsdm_assets.datamodels import datamodel_weights, model_for_data, proxy_checkpoints
 from dsdm_assets.ingest import target_tasks, tokenized_corpus, tokenizer
+from dsdm_assets.jobs import STEP_RETRY_POLICY, TORCH_STEP_TAGS
 from dsdm_assets.partitions import crawl_partitions
 from dsdm_assets.recording import AssetWriter, Upstream, read_upstream
 from dsdm_assets.selection import (
@@ -173,7 +169,8 @@ def _train_and_score(
 
 
 @dg.asset(
-    group_name=GROUP, partitions_def=crawl_partitions, code_version="1", op_tags=GPU_STEP_TAGS,
+    group_name=GROUP, partitions_def=crawl_partitions, code_version="1", op_tags=TORCH_STEP_TAGS,
+    retry_policy=STEP_RETRY_POLICY,
     deps=[selected_subset, random_subset, dsir_subset, classifier_subset, semdedup_subset,
           tokenized_corpus, tokenizer, target_tasks],
     description="Evaluation LMs trained on each selection (and on random selections at larger "
@@ -349,7 +346,8 @@ def _replace_evaluations(db: LineageDB, writer: AssetWriter, run_id: str, rows: 
 
 
 @dg.asset(
-    group_name=GROUP, partitions_def=crawl_partitions, code_version="1", op_tags=GPU_STEP_TAGS,
+    group_name=GROUP, partitions_def=crawl_partitions, code_version="1", op_tags=TORCH_STEP_TAGS,
+    retry_policy=STEP_RETRY_POLICY,
     deps=[datamodel_weights, proxy_checkpoints, tokenized_corpus, target_tasks],
     description="Linear datamodeling score: models with the proxy recipe trained on random "
     "subsets of the pool; Spearman over subsets of each select-split target's measured loss vs "

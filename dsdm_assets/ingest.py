@@ -26,6 +26,7 @@ from dsdm.tokenization import (
     train_bpe,
 )
 from dsdm_assets.config import StepConfig
+from dsdm_assets.jobs import CPU_STEP_TAGS, STEP_RETRY_POLICY
 from dsdm_assets.partitions import crawl_partitions
 from dsdm_assets.recording import AssetWriter, read_upstream
 from dsdm_assets.tables import markdown_table
@@ -71,6 +72,7 @@ class TargetTasksConfig(StepConfig):
 
 
 @dg.asset(
+    op_tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
     group_name=GROUP, partitions_def=crawl_partitions, code_version="1",
     description="Validated, whitespace-normalised, exact-deduplicated crawl documents "
     "(doc_id = content hash). Rejected rows go to the DuckDB quarantine table with file, "
@@ -152,6 +154,7 @@ def documents(
 
 
 @dg.asset(
+    op_tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
     group_name=GROUP, partitions_def=crawl_partitions, code_version="1", deps=[documents],
     description="Byte-level BPE trained on the crawl's documents (or a local pretrained "
     "tokenizer), stored as tokenizer.json.",
@@ -187,6 +190,7 @@ def tokenizer(
 
 
 @dg.asset(
+    op_tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
     group_name=GROUP, partitions_def=crawl_partitions, code_version="1", deps=[documents, tokenizer],
     description="Fixed-length token examples (one document per example), as Parquet shards "
     "with example_id, doc_id, source, n_tokens, score_from, input_ids.",
@@ -246,6 +250,7 @@ def tokenized_corpus(
 
 
 @dg.asset(
+    op_tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
     group_name=GROUP, partitions_def=crawl_partitions, code_version="1",
     deps=[documents, tokenizer, tokenized_corpus],
     check_specs=[dg.AssetCheckSpec(

@@ -40,8 +40,9 @@ from dsdm.selection import (
 from dsdm.store import ArtifactStore
 from dsdm.tokenization import to_tensors, tokenizer_from_bytes
 from dsdm_assets.config import StepConfig
-from dsdm_assets.datamodels import GPU_STEP_TAGS, datamodel_weights, proxy_checkpoints
+from dsdm_assets.datamodels import datamodel_weights, proxy_checkpoints
 from dsdm_assets.ingest import target_tasks, tokenized_corpus, tokenizer
+from dsdm_assets.jobs import CPU_STEP_TAGS, STEP_RETRY_POLICY, TORCH_STEP_TAGS
 from dsdm_assets.partitions import crawl_partitions
 from dsdm_assets.recording import AssetWriter, Upstream, read_upstream, require_made_from
 from dsdm_assets.tables import bounded, markdown_table, metadata_key
@@ -253,6 +254,7 @@ def _write_selection(
 
 
 @dg.asset(
+    op_tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
     group_name=GROUP, partitions_def=crawl_partitions, code_version=SELECTION_VERSION,
     deps=[datamodel_weights, tokenized_corpus, tokenizer],
     check_specs=_selection_checks("selected_subset"),
@@ -420,6 +422,7 @@ def _engine(config: dg.Config, cls: type) -> Any:
 
 
 @dg.asset(
+    op_tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
     group_name=GROUP, partitions_def=crawl_partitions, code_version=SELECTION_VERSION,
     deps=[tokenized_corpus, tokenizer], check_specs=_selection_checks("random_subset"),
     description="Baseline: a seeded uniform random sample of the pool under the budget "
@@ -477,6 +480,7 @@ def _scores(asset: str, method: BaselineMethod, data: PoolData) -> np.ndarray:
 
 
 @dg.asset(
+    op_tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
     group_name=GROUP, partitions_def=crawl_partitions, code_version=SELECTION_VERSION,
     deps=[tokenized_corpus, tokenizer, target_tasks], check_specs=_selection_checks("dsir_subset"),
     description="Baseline: DSIR importance resampling (hashed unigram+bigram models of the "
@@ -490,6 +494,7 @@ def dsir_subset(
 
 
 @dg.asset(
+    op_tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
     group_name=GROUP, partitions_def=crawl_partitions, code_version=SELECTION_VERSION,
     deps=[tokenized_corpus, tokenizer, target_tasks], check_specs=_selection_checks("classifier_subset"),
     description="Baseline: GPT-3-style quality classifier (linear, hashed n-grams, target "
@@ -504,7 +509,8 @@ def classifier_subset(
 
 @dg.asset(
     group_name=GROUP, partitions_def=crawl_partitions, code_version=SELECTION_VERSION,
-    deps=[tokenized_corpus, tokenizer, proxy_checkpoints], op_tags=GPU_STEP_TAGS,
+    deps=[tokenized_corpus, tokenizer, proxy_checkpoints], op_tags=TORCH_STEP_TAGS,
+    retry_policy=STEP_RETRY_POLICY,
     check_specs=_selection_checks("semdedup_subset"),
     description="Baseline: SemDeDup-like near-duplicate removal (cosine within k-means "
     "clusters of proxy or MiniLM embeddings), then a uniform sample of the survivors.",

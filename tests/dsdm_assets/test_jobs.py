@@ -6,13 +6,21 @@ import json
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import dagster as dg
 import pytest
 import yaml
 
-from dsdm_assets.jobs import IN_PROCESS_ANY_CONFIG, executor_from_env
+from dsdm_assets.jobs import (
+    IN_PROCESS_ANY_CONFIG,
+    executor_from_env,
+    k8s_gpu_tags,
+    ray_step_resources,
+    step_retry_policy,
+    step_tags,
+)
 
 PROBE = """
 import json
@@ -81,3 +89,100 @@ def test_in_process_executor_takes_every_committed_config(path: Path, tmp_path, 
         assert result.success
     pids = (tmp_path / "pids").read_text().split()
     assert pids == [str(os.getpid())] * 2  # both steps ran here, even under a multiprocess block
+
+
+# --- cluster executors: per-step requests and retries -------------------------------------------
+
+def test_gpu_request_per_step_comes_from_the_environment() -> None:
+    assert k8s_gpu_tags({}) == {}
+    tags = k8s_gpu_tags({"DSDM_K8S_GPUS_PER_STEP": "2"})
+    config = tags["dagster-k8s/config"]["container_config"]
+    assert config == {"resources": {"limits": {"nvidia.com/gpu": "2"}}}
+    for bad in ("0", "one", "-1", "1.5"):
+        with pytest.raises(ValueError, match="DSDM_K8S_GPUS_PER_STEP"):
+            k8s_gpu_tags({"DSDM_K8S_GPUS_PER_STEP": bad})
+
+
+def test_ray_requests_per_step_kind() -> None:
+    ray = {"DSDM_EXECUTOR": "ray"}
+    assert step_tags("torch", {}) == step_tags("cpu", {}) == {}
+    assert json.loads(step_tags("cpu", ray)["dagster-ray/config"]) == {"num_cpus": 1}
+    assert json.loads(step_tags("torch", ray)["dagster-ray/config"]) == {"num_cpus": 1}
+    sized = {**ray, "DSDM_RAY_CPUS_PER_STEP": "2", "DSDM_RAY_CPUS_PER_TORCH_STEP": "4",
+             "DSDM_RAY_GPUS_PER_STEP": "0.5"}
+    assert ray_step_resources("cpu", sized) == {"num_cpus": 2.0}
+    assert ray_step_resources("torch", sized) == {"num_cpus": 4.0, "num_gpus": 0.5}
+    for name in ("DSDM_RAY_CPUS_PER_STEP", "DSDM_RAY_GPUS_PER_STEP"):
+        for bad in ("0", "-1", "two"):
+            with pytest.raises(ValueError, match=f"{name}='{bad}': expected a number > 0"):
+                ray_step_resources("torch" if "GPU" in name else "cpu", {name: bad})
+
+
+def test_retries_only_where_a_step_process_can_be_lost() -> None:
+    assert step_retry_policy({}) is None
+    assert step_retry_policy({"DSDM_EXECUTOR": "multiprocess"}) is None
+    assert step_retry_policy({"DSDM_EXECUTOR": "ray"}).max_retries == 2
+    assert step_retry_policy({"DSDM_EXECUTOR": "k8s"}).max_retries == 2
+    assert step_retry_policy({"DSDM_EXECUTOR": "ray", "DSDM_STEP_RETRIES": "0"}) is None
+    assert step_retry_policy({"DSDM_STEP_RETRIES": "3"}).max_retries == 3
+    with pytest.raises(ValueError, match="DSDM_STEP_RETRIES='many'"):
+        step_retry_policy({"DSDM_STEP_RETRIES": "many"})
+
+
+def test_ray_executor_needs_an_address() -> None:
+    with pytest.raises(ValueError, match="DSDM_EXECUTOR=ray needs DSDM_RAY_ADDRESS"):
+        executor_from_env({"DSDM_EXECUTOR": "ray"})
+
+
+RAY_PROBE = """
+import json, yaml
+from dagster._core.system_config.objects import ResolvedRunConfig
+from dsdm_assets.definitions import defs
+job = defs.resolve_job_def("selection_job")
+settings = {}
+for path in %r:
+    execution = yaml.safe_load(open(path)).get("execution", {})
+    resolved = ResolvedRunConfig.build(job, {"execution": execution} if execution else {})
+    settings[path] = resolved.execution.execution_engine_config
+ops = [op for name in ("selection_job", "evaluation_job")
+       for op in defs.resolve_job_def(name).graph.iterate_op_defs()]
+tags = {op.name: op.tags.get("dagster-ray/config") for op in ops}
+retries = {op.name: op.retry_policy.max_retries for op in ops}
+print(json.dumps({"executor": job.executor_def.name, "settings": settings, "tags": tags,
+                  "retries": retries}))
+"""
+
+
+def test_ray_executor_takes_every_committed_config_and_sizes_every_step() -> None:
+    env = {**os.environ, "DSDM_EXECUTOR": "ray", "DSDM_RAY_ADDRESS": "auto",
+           "DSDM_RAY_GPUS_PER_STEP": "1", "DSDM_STORE": "s3://bucket/store",
+           "AWS_SECRET_ACCESS_KEY": "not-for-ray"}
+    out = subprocess.run([sys.executable, "-c", RAY_PROBE % [str(p) for p in CONFIGS]], env=env,
+                         capture_output=True, text=True, check=True, timeout=300)
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    assert probe["executor"] == "ray"
+    for path, settings in probe["settings"].items():
+        assert settings["ray"]["address"] == "auto", path
+        forwarded = set(settings["ray"]["env_vars"])
+        assert {"DSDM_STORE", "DSDM_RAY_ADDRESS"} <= forwarded, path
+        assert "AWS_SECRET_ACCESS_KEY" not in forwarded  # shown by the Ray dashboard
+    requests = {op: json.loads(tag) for op, tag in probe["tags"].items()}
+    assert {op for op, r in requests.items() if "num_gpus" in r} == TORCH_STEPS
+    assert all(r["num_cpus"] == 1 for r in requests.values())
+    assert set(probe["retries"].values()) == {2}
+
+
+def test_kuberay_manifest_places_steps_as_the_docs_say() -> None:
+    manifest = Path(__file__).resolve().parents[2] / "deploy" / "kuberay" / "raycluster.yaml"
+    documents = {d["kind"]: d for d in yaml.safe_load_all(manifest.read_text())}
+    spec = documents["RayCluster"]["spec"]
+    assert spec["rayVersion"] == version("ray")  # the version the project pins
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no step on the head
+    groups = {g["groupName"]: g["template"]["spec"]["containers"][0]
+              for g in spec["workerGroupSpecs"]}
+    assert groups["gpu"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    for container in groups.values():
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["DSDM_STORE"].startswith("s3://") and "AWS_SECRET_ACCESS_KEY" not in env
+    assert "postgres" in yaml.safe_load(documents["ConfigMap"]["data"]["dagster.yaml"])["storage"]
+    assert documents["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]

@@ -13,7 +13,6 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from dsdm_assets.datamodels import k8s_gpu_tags
 from dsdm_assets.definitions import selection_job_from_env
 from dsdm_assets.partitions import crawl_partitions
 
@@ -102,13 +101,3 @@ def test_each_shard_was_its_own_step_in_its_own_process(runs) -> None:
     assert checks == {("gradient_shards", "features_finite"): True,
                       ("target_gradients", "features_finite"): True,
                       ("datamodel_weights", "scores_finite"): True}
-
-
-def test_gpu_request_per_step_comes_from_the_environment() -> None:
-    assert k8s_gpu_tags({}) == {}
-    tags = k8s_gpu_tags({"DSDM_K8S_GPUS_PER_STEP": "2"})
-    config = tags["dagster-k8s/config"]["container_config"]
-    assert config == {"resources": {"limits": {"nvidia.com/gpu": "2"}}}
-    for bad in ("0", "one", "-1"):
-        with pytest.raises(ValueError, match="DSDM_K8S_GPUS_PER_STEP"):
-            k8s_gpu_tags({"DSDM_K8S_GPUS_PER_STEP": bad})
