@@ -56,6 +56,13 @@ class LocalRayCluster:
                        capture_output=True, timeout=120)
 
     def __enter__(self) -> "LocalRayCluster":
+        try:
+            return self._start_nodes()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _start_nodes(self) -> "LocalRayCluster":
         self._start("--head", f"--port={self.gcs.split(':')[1]}", "--num-cpus=0",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={self.dashboard.rsplit(':', 1)[1]}",
@@ -80,6 +87,8 @@ class LocalRayCluster:
         return self._node_ids(head=False)
 
     def __exit__(self, *_) -> None:
+        # `ray stop` ends every Ray process of this user on the machine; none other is
+        # expected where the tests run.
         subprocess.run([self.ray_bin, "stop", "--force"], env=self.env, capture_output=True,
                        timeout=120)
         shutil.rmtree(self.temp, ignore_errors=True)
