@@ -6,6 +6,7 @@ Benchmarks print JSON; they are not tests and assert nothing about speed.
 
 from __future__ import annotations
 
+import gzip
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,3 +106,25 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     ra = np.argsort(np.argsort(np.asarray(a, dtype=np.float64).ravel()))
     rb = np.argsort(np.argsort(np.asarray(b, dtype=np.float64).ravel()))
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def subset_crawl(source: Path, docs: int | None, folder: Path,
+                 docs_per_part: int | None = None) -> Path:
+    """A crawl folder with every k-th document of ``source`` (all sources kept), or all, in
+    one part file or in parts of ``docs_per_part`` documents (as a crawler writes them)."""
+    rows = []
+    for path in sorted(source.glob("*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            rows.extend(handle.readlines())
+    if not rows:
+        raise SystemExit(f"no documents under {source}; build the bench crawl: make bench-corpus")
+    if docs is not None and docs < len(rows):
+        step = len(rows) / docs
+        rows = [rows[int(i * step)] for i in range(docs)]
+    folder.mkdir(parents=True, exist_ok=True)
+    per_part = docs_per_part or len(rows)
+    for part, start in enumerate(range(0, len(rows), per_part)):
+        with gzip.open(folder / f"part-{part:05d}.jsonl.gz", "wt", encoding="utf-8") as handle:
+            handle.writelines(rows[start:start + per_part])
+    (folder / "_SUCCESS").write_text("")
+    return folder

@@ -21,7 +21,6 @@ bench crawl is built by `make bench-corpus`.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import shutil
 import sys
@@ -35,6 +34,7 @@ import dagster as dg  # noqa: E402
 import duckdb  # noqa: E402
 import polars as pl  # noqa: E402
 
+from bench.common import subset_crawl  # noqa: E402
 from dsdm.features import FeatureConfig  # noqa: E402
 from dsdm.trak import LAMBDA_RELATIVE  # noqa: E402
 from dsdm_assets import datamodels, evaluation, ingest, selection  # noqa: E402
@@ -51,24 +51,6 @@ ASSETS = dg.load_assets_from_modules([ingest, datamodels, selection, evaluation]
 ASSET_NAMES = {key.to_user_string() for a in ASSETS for key in a.keys}
 FEATURES = FeatureConfig()  # the pipeline's feature defaults
 BENCH_TASKS = ("wiki_qa", "lambada_cloze", "tech_faq", "mixed_cloze", "mixed_continuation")
-
-
-def subset_crawl(source: Path, docs: int | None, folder: Path) -> Path:
-    """A crawl folder with every k-th document of ``source`` (all sources kept), or all."""
-    rows = []
-    for path in sorted(source.glob("*.jsonl.gz")):
-        with gzip.open(path, "rt", encoding="utf-8") as handle:
-            rows.extend(handle.readlines())
-    if not rows:
-        raise SystemExit(f"no documents under {source}; build the bench crawl: make bench-corpus")
-    if docs is not None and docs < len(rows):
-        step = len(rows) / docs
-        rows = [rows[int(i * step)] for i in range(docs)]
-    folder.mkdir(parents=True, exist_ok=True)
-    with gzip.open(folder / "part-00000.jsonl.gz", "wt", encoding="utf-8") as handle:
-        handle.writelines(rows)
-    (folder / "_SUCCESS").write_text("")
-    return folder
 
 
 def run_config(args: argparse.Namespace) -> dict:
