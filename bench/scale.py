@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -172,8 +173,15 @@ def run_slice(examples: int, args: argparse.Namespace) -> dict:
     docs = math.ceil(examples / EXAMPLES_PER_DOCUMENT)
     if not (folder / "crawls" / crawl / "_SUCCESS").exists():
         subset_crawl(args.crawl, docs, folder / "crawls" / crawl, docs_per_part=DOCS_PER_PART)
+    for stale in ("store", "lineage.duckdb", "dagster_home", "steps", "logs"):
+        # an earlier run's artifacts would be reused, and reuse measures nothing
+        path = folder / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
     home = folder / "dagster_home"
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True)
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     steps = {}
     for step in (BASELINE, *STEPS):

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -233,12 +233,15 @@ class LineageDB:
             con.execute("COMMIT")
         return ids
 
-    def replace_rows(self, table: str, where: dict[str, Any], rows: pa.Table) -> int:
-        """Replace the rows of ``table`` matching ``where`` by ``rows`` atomically.
+    def replace_rows(self, table: str, where: dict[str, Any],
+                     rows: pa.Table | pa.RecordBatchReader) -> int:
+        """Replace the rows of ``table`` matching ``where`` by ``rows`` atomically; returns
+        the number of rows inserted.
 
         Used for per-crawl result tables (quarantine, scores, selections): a re-run of the
         same step replaces its rows instead of duplicating them. ``rows`` must carry the
-        table's columns in order.
+        table's columns in order; a RecordBatchReader (see `result_rows`) is inserted as
+        DuckDB scans it, so a pool-sized table never has to be assembled in memory.
         """
         if table not in {"quarantine", "scores", "selections", "evaluations",
                          "target_contributions", "datamodel_targets", "selection_weights"}:
@@ -247,12 +250,11 @@ class LineageDB:
         with self.connect() as con:
             con.execute("BEGIN")
             con.execute(f"DELETE FROM {table} WHERE {clause}", list(where.values()))
-            if rows.num_rows:
-                con.register("incoming_rows", rows)
-                con.execute(f"INSERT INTO {table} SELECT * FROM incoming_rows")
-                con.unregister("incoming_rows")
+            con.register("incoming_rows", rows)
+            (inserted,) = con.execute(f"INSERT INTO {table} SELECT * FROM incoming_rows").fetchone()
+            con.unregister("incoming_rows")
             con.execute("COMMIT")
-        return rows.num_rows
+        return int(inserted)
 
     def find_artifact(self, asset: str, config_hash: str, crawl: str | None) -> list[dict]:
         """Artifacts an earlier run wrote for the same asset, crawl and config (for reuse)."""
@@ -263,3 +265,21 @@ class LineageDB:
             [asset, config_hash, crawl],
         )
         return table.to_pylist()
+
+
+def result_rows(constants: dict[str, str], batches: Iterable[pa.RecordBatch | pa.Table],
+                schema: pa.Schema) -> pa.RecordBatchReader:
+    """Rows for a result table, streamed: the ``constants`` columns (crawl, run_id, an id of
+    the result) first, then each batch's columns, in ``schema`` order (the table's columns
+    after the constants). One batch is built at a time, as `LineageDB.replace_rows` reads."""
+    full = pa.schema([pa.field(name, pa.string()) for name in constants] + list(schema))
+
+    def with_constants() -> Iterator[pa.RecordBatch]:
+        for part in batches:
+            for batch in part.to_batches() if isinstance(part, pa.Table) else [part]:
+                n = batch.num_rows
+                columns = [pa.array([value] * n, pa.string()) for value in constants.values()]
+                columns += [batch.column(field.name).cast(field.type) for field in schema]
+                yield pa.RecordBatch.from_arrays(columns, schema=full)
+
+    return pa.RecordBatchReader.from_batches(full, with_constants())

@@ -11,7 +11,7 @@ import io
 import json
 import os
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,10 @@ def file_sha256(fs: Any, path: str, chunk_bytes: int = 1 << 22) -> str:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+#: Rows per Parquet row group: what a streaming reader holds at once.
+PARQUET_ROW_GROUP_ROWS = 16_384
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,8 @@ class ArtifactStore:
 
     def write_parquet(self, relpath: str, table: pa.Table) -> StoredArtifact:
         sink = io.BytesIO()
-        pq.write_table(table, sink, compression="zstd")
+        # Bounded row groups: a reader that streams the file (iter_parquet) holds one.
+        pq.write_table(table, sink, compression="zstd", row_group_size=PARQUET_ROW_GROUP_ROWS)
         return self.write_bytes(relpath, sink.getvalue())
 
     def sha256(self, relpath: str) -> str:
@@ -175,3 +180,11 @@ class ArtifactStore:
     def read_parquet(self, relpath: str, columns: Iterable[str] | None = None) -> pa.Table:
         with self.fs.open(self.path(relpath), "rb") as handle:
             return pq.read_table(handle, columns=list(columns) if columns else None)
+
+    def iter_parquet(self, relpath: str, columns: Iterable[str] | None = None,
+                     batch_rows: int = 1024) -> Iterator[pa.RecordBatch]:
+        """The file's rows in batches of at most ``batch_rows``, read as they are consumed
+        (memory: about one row group), in file order."""
+        with self.fs.open(self.path(relpath), "rb") as handle:
+            yield from pq.ParquetFile(handle).iter_batches(
+                batch_size=batch_rows, columns=list(columns) if columns else None)

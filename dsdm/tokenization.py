@@ -8,7 +8,7 @@ tasks). Loss masks are derived from these two numbers, never stored.
 """
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -127,6 +127,60 @@ def chunk_documents(
         "dropped_windows": dropped_windows, "dropped_tokens": dropped_tokens,
     }
     return table, stats
+
+
+def example_shards(
+    tokenizer: Tokenizer,
+    batches: Iterable[pa.RecordBatch | pa.Table],
+    seq_len: int,
+    min_tokens: int,
+    shard_size: int,
+    totals: dict[str, Any],
+) -> Iterator[pa.Table]:
+    """`chunk_documents` over a stream of document batches (columns doc_id, text, source),
+    yielding shards of ``shard_size`` examples in document order (the last may be shorter):
+    the same shards as chunking every document at once and slicing, with memory bounded by
+    one batch and one shard whatever the corpus size.
+
+    ``totals`` is filled as shards are yielded and complete once the generator is exhausted:
+    the `chunk_documents` stats summed, plus ``per_source`` {source: {documents, examples,
+    tokens}} (documents that kept at least one example)."""
+    for key in ("examples", "tokens", "dropped_windows", "dropped_tokens"):
+        totals[key] = 0
+    per_source: dict[str, dict[str, int]] = {}
+    totals["per_source"] = per_source
+    pending: list[pa.Table] = []
+    pending_rows = 0
+    for batch in batches:
+        table, stats = chunk_documents(
+            tokenizer, batch.column("doc_id").to_pylist(), batch.column("text").to_pylist(),
+            batch.column("source").to_pylist(), seq_len, min_tokens)
+        for key, value in stats.items():
+            totals[key] += value
+        _count_per_source(table, per_source)
+        pending.append(table)
+        pending_rows += table.num_rows
+        while pending_rows >= shard_size:
+            buffered = pa.concat_tables(pending)
+            yield buffered.slice(0, shard_size).combine_chunks()
+            rest = buffered.slice(shard_size)
+            pending, pending_rows = [rest], rest.num_rows
+    if pending_rows:
+        yield pa.concat_tables(pending).combine_chunks()
+
+
+def _count_per_source(table: pa.Table, per_source: dict[str, dict[str, int]]) -> None:
+    sources = table.column("source").to_pylist()
+    docs = table.column("doc_id").to_pylist()
+    n_tokens = table.column("n_tokens").to_pylist()
+    seen: set[str] = set()  # a document's examples are all in this batch's table
+    for source, doc, tokens in zip(sources, docs, n_tokens, strict=True):
+        counts = per_source.setdefault(source, {"documents": 0, "examples": 0, "tokens": 0})
+        counts["examples"] += 1
+        counts["tokens"] += tokens
+        if doc not in seen:
+            seen.add(doc)
+            counts["documents"] += 1
 
 
 def encode_prompt_continuation(

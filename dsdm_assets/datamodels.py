@@ -31,7 +31,7 @@ from dsdm.datamodels import (
 )
 from dsdm.explain import CONTRIBUTION_SCHEMA, top_contributions
 from dsdm.features import FeatureConfig, featurize
-from dsdm.lineage import LineageDB
+from dsdm.lineage import LineageDB, result_rows
 from dsdm.proxy import ProxyConfig, check_trainable, load_proxy, proxy_to_bytes, train_proxy
 from dsdm.store import ArtifactStore, StoredArtifact
 from dsdm.tokenization import decode_parts, to_tensors, tokenizer_from_bytes
@@ -503,12 +503,13 @@ def _record_explanations(db: LineageDB, writer: AssetWriter, run_id: str) -> Non
     """The datamodel folder's contributions and target text into DuckDB (replacing this
     scores_id's rows), the tables behind `dsdm explain` and the explained_targets view."""
     where = {"crawl": writer.crawl, "scores_id": writer.config_hash}
-    top = writer.store.read_parquet(f"{writer.folder}/contributions.parquet")
-    n = top.num_rows
-    db.replace_rows("target_contributions", where, pa.table({
-        "crawl": [writer.crawl] * n, "run_id": [run_id] * n, "scores_id": [writer.config_hash] * n,
-        **{c: top.column(c) for c in ("example_id", "shard", "effect", "rank", "target_id",
-                                       "task", "tau")}}))
+    columns = ("example_id", "shard", "effect", "rank", "target_id", "task", "tau")
+    top = writer.store.iter_parquet(f"{writer.folder}/contributions.parquet", columns,
+                                    batch_rows=SCORE_ROWS_PER_BATCH)
+    schema = CONTRIBUTION_SCHEMA.append(pa.field("shard", pa.int32()))
+    db.replace_rows("target_contributions", where, result_rows(
+        {"crawl": writer.crawl, "run_id": run_id, "scores_id": writer.config_hash}, top,
+        pa.schema([schema.field(c) for c in columns])))
     text = writer.store.read_parquet(f"{writer.folder}/target_text.parquet")
     n = text.num_rows
     db.replace_rows("datamodel_targets", where, pa.table({
@@ -541,6 +542,10 @@ def _check_same_features(grads: Upstream, targets: Upstream, target_tasks_up: Up
 
 #: bump when the datamodel folder's contents change (3: contributions.parquet, target_text.parquet)
 DATAMODEL_VERSION = "3"
+#: Pool rows per batch of DuckDB inserts (scores, contributions): bounds their memory.
+SCORE_ROWS_PER_BATCH = 16_384
+SCORE_ROW_SCHEMA = pa.schema([("example_id", pa.string()), ("task", pa.string()),
+                              ("score", pa.float64())])
 
 
 @dg.asset(
@@ -635,13 +640,13 @@ def datamodel_weights(
             "per_task": scores.select(tasks).describe().to_dicts(),
         })
     tasks = manifest["summary"]["tasks"]
-    long = scores.unpivot(index="example_id", on=tasks, variable_name="task", value_name="score")
-    n = long.height
-    db.replace_rows("scores", {"crawl": writer.crawl, "scores_id": writer.config_hash}, pa.table({
-        "crawl": [writer.crawl] * n, "run_id": [context.run.run_id] * n,
-        "scores_id": [writer.config_hash] * n, "example_id": long["example_id"],
-        "task": long["task"], "score": long["score"],
-    }))
+    # N x tasks rows, streamed into DuckDB one slice of the pool at a time.
+    long = (scores.slice(start, SCORE_ROWS_PER_BATCH).unpivot(
+        index="example_id", on=tasks, variable_name="task", value_name="score").to_arrow()
+        for start in range(0, scores.height, SCORE_ROWS_PER_BATCH))
+    db.replace_rows("scores", {"crawl": writer.crawl, "scores_id": writer.config_hash},
+                    result_rows({"crawl": writer.crawl, "run_id": context.run.run_id,
+                                 "scores_id": writer.config_hash}, long, SCORE_ROW_SCHEMA))
     _record_explanations(db, writer, context.run.run_id)
     finite = bool(np.isfinite(scores.select(tasks).to_numpy()).all())
     return dg.MaterializeResult(

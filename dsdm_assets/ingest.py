@@ -5,6 +5,7 @@ metadata. No algorithm lives here.
 """
 
 import hashlib
+from collections.abc import Iterator
 
 import dagster as dg
 import fsspec
@@ -14,11 +15,11 @@ from pydantic import Field, field_validator
 
 from dsdm.contamination import find_overlaps
 from dsdm.ingest import IngestConfig, ingest_crawl, list_shards, shard_refusal
-from dsdm.store import file_sha256
+from dsdm.store import ArtifactStore, file_sha256
 from dsdm.tasks import read_tasks, tokenize_tasks, validate_task_name
 from dsdm.tokenization import (
     TokenizerConfig,
-    chunk_documents,
+    example_shards,
     load_pretrained,
     tokenizer_from_bytes,
     tokenizer_summary,
@@ -28,7 +29,7 @@ from dsdm.tokenization import (
 from dsdm_assets.config import StepConfig
 from dsdm_assets.jobs import CPU_STEP_TAGS, STEP_RETRY_POLICY
 from dsdm_assets.partitions import crawl_partitions
-from dsdm_assets.recording import AssetWriter, read_upstream
+from dsdm_assets.recording import AssetWriter, Upstream, read_upstream
 from dsdm_assets.tables import markdown_table
 from resources import ArtifactStoreResource, CrawlSourceResource, LineageResource
 
@@ -153,6 +154,13 @@ def documents(
     })
 
 
+def document_texts(artifacts: ArtifactStore, docs_up: Upstream) -> Iterator[str]:
+    """Every document's text in stored order, streamed (one Parquet batch in memory)."""
+    (doc_file,) = docs_up.files("documents")
+    for batch in artifacts.iter_parquet(doc_file["path"], ["text"]):
+        yield from batch.column(0).to_pylist()
+
+
 @dg.asset(
     op_tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
     group_name=GROUP, partitions_def=crawl_partitions, code_version="1", deps=[documents],
@@ -178,10 +186,10 @@ def tokenizer(
         if config.pretrained_path:
             tok = load_pretrained(config.pretrained_path)
         else:
-            (doc_file,) = docs_up.files("documents")
-            texts = artifacts.read_parquet(doc_file["path"], columns=["text"]).column("text")
-            context.log.info(f"training BPE (vocab {config.vocab_size}) on {len(texts)} documents")
-            tok = train_bpe((t.as_py() for t in texts), config)
+            context.log.info(f"training BPE (vocab {config.vocab_size}) on "
+                             f"{docs_up.manifest['summary']['accepted']} documents")
+            # BPE keeps word counts (growing with the distinct words), not the text.
+            tok = train_bpe(document_texts(artifacts, docs_up), config)
         writer.write_bytes("tokenizer.json", tokenizer_to_bytes(tok), kind="tokenizer")
         manifest = writer.finish(tokenizer_summary(tok))
     return dg.MaterializeResult(data_version=writer.data_version, metadata={
@@ -215,29 +223,22 @@ def tokenized_corpus(
     else:
         tok = tokenizer_from_bytes(artifacts.read_bytes(tok_up.files("tokenizer")[0]["path"]))
         (doc_file,) = docs_up.files("documents")
-        docs = pl.from_arrow(
-            artifacts.read_parquet(doc_file["path"], columns=["doc_id", "text", "source"])
-        )
-        examples, stats = chunk_documents(
-            tok, docs["doc_id"].to_list(), docs["text"].to_list(), docs["source"].to_list(),
-            config.seq_len, config.min_example_tokens,
-        )
-        if examples.num_rows == 0:
-            raise dg.Failure("no examples: every document is shorter than min_example_tokens")
-        for index, start in enumerate(range(0, examples.num_rows, config.shard_size)):
-            shard = examples.slice(start, config.shard_size)
+        # Streamed: one batch of documents and one shard of examples in memory at a time.
+        batches = artifacts.iter_parquet(doc_file["path"], ["doc_id", "text", "source"])
+        totals: dict = {}
+        for index, shard in enumerate(example_shards(tok, batches, config.seq_len,
+                                                     config.min_example_tokens,
+                                                     config.shard_size, totals)):
             writer.write_parquet(f"shard-{index:05d}.parquet", shard, kind="examples")
             context.log.info(f"wrote shard {index} ({shard.num_rows} examples)")
-        frame = pl.from_arrow(examples.select(["doc_id", "source", "n_tokens"]))
-        per_source = (
-            frame.group_by("source")
-            .agg(pl.col("doc_id").n_unique().alias("documents"), pl.len().alias("examples"),
-                 pl.col("n_tokens").sum().alias("tokens"))
-            .sort("source")
-        )
+        if totals["examples"] == 0:
+            raise dg.Failure("no examples: every document is shorter than min_example_tokens")
+        per_source = [{"source": source, **counts}
+                      for source, counts in sorted(totals.pop("per_source").items())]
+        stats = totals
         manifest = writer.finish({
             **stats, "seq_len": config.seq_len, "shards": len(writer.written),
-            "per_source": per_source.to_dicts(),
+            "per_source": per_source,
         })
     summary = manifest["summary"]
     return dg.MaterializeResult(data_version=writer.data_version, metadata={
@@ -297,9 +298,7 @@ def target_tasks(
                  (pl.col("n_tokens") - pl.col("score_from")).mean().alias("scored_tokens_mean"))
             .sort("task", "split")
         )
-        (doc_file,) = docs_up.files("documents")
-        pool = artifacts.read_parquet(doc_file["path"], columns=["text"]).column("text")
-        overlaps = find_overlaps((t.as_py() for t in pool),
+        overlaps = find_overlaps(document_texts(artifacts, docs_up),
                                  (tasks["prompt"] + " " + tasks["continuation"]).to_list())
         leaked = sorted({tasks["id"][o.target_index] for o in overlaps})
         manifest = writer.finish({**truncated, "per_task": per_task.to_dicts(), "leaked": leaked})

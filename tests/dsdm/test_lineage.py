@@ -6,7 +6,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from dsdm.lineage import ArtifactRecord, LineageDB
+from dsdm.lineage import ArtifactRecord, LineageDB, result_rows
 
 
 def test_artifacts_and_their_inputs_are_one_query_away(tmp_path: Path) -> None:
@@ -49,6 +49,34 @@ def _write_many(path: str, crawl: str, count: int) -> None:
     for i in range(count):
         db.record_artifacts([ArtifactRecord("x", f"file:///{crawl}/{i}", str(i), crawl=crawl,
                                             run_id=crawl)])
+
+
+def test_streamed_rows_equal_one_table_and_are_built_a_batch_at_a_time(tmp_path: Path) -> None:
+    db = LineageDB(str(tmp_path / "l.duckdb"))
+    n = 10_000
+    long = pa.table({"example_id": [f"e{i}" for i in range(n)], "task": ["t"] * n,
+                     "score": pa.array(range(n), pa.float64())})
+    built = []
+
+    def batches():
+        for start in range(0, n, 3_000):
+            built.append(start)
+            yield long.slice(start, 3_000)
+
+    schema = pa.schema([("example_id", pa.string()), ("task", pa.string()),
+                        ("score", pa.float64())])
+    reader = result_rows({"crawl": "c", "run_id": "r", "scores_id": "s"}, batches(), schema)
+    assert built == []  # nothing is built before DuckDB reads
+    assert db.replace_rows("scores", {"crawl": "c", "scores_id": "s"}, reader) == n
+    assert built == [0, 3_000, 6_000, 9_000]
+    stored = db.query("SELECT * FROM scores ORDER BY score")
+    assert stored.column("example_id").to_pylist() == long.column("example_id").to_pylist()
+    assert set(stored.column("crawl").to_pylist()) == {"c"}
+    assert set(stored.column("scores_id").to_pylist()) == {"s"}
+    again = result_rows({"crawl": "c", "run_id": "r2", "scores_id": "s"}, [long.slice(0, 5)],
+                        schema)
+    assert db.replace_rows("scores", {"crawl": "c", "scores_id": "s"}, again) == 5
+    assert db.query("SELECT count(*) AS n FROM scores").column("n").to_pylist() == [5]
 
 
 def test_two_processes_writing_at_once_lose_no_rows(tmp_path: Path) -> None:

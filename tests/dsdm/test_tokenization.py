@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ from dsdm.tokenization import (
     TokenizerConfig,
     chunk_documents,
     encode_prompt_continuation,
+    example_shards,
     examples_table,
     load_pretrained,
     special_ids,
@@ -55,6 +57,30 @@ def test_chunks_never_span_documents_and_cover_them(demo_tokenizer, demo_rows) -
     assert stats["examples"] == table.num_rows
     for doc, lengths in by_doc.items():
         assert all(n == 64 for n in lengths[:-1]), doc
+
+
+def test_streamed_shards_equal_chunking_everything_at_once(demo_tokenizer, demo_rows) -> None:
+    rows = demo_rows[:300]
+    docs = pa.table({"doc_id": [f"d{i}" for i in range(len(rows))],
+                     "text": [r["text"] for r in rows], "source": [r["source"] for r in rows]})
+    whole, stats = chunk_documents(demo_tokenizer, docs["doc_id"].to_pylist(),
+                                   docs["text"].to_pylist(), docs["source"].to_pylist(),
+                                   seq_len=64, min_tokens=8)
+    totals: dict = {}
+    shards = list(example_shards(demo_tokenizer, docs.to_batches(max_chunksize=37), 64, 8,
+                                 shard_size=100, totals=totals))
+    assert [s.num_rows for s in shards[:-1]] == [100] * (len(shards) - 1)
+    assert 0 < shards[-1].num_rows <= 100 and len(shards) == -(-whole.num_rows // 100)
+    for k, shard in enumerate(shards):  # the same rows, shard boundaries and bytes layout
+        assert shard.equals(whole.slice(100 * k, 100).combine_chunks())
+    per_source = totals.pop("per_source")
+    assert totals == stats
+    frame = whole.group_by("source").aggregate([("doc_id", "count_distinct"),
+                                                ("doc_id", "count"), ("n_tokens", "sum")])
+    expected = {r["source"]: {"documents": r["doc_id_count_distinct"],
+                              "examples": r["doc_id_count"], "tokens": r["n_tokens_sum"]}
+                for r in frame.to_pylist()}
+    assert per_source == expected
 
 
 def test_loss_mask_scores_only_real_tokens_after_score_from() -> None:
