@@ -6,6 +6,8 @@ import dagster as dg
 import torch
 from pydantic import Field
 
+from dsdm.memory import fix_mmap_threshold
+
 
 class ComputeResource(dg.ConfigurableResource):
     """CPU or CUDA. ``auto`` picks CUDA when one is visible."""
@@ -28,7 +30,9 @@ class ComputeResource(dg.ConfigurableResource):
         return torch.device(self.device)
 
     def setup(self) -> torch.device:
-        """Apply the thread setting and return the device."""
+        """Apply the thread setting, keep freed tensor buffers from staying resident
+        (`dsdm.memory.fix_mmap_threshold`), and return the device."""
+        fix_mmap_threshold()
         if self.threads:
             torch.set_num_threads(self.threads)
         return self.torch_device()
