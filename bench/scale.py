@@ -12,8 +12,9 @@ the bytes the step added to the store, the DuckDB rows it added per table and th
 in DuckDB writes. A no-op step (imports, instance, resources, nothing materialised) gives the
 baseline: ``*_above_baseline`` (wall, CPU, RSS) is what a step's own work costs.
 
-The proxies are tiny (hidden 32, one layer, at most 100 training steps: flat in N from ~7k examples) and the projection
-small (d = 512), so the costs that grow with the pool show, not model compute. Writes
+The proxies are tiny (hidden 32, one layer, at most 100 training steps: flat in N from ~7k
+examples) and the projection small (d = 512), so the costs that grow with the pool show, not
+model compute. Writes
 ``bench/out/scale-<name>.json`` and prints it: per slice and step the measurements, and per
 step the fitted exponent b of ``cost ~ N^b`` over the slices (least squares in log-log) for
 wall time, CPU time and RSS above the baseline. Linear growth is b = 1, flat memory b = 0.
@@ -69,7 +70,7 @@ def run_step(step: str, folder: Path, crawl: str, tasks: Path, threads: int) -> 
     import dagster as dg
 
     from dsdm.lineage import LineageDB
-    from dsdm_assets import datamodels, evaluation, ingest, selection
+    from dsdm_assets.definitions import ASSETS
     from dsdm_assets.partitions import crawl_partitions
     from resources import (
         ArtifactStoreResource,
@@ -93,7 +94,6 @@ def run_step(step: str, folder: Path, crawl: str, tasks: Path, threads: int) -> 
     LineageDB.replace_rows = timed(LineageDB.replace_rows)
     LineageDB.record_artifacts = timed(LineageDB.record_artifacts)
 
-    assets = dg.load_assets_from_modules([ingest, datamodels, selection, evaluation])
     resources = {
         "store": ArtifactStoreResource(root_url=str(folder / "store")),
         "crawls": CrawlSourceResource(root_url=str(folder / "crawls"), tasks_url=str(tasks)),
@@ -105,7 +105,7 @@ def run_step(step: str, folder: Path, crawl: str, tasks: Path, threads: int) -> 
             instance.add_dynamic_partitions(crawl_partitions.name, [crawl])
         if step != BASELINE:
             config = {"ops": {step: {"config": RUN_CONFIG[step]}}} if step in RUN_CONFIG else {}
-            result = dg.materialize(assets, selection=[step], partition_key=crawl,
+            result = dg.materialize(ASSETS, selection=[step], partition_key=crawl,
                                     instance=instance, resources=resources, run_config=config)
             if not result.success:
                 raise SystemExit(f"{step} failed on {crawl}")

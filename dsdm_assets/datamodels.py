@@ -312,7 +312,8 @@ def plan_gradient_shards(context: dg.OpExecutionContext, config: GradientConfig,
 
 
 @dg.op(out=dg.Out(dict, io_manager_key=STEP_IO), tags=TORCH_STEP_TAGS,
-       retry_policy=STEP_RETRY_POLICY, description="Featurises one corpus shard under one proxy, or adopts the file an "
+       retry_policy=STEP_RETRY_POLICY,
+       description="Featurises one corpus shard under one proxy, or adopts the file an "
        "interrupted attempt finished; each file is written atomically.")
 def featurise_gradient_shard(context: dg.OpExecutionContext, work: dict,
                              compute: ComputeResource, store: ArtifactStoreResource) -> dict:

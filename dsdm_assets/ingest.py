@@ -235,9 +235,8 @@ def tokenized_corpus(
             raise dg.Failure("no examples: every document is shorter than min_example_tokens")
         per_source = [{"source": source, **counts}
                       for source, counts in sorted(totals.pop("per_source").items())]
-        stats = totals
         manifest = writer.finish({
-            **stats, "seq_len": config.seq_len, "shards": len(writer.written),
+            **totals, "seq_len": config.seq_len, "shards": len(writer.written),
             "per_source": per_source,
         })
     summary = manifest["summary"]
