@@ -142,14 +142,33 @@ def subsets(n: int, count: int, fraction: float, seed: int) -> list[np.ndarray]:
     return proxy_subsets(n, count, fraction, seed)
 
 
+def proxy_settings(args: argparse.Namespace, data: Data) -> dict:
+    """What names a proxy folder: the recipe, and for a later round the selection it follows."""
+    settings = recipe(args, data).to_dict()
+    if getattr(args, "previous", None):
+        settings |= {"previous": args.previous, "previous_fraction": args.previous_fraction}
+    return settings
+
+
 def proxies(args: argparse.Namespace) -> None:
-    """M proxies on seeded random halves (as `proxy_checkpoints`), checkpoints along training."""
+    """M proxies on seeded random halves (as `proxy_checkpoints`), checkpoints along training;
+    with --previous, a later round's: on that selection plus a random rest (`round_subsets`)."""
+    from dsdm.datamodels import round_subsets
+
     out, data = Path(args.out), Data(Path(args.out))
     base = recipe(args, data)
-    folder = out / "proxies" / digest(base.to_dict())
+    folder = out / "proxies" / digest(proxy_settings(args, data))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(base.to_dict(), indent=2))
-    for m, subset in enumerate(subsets(data.n, args.num, 0.5, base.seed)):
+    if args.previous:
+        previous = selected_indices(out, data, args.previous, args.previous_fraction)
+        plan = round_subsets(data.n, args.num, 0.5, base.seed, previous)
+        (folder / "previous.json").write_text(json.dumps(
+            {"previous": args.previous, "fraction": args.previous_fraction,
+             "selected": len(previous)}))
+    else:
+        plan = subsets(data.n, args.num, 0.5, base.seed)
+    for m, subset in enumerate(plan):
         done = folder / f"proxy-{m:02d}.json"
         if done.exists():
             continue
@@ -207,7 +226,7 @@ def lds_models(args: argparse.Namespace) -> None:
 
 
 def proxy_folder(args: argparse.Namespace, data: Data) -> Path:
-    folder = Path(args.out) / "proxies" / digest(recipe(args, data).to_dict())
+    folder = Path(args.out) / "proxies" / digest(proxy_settings(args, data))
     if not folder.exists():
         raise SystemExit(f"no proxies for this recipe in {folder}; run `proxies` first")
     return folder
@@ -360,12 +379,7 @@ def score(args: argparse.Namespace) -> None:
     task_names = sorted(set(data.t_tasks.tolist()))
     for variant in variants:
         start = time.perf_counter()
-        feats = out / "features" / variant["features"]
-        files = []
-        for m in range(variant.get("proxies", 8)):
-            paths = sorted(feats.glob(f"proxy-{m:02d}-step-*.safetensors"))
-            paths = [p for p in paths if ".eigh-" not in p.name]
-            files += [FeatureFile(p) for p in (paths if variant.get("checkpoints") == "all" else paths[-1:])]
+        files = feature_files(out, variant)
         sums, task_scores = variant_tau_parts(variant, files, indicator, data)
         predicted = -sums
         per_target = spearman_columns(predicted, losses)
@@ -391,6 +405,59 @@ def score(args: argparse.Namespace) -> None:
     log(f"wrote {path}")
 
 
+def feature_files(out: Path, variant: dict) -> list[FeatureFile]:
+    """The feature files a scored variant ensembles over: the last checkpoint of each of its
+    first ``proxies`` proxies (every checkpoint with ``"checkpoints": "all"``)."""
+    feats = out / "features" / variant["features"]
+    files = []
+    for m in range(variant.get("proxies", 8)):
+        paths = [p for p in sorted(feats.glob(f"proxy-{m:02d}-step-*.safetensors"))
+                 if ".eigh-" not in p.name]
+        files += [FeatureFile(p) for p in (paths if variant.get("checkpoints") == "all" else paths[-1:])]
+    return files
+
+
+def diagnose(args: argparse.Namespace) -> None:
+    """Where a variant's task scores vary, and how much of it is signal: per task, the
+    split-half reliability (Spearman between the scores of the first and second half of the
+    ensemble), the share of the pool variance between sources and between documents, and the
+    source shares of the task's own top ``--fraction``."""
+    from bench.common import spearman
+
+    out, data = Path(args.out), Data(Path(args.out))
+    variant = json.loads(args.variant)
+    files = feature_files(out, variant)
+    names = sorted(set(data.t_tasks.tolist()))
+    dummy = np.zeros((1, data.n))
+    half = len(files) // 2
+    _, first = variant_tau_parts(variant, files[:half], dummy, data)
+    _, second = variant_tau_parts(variant, files[half:], dummy, data)
+    _, whole = variant_tau_parts(variant, files, dummy, data)
+    sources = data.pool["source"].to_numpy()
+    docs = data.pool["doc_id"].to_numpy()
+    k = int(args.fraction * data.n)
+
+    def between_share(values: np.ndarray, groups: np.ndarray) -> float:
+        frame = pl.DataFrame({"g": groups, "v": values})
+        means = frame.with_columns(pl.col("v").mean().over("g").alias("m"))["m"].to_numpy()
+        return float(((means - values.mean()) ** 2).sum() / ((values - values.mean()) ** 2).sum())
+
+    result = {"variant": variant, "ensemble_halves": [half, len(files) - half], "tasks": {}}
+    for i, name in enumerate(names):
+        top = np.argsort(-whole[:, i], kind="stable")[:k]
+        mix = dict(zip(*np.unique(sources[top], return_counts=True), strict=True))
+        result["tasks"][name] = {
+            "split_half_spearman": round(spearman(first[:, i], second[:, i]), 3),
+            "between_sources": round(between_share(whole[:, i], sources), 3),
+            "between_documents": round(between_share(whole[:, i], docs), 3),
+            "top_source_share": {s: round(int(c) / k, 3) for s, c in
+                                 sorted(mix.items(), key=lambda kv: -kv[1])}}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.result:
+        Path(args.result).write_text(text)
+
+
 # --- evaluation models ----------------------------------------------------------------------
 
 
@@ -402,7 +469,7 @@ def pool_texts(out: Path, data: Data) -> list[str]:
     return tokenizer.decode_batch(rows)
 
 
-def selection_scores(args: argparse.Namespace, out: Path, data: Data, method: str) -> np.ndarray:
+def selection_scores(out: Path, data: Data, method: str) -> np.ndarray:
     """[N] scores of a method (larger = kept first): random keys, DSIR, or a DsDm variant."""
     from dsdm.baselines.base import PoolData
     from dsdm.baselines.dsir import DsirSelection
@@ -422,18 +489,38 @@ def selection_scores(args: argparse.Namespace, out: Path, data: Data, method: st
                                      rows.column("n_tokens").to_pylist(), strict=True)]
         return DsirSelection().scores(PoolData(pool_texts(out, data), tokenizer.decode_batch(ids)))
     variant = json.loads(method)
-    selection_only = ("standardise", "weights", "unit")  # keys that change the selection, not the scores
+    # keys that change the selection, not the scores
+    selection_only = ("standardise", "weights", "unit", "smooth")
     scoring = {k: v for k, v in variant.items() if k not in selection_only}
     task_scores = np.load(out / f"task_scores-{digest(scoring)}.npy")
     names = sorted(set(data.t_tasks.tolist()))
-    return combine_task_scores({t: task_scores[:, i] for i, t in enumerate(names)},
-                               variant.get("weights"), standardise=variant.get("standardise", True))
+    combined = combine_task_scores({t: task_scores[:, i] for i, t in enumerate(names)},
+                                   variant.get("weights"),
+                                   standardise=variant.get("standardise", True))
+    for group, alpha in variant.get("smooth", {}).items():
+        # shrink each example's score towards its document's (or source's) mean
+        column = {"doc": "doc_id", "source": "source"}[group]
+        means = pl.DataFrame({"g": data.pool[column], "v": combined}).select(
+            pl.col("v").mean().over("g"))["v"].to_numpy()
+        combined = (1 - alpha) * combined + alpha * means
+    return combined
+
+
+def selected_indices(out: Path, data: Data, method: str, fraction: float) -> np.ndarray:
+    """Sorted pool indices a method keeps at ``fraction`` of the pool (of its tokens for a
+    variant with "unit": "document")."""
+    from dsdm.selection import select
+
+    unit = json.loads(method).get("unit", "example") if method.startswith("{") else "example"
+    scores = selection_scores(out, data, method)
+    return np.sort(select(scores, data.pool["example_id"].to_numpy(), data.n_tokens.numpy() - 1,
+                          unit=unit, doc_ids=data.pool["doc_id"].to_numpy(),
+                          fraction=fraction).order)
 
 
 def evaluate(args: argparse.Namespace) -> None:
     """Evaluation models (the bench's recipe) on each method's selection; eval-split losses."""
     from dsdm.evaluation import target_losses
-    from dsdm.selection import select
 
     out, data = Path(args.out), Data(Path(args.out))
     targets = pq.read_table(out / "targets_table.parquet")
@@ -441,16 +528,10 @@ def evaluate(args: argparse.Namespace) -> None:
                          num_layers=args.layers, num_heads=4, epochs=args.epochs)
     folder = out / "evaluations" / digest({**config.to_dict(), "fraction": args.fraction})
     folder.mkdir(parents=True, exist_ok=True)
-    keys = data.pool["example_id"].to_numpy()
     for method in args.methods:
         multiples = args.multiples if method == "random" else [1.0]
-        scores = selection_scores(args, out, data, method)
         for multiple in multiples:
-            # a variant's "unit": "document" keeps whole documents, fraction = share of tokens
-            unit = json.loads(method).get("unit", "example") if method.startswith("{") else "example"
-            chosen = np.sort(select(scores, keys, data.n_tokens.numpy() - 1, unit=unit,
-                                    doc_ids=data.pool["doc_id"].to_numpy(),
-                                    fraction=args.fraction * multiple).order)
+            chosen = selected_indices(out, data, method, args.fraction * multiple)
             for seed in args.seeds:
                 name = folder / f"{digest([method, multiple, seed])}.json"
                 if name.exists():
@@ -552,6 +633,13 @@ def unigram_reference(out: Path) -> dict:
             "loss": {t: round(v, 4) for t, v in zip(losses["task"], losses["loss"], strict=True)}}
 
 
+def add_previous_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--previous", help="a scored DsDm variant (JSON): proxies of the next "
+                        "round, trained on its selection plus a random rest of the pool")
+    parser.add_argument("--previous-fraction", type=float, default=0.2,
+                        help="the share of the pool that selection keeps")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -574,6 +662,8 @@ def main() -> None:
         p.add_argument("--layers", type=int, default=2)
         p.add_argument("--epochs", type=int, default=1)
         if name == "proxies":
+            add_previous_args(p)
+        if name == "proxies":
             p.add_argument("--checkpoints", type=int, default=4)
         else:
             p.add_argument("--fraction", type=float, default=0.5)
@@ -593,6 +683,7 @@ def main() -> None:
     p.add_argument("--lm-head", action="store_true")
     p.add_argument("--embeddings", action="store_true")
     p.add_argument("--model-output", choices=("margin", "log_prob"), default="margin")
+    add_previous_args(p)
     p.add_argument("--batch-size", type=int, default=64)
     p = sub.add_parser("score")
     p.set_defaults(func=score)
@@ -611,6 +702,11 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p = sub.add_parser("mixing")
     p.set_defaults(func=mixing)
+    p.add_argument("--variant", required=True, help="a scored DsDm variant as JSON")
+    p.add_argument("--fraction", type=float, default=0.2)
+    p.add_argument("--result", help="also write the JSON here")
+    p = sub.add_parser("diagnose")
+    p.set_defaults(func=diagnose)
     p.add_argument("--variant", required=True, help="a scored DsDm variant as JSON")
     p.add_argument("--fraction", type=float, default=0.2)
     p.add_argument("--result", help="also write the JSON here")

@@ -36,6 +36,39 @@ def proxy_subsets(n: int, num_proxies: int, fraction: float, seed: int) -> list[
     return subsets
 
 
+def round_subsets(n: int, num_proxies: int, fraction: float, seed: int,
+                  previous: np.ndarray) -> list[np.ndarray]:
+    """Sorted example indices each proxy of a later round trains on.
+
+    The rule: the previous round's selection (``previous``, indices into the pool) plus a
+    seeded random sample of the rest of the pool, ``fraction`` of ``n`` in all, the size of a
+    first-round proxy's subset (so a round costs what the first did). The proxies, and so
+    the datamodel's linearisation, move towards the data the selection will train on, while
+    the random share keeps every example's gradient measured near the pool it is ranked in.
+    A selection larger than that size gives each proxy a seeded random part of it instead.
+    Proxies differ in their random part (and seed), as in `proxy_subsets`.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+    previous = np.asarray(previous, dtype=np.int64)
+    if previous.size == 0:
+        raise ValueError("the previous round's selection is empty")
+    if np.unique(previous).size != previous.size or previous.min() < 0 or previous.max() >= n:
+        raise ValueError(f"the previous round's selection must be distinct indices in [0, {n})")
+    size = max(1, round(fraction * n))
+    rest = np.setdiff1d(np.arange(n), previous)
+    subsets = []
+    for m in range(num_proxies):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + m)
+        if previous.size >= size:
+            chosen = previous[torch.randperm(previous.size, generator=generator)[:size].numpy()]
+        else:
+            extra = torch.randperm(rest.size, generator=generator)[: size - previous.size].numpy()
+            chosen = np.concatenate([previous, rest[extra]])
+        subsets.append(np.sort(chosen))
+    return subsets
+
+
 def features_to_bytes(features: Features, example_ids: Sequence[str], **meta: str) -> bytes:
     """One feature shard as safetensors (no pickle). The header records the example-id hash,
     so a shard is never paired with the wrong corpus shard."""

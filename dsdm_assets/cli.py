@@ -8,6 +8,8 @@
                                      CRAWL:METHOD, or a selection_id)
     dsdm explain CRAWL EXAMPLE_ID    why DsDm ranks an example where it does: its score per
                                      task, the mixing weights, the targets it moves most
+    dsdm rounds CRAWL --rounds N     selection_job N times; each round's proxies train on the
+                                     previous round's DsDm selection plus a random rest
 """
 
 import argparse
@@ -55,7 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     explain.add_argument("example_id")
     explain.add_argument("--selection", help="a DsDm selection_id of the crawl (default: its "
                          "latest DsDm selection)")
+    rounds = commands.add_parser("rounds", help="select in rounds: each round's proxies train "
+                                 "on the previous round's DsDm selection plus a random rest")
+    rounds.add_argument("crawl")
+    rounds.add_argument("--rounds", type=int, default=2, help="how many rounds (default 2)")
+    rounds.add_argument("-c", "--config", help="run config YAML, as for `dagster job execute -c`")
     args = parser.parse_args(argv)
+    if args.command == "rounds":
+        return run_rounds(args.crawl, args.rounds, args.config)
     if args.command == "diff":
         return print_diff(args.a, args.b)
     if args.command == "explain":
@@ -104,6 +113,88 @@ def check_config_file(path: str, job_name: str) -> int:
         return 2
     print(f"{path}: a valid run config for {job_name}")
     return 0
+
+
+def run_rounds(crawl: str, rounds: int, config_path: str | None) -> int:
+    """Run selection_job ``rounds`` times on ``crawl``. Round r + 1 sets
+    ``proxy_checkpoints.config.previous_selection`` to round r's DsDm selection, so its
+    proxies (and everything made from them) are new materialisations with lineage to that
+    selection, while every asset whose inputs did not change is reused. Each run is tagged
+    ``dsdm/round`` and ``dsdm/previous_selection``. 0 when every round succeeded."""
+    import copy
+    import json
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import dagster as dg
+    import yaml
+
+    from dsdm_assets.config import check_run_config
+    from dsdm_assets.definitions import defs
+    from dsdm_assets.partitions import crawl_partitions
+
+    try:
+        if rounds < 1:
+            raise ValueError(f"--rounds must be at least 1, got {rounds}")
+        run_config = {}
+        if config_path:
+            with open(config_path) as file:
+                run_config = yaml.safe_load(file) or {}
+        check_run_config(run_config, config_path or "the default run config",
+                         defs.resolve_job_def("selection_job"))
+        instance = dg.DagsterInstance.get()
+        if crawl not in instance.get_dynamic_partitions(crawl_partitions.name):
+            raise ValueError(f"crawl {crawl!r} is not registered; run `dsdm add-crawl {crawl}`")
+    except (OSError, yaml.YAMLError, ValueError) as error:
+        print(f"dsdm: {error}", file=sys.stderr)
+        return 2
+    proxy_config = run_config.get("ops", {}).get("proxy_checkpoints", {}).get("config", {})
+    previous = proxy_config.get("previous_selection", "")
+    made: list[tuple[int, str, str]] = []
+    dagster = str(Path(sys.executable).parent / "dagster")
+    with tempfile.TemporaryDirectory(prefix="dsdm-rounds-") as folder:
+        for number in range(1, rounds + 1):
+            this = copy.deepcopy(run_config)
+            if previous:
+                ops = this.setdefault("ops", {})
+                section = ops.setdefault("proxy_checkpoints", {}).setdefault("config", {})
+                section["previous_selection"] = previous
+            path = Path(folder) / f"round-{number}.yaml"
+            path.write_text(yaml.safe_dump(this))
+            before = _latest_selection(instance, crawl)
+            print(f"dsdm rounds: round {number} of {rounds} on {crawl}: proxies on "
+                  f"{'selection ' + previous + ' plus a random rest' if previous else 'random shares of the pool'}",
+                  flush=True)
+            tags = {"dagster/partition": crawl, "dsdm/round": str(number),
+                    "dsdm/previous_selection": previous}
+            done = subprocess.run([dagster, "job", "execute", "-m", "dsdm_assets.definitions",
+                                   "-j", "selection_job", "-c", str(path),
+                                   "--tags", json.dumps(tags)], check=False)
+            latest = _latest_selection(instance, crawl)
+            if done.returncode != 0 or latest is None or latest == before:
+                print(f"dsdm: round {number} did not materialise selected_subset "
+                      f"(exit status {done.returncode}); rounds 1-{number - 1} stand", file=sys.stderr)
+                return done.returncode or 1
+            made.append((number, latest[1], previous))
+            previous = latest[1]
+    print("\nround  selection          previous_selection")
+    for number, selection, before_it in made:
+        print(f"{number:>5}  {selection}   {before_it or '-'}")
+    if len(made) > 1:
+        print(f"\nwhat the last round changed: dsdm diff {made[-2][1]} {made[-1][1]}")
+    return 0
+
+
+def _latest_selection(instance, crawl: str) -> tuple[int, str] | None:
+    """(storage id, selection_id) of the latest selected_subset materialisation of ``crawl``."""
+    import dagster as dg
+
+    records = instance.fetch_materializations(dg.AssetRecordsFilter(
+        asset_key=dg.AssetKey("selected_subset"), asset_partitions=[crawl]), limit=1).records
+    if not records:
+        return None
+    return records[0].storage_id, records[0].asset_materialization.metadata["selection_id"].value
 
 
 REPORT_QUERIES = {

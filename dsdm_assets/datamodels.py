@@ -27,6 +27,7 @@ from dsdm.datamodels import (
     features_from_bytes,
     features_to_bytes,
     proxy_subsets,
+    round_subsets,
     task_means,
 )
 from dsdm.explain import CONTRIBUTION_SCHEMA, top_contributions
@@ -44,6 +45,7 @@ from dsdm_assets.recording import (
     AssetWriter,
     Upstream,
     adopt_file,
+    read_selection,
     read_upstream,
     require_made_from,
 )
@@ -82,6 +84,13 @@ class ProxyEnsembleConfig(StepConfig):
         0.5, gt=0, le=1, description="Share of the pool each proxy trains on (random, seeded)."
     )
     model: ProxyModelConfig = Field(default_factory=ProxyModelConfig)
+    previous_selection: str = Field(
+        "", pattern=r"^([0-9a-f]{16})?$",
+        description="A selection_id of this crawl (the previous round's selection, any method): "
+        "each proxy then trains on that selection plus a seeded random sample of the rest of the "
+        "pool, train_fraction of the pool in all (dsdm.datamodels.round_subsets). `dsdm rounds` "
+        "sets it; empty: a seeded random train_fraction of the pool (the first round).",
+    )
 
 
 class GradientConfig(StepConfig, FeatureConfig):
@@ -137,12 +146,15 @@ def proxy_checkpoints(
     tok_up = read_upstream(context, artifacts, "tokenizer")
     corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
     base = model_for_data(config.model, tok_up, corpus_up)
-    writer = AssetWriter(
-        context, artifacts, db, "proxy_checkpoints",
-        {"num_proxies": config.num_proxies, "train_fraction": config.train_fraction,
-         "model": base.to_dict()},
-        [(tok_up.uri, tok_up.sha256), (corpus_up.uri, corpus_up.sha256)],
-    )
+    settings = {"num_proxies": config.num_proxies, "train_fraction": config.train_fraction,
+                "model": base.to_dict()}
+    inputs = [(tok_up.uri, tok_up.sha256), (corpus_up.uri, corpus_up.sha256)]
+    previous = None
+    if config.previous_selection:  # a later round: made from (and lineage to) that selection
+        previous = read_selection(artifacts, db, context.partition_key, config.previous_selection)
+        settings["previous_selection"] = previous.selection_id
+        inputs.append((previous.uri, previous.sha256))
+    writer = AssetWriter(context, artifacts, db, "proxy_checkpoints", settings, inputs)
     manifest = writer.existing()
     reused = manifest is not None
     if reused:
@@ -153,7 +165,12 @@ def proxy_checkpoints(
         example_ids = pa.concat_arrays([t.column("example_id").combine_chunks() for t, *_ in shards])
         input_ids = torch.cat([ids for _, ids, _ in shards])
         loss_mask = torch.cat([mask for _, _, mask in shards])
-        subsets = proxy_subsets(len(input_ids), config.num_proxies, config.train_fraction, base.seed)
+        if previous is None:
+            subsets = proxy_subsets(len(input_ids), config.num_proxies, config.train_fraction,
+                                    base.seed)
+        else:
+            subsets = round_subsets(len(input_ids), config.num_proxies, config.train_fraction,
+                                    base.seed, _pool_positions(example_ids, previous))
         try:
             check_trainable(min(map(len, subsets)), base, f"each proxy's share of the pool "
                             f"(train_fraction {config.train_fraction} of {len(input_ids)})")
@@ -198,7 +215,10 @@ def proxy_checkpoints(
                             "first_loss": float(np.mean(curve[:tenth])),
                             "last_loss": float(np.mean(curve[-tenth:])),
                             "seconds": round(losses["seconds"], 1), "curve": curve[::max(1, len(curve) // 50)]})
-        manifest = writer.finish({"proxies": proxies, "pool_examples": len(input_ids)})
+        manifest = writer.finish({"proxies": proxies, "pool_examples": len(input_ids),
+                                  **({"previous_selection": previous.selection_id,
+                                      "previous_selected": len(previous.example_ids)}
+                                     if previous else {})})
     proxies = manifest["summary"]["proxies"]
     fell = [p["last_loss"] < p["first_loss"] for p in proxies]
     table = pl.DataFrame([{k: v for k, v in p.items() if k != "curve"} for p in proxies])
@@ -209,6 +229,7 @@ def proxy_checkpoints(
             "proxies": dg.MetadataValue.md(markdown_table(table)),
             "final_loss_mean": float(np.mean([p["last_loss"] for p in proxies])),
             "loss_curve_proxy_0": dg.MetadataValue.json(proxies[0]["curve"]),
+            "previous_selection": manifest["summary"].get("previous_selection", ""),
         },
         check_results=[dg.AssetCheckResult(
             check_name="loss_fell", passed=all(fell),
@@ -216,6 +237,18 @@ def proxy_checkpoints(
                 table.select("proxy", "first_loss", "last_loss")))},
         )],
     )
+
+
+def _pool_positions(example_ids: pa.Array, previous) -> np.ndarray:
+    """Pool indices of a previous round's selected examples; dg.Failure if any is not in
+    this pool (the selection was made from another tokenized corpus)."""
+    position = {e: i for i, e in enumerate(example_ids.to_pylist())}
+    missing = [e for e in previous.example_ids if e not in position]
+    if missing:
+        raise dg.Failure(f"previous_selection {previous.selection_id!r}: {len(missing)} of its "
+                         f"{len(previous.example_ids)} examples are not in this tokenized corpus "
+                         f"(e.g. {missing[0]!r}); it was made from another one")
+    return np.array([position[e] for e in previous.example_ids], dtype=np.int64)
 
 
 # --- gradient features --------------------------------------------------------------------

@@ -73,6 +73,43 @@ def require_made_from(made: Upstream, made_name: str, source: Upstream, source_n
                          f"({source.path}); materialise {made_name} again first")
 
 
+@dataclass(frozen=True)
+class RecordedSelection:
+    """A selection of an earlier run, found through the lineage database: the asset that
+    made it, its ``manifest.parquet`` (uri and recorded sha256) and its example ids in rank
+    order."""
+
+    selection_id: str
+    asset: str
+    uri: str
+    sha256: str
+    example_ids: list[str]
+
+
+def read_selection(store: ArtifactStore, db: LineageDB, crawl: str,
+                   selection_id: str) -> RecordedSelection:
+    """The selection ``selection_id`` of ``crawl`` (any method), its manifest checked against
+    the sha256 the lineage recorded; dg.Failure naming the id when there is no such selection
+    or its file changed."""
+    found = db.query(
+        "SELECT asset, uri, sha256 FROM artifacts WHERE crawl = ? AND config_hash = ? "
+        "AND uri LIKE '%/manifest.parquet' ORDER BY recorded_at DESC LIMIT 1",
+        [crawl, selection_id]).to_pylist()
+    if not found:
+        known = db.query("SELECT DISTINCT selection_id FROM selections WHERE crawl = ? "
+                         "ORDER BY 1", [crawl]).column("selection_id").to_pylist()
+        raise dg.Failure(f"previous_selection {selection_id!r}: crawl {crawl!r} has no selection "
+                         f"with this id (its selections: {known or 'none'})")
+    row = found[0]
+    path = store.relpath(row["uri"])
+    reason = store.mismatch(path, row["sha256"])
+    if reason:
+        raise dg.Failure(f"previous_selection {selection_id!r}: {row['uri']} is not the file the "
+                         f"lineage recorded ({reason}); materialise {row['asset']} again")
+    ids = store.read_parquet(path, columns=["example_id"]).column("example_id").to_pylist()
+    return RecordedSelection(selection_id, row["asset"], row["uri"], row["sha256"], ids)
+
+
 def verify_files(store: ArtifactStore, manifest: dict[str, Any]) -> dict[str, str]:
     """Store path -> why it differs, for every file of ``manifest`` that is missing or is not
     the size and sha256 recorded (sha256 streamed; nothing is loaded)."""

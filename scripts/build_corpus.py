@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from corpus import archives, books, docs, mail, reference, tasks
 from corpus.text import Doc, cap_text, chunk_text
 
-from dsdm.contamination import DEFAULT_N, find_overlaps
+from dsdm.contamination import DEFAULT_N, find_overlaps, ngrams
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 20240601
@@ -63,6 +63,11 @@ MIXED_SOURCES = {
     "python_docs": 120,
 }
 MIXED_TASKS = ("mixed_cloze", "mixed_continuation")
+# Spam campaigns (per mille, by hash) held out for spam_mail, the task to avoid; as above, the
+# messages the demo samples stay in the pool (and so does every campaign with one of them).
+SPAM_HELD_OUT = 400
+# Tasks made of documents held out of the pool: overlaps with held-out documents do not count.
+HELD_OUT_TASKS = (*MIXED_TASKS, "spam_mail")
 # Items per source and split of each mixed task (before the per-split size): equal weights.
 MIXED_PER_SOURCE = 75
 
@@ -140,6 +145,53 @@ def hold_out(pool: dict[str, list[Doc]]) -> list[tasks.HeldOutDoc]:
     return mark_shared(held, pool)
 
 
+def spam_campaigns(messages: list[Doc]) -> dict[str, list[Doc]]:
+    """Spam messages grouped into campaigns: a message whose ``spam_mail`` opening shares a
+    word n-gram with another message's text is in that message's campaign (transitively).
+
+    Spam is resent with new subjects and small edits, so neither the subject nor the message
+    is a unit that can be held out without its copies staying in the pool; a campaign is.
+    Keyed by its first message id.
+    """
+    openings = tasks.spam_mail((d.id, d.text, d.url, "") for d in messages)
+    parent = {d.id: d.id for d in messages}
+
+    def root(doc_id: str) -> str:
+        while parent[doc_id] != doc_id:
+            parent[doc_id] = parent[parent[doc_id]]
+            doc_id = parent[doc_id]
+        return doc_id
+
+    having: dict[tuple[str, ...], list[str]] = {}
+    for doc in messages:
+        for gram in ngrams(doc.text, DEFAULT_N):
+            having.setdefault(gram, []).append(doc.id)
+    for item in openings:
+        own = item.id.removeprefix("spam_mail/")
+        for gram in ngrams(item.prompt + item.continuation, DEFAULT_N):
+            for other in having.get(gram, ()):
+                parent[root(other)] = root(own)
+    campaigns: dict[str, list[Doc]] = {}
+    for doc in messages:
+        campaigns.setdefault(root(doc.id), []).append(doc)
+    return {min(d.id for d in members): members for members in campaigns.values()}
+
+
+def hold_out_spam(pool: dict[str, list[Doc]]) -> list[tuple[str, str, str, str]]:
+    """The spam messages kept out of the pool for ``spam_mail``, as ``(id, text, url, group)``:
+    the campaigns whose hash falls in ``SPAM_HELD_OUT`` and of which the demo samples nothing."""
+    taken = quota_doc_ids(pool, ["mail_spam"])
+    campaigns = spam_campaigns(pool["mail_spam"])
+    held = [(d.id, d.text, d.url, f"mail_spam/campaign/{key}")
+            for key, members in sorted(campaigns.items())
+            if tasks.stable_hash(f"mail_spam/campaign/{key}") % 1000 < SPAM_HELD_OUT
+            and not any(d.id in taken for d in members)
+            for d in members]
+    log(f"  mail_spam    holds out {len({h[3] for h in held}):>4} of {len(campaigns)} campaigns, "
+        f"{len(held):>4} of {len(pool['mail_spam']):>5} messages")
+    return held
+
+
 def mark_shared(held: list[tasks.HeldOutDoc], pool: dict[str, list[Doc]]) -> list[tasks.HeldOutDoc]:
     """Mark the held-out sentences that share an n-gram with a document of another group.
 
@@ -205,14 +257,15 @@ def decontaminate(
 ) -> dict[str, list[tasks.TaskItem]]:
     """Drop the few candidates sharing an n-gram with any pool document (of any size).
 
-    ``pool`` is every document read; for the mixed tasks the ``held_out`` documents (their
-    own material, not in the pool) do not count.
+    ``pool`` is every document read; for the tasks made of held-out documents the
+    ``held_out`` ones (their own material, not in the pool) do not count.
     """
     flat = [item for items in candidates.values() for item in items]
     pool_docs = [d for source in sorted(pool) for d in pool[source]]
     overlaps = [
         o for o in find_overlaps((d.text for d in pool_docs), map(target_text, flat), DEFAULT_N)
-        if not (flat[o.target_index].task in MIXED_TASKS and pool_docs[o.pool_index].id in held_out)
+        if not (flat[o.target_index].task in HELD_OUT_TASKS
+                and pool_docs[o.pool_index].id in held_out)
     ]
     bad = {flat[o.target_index].id for o in overlaps}
     out: dict[str, list[tasks.TaskItem]] = {}
@@ -335,9 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     pool = load_pool(arch)
     log("holding out documents of several pool sources for the mixed tasks")
     held = hold_out(pool)
-    held_ids = {d.id for d in held}
+    log("holding out spam messages for the task to avoid")
+    spam = hold_out_spam(pool)
+    held_ids = {d.id for d in held} | {message[0] for message in spam}
     log("building target tasks from held-out material")
-    candidates = decontaminate({**load_tasks(arch), **mixed_tasks(held)}, pool, held_ids)
+    candidates = decontaminate(
+        {**load_tasks(arch), **mixed_tasks(held), "spam_mail": tasks.spam_mail(spam)},
+        pool, held_ids)
     task_items = split_tasks(candidates, size)
     rows = size_pool(pool, size, held_ids)
 

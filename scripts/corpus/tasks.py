@@ -4,7 +4,8 @@
 - ``lambada_cloze``: last-word prediction on passages of the held-out *Persuasion* and *Emma*;
 - ``tech_faq``: question/answer pairs from perlfaq1-9 and the Python FAQ;
 - ``mixed_cloze``, ``mixed_continuation``: last-word cloze and next-sentence continuation on
-  documents of six pool sources that are held out of the pool (see ``HeldOutDoc``).
+  documents of six pool sources that are held out of the pool (see ``HeldOutDoc``);
+- ``spam_mail``: the opening of held-out spam messages continued, a task to avoid (weight < 0).
 
 Splits are assigned per origin group (Wikipedia page, novel chapter, FAQ page, held-out
 document or mail thread) so related items never straddle ``select`` and ``eval``.
@@ -573,3 +574,38 @@ def cap_per_source(items: list[TaskItem], cap: int) -> list[TaskItem]:
     kept = {i.id for group in by_key.values()
             for i in sorted(group, key=lambda i: (stable_hash(f"cap/{i.id}"), i.id))[:cap]}
     return [i for i in items if i.id in kept]
+
+
+# --- spam_mail ---------------------------------------------------------------------------------
+
+SPAM_BODY_CHARS = (120, 260)  # of the prompt's body lead, after the subject line
+
+
+def spam_mail(messages: Iterable[tuple[str, str, str, str]]) -> list[TaskItem]:
+    """One item per distinct message opening: the subject line and 120-260 characters of the
+    body (whitespace collapsed, whole words), continued by the next ~200 characters.
+
+    ``messages`` are ``(id, text, url, group)`` of held-out spam, ``text`` as the pool stores a
+    message (``Subject: ...``, a blank line, the body). Spam is formatting as much as words, but
+    collapsing whitespace keeps what a model must predict about its wording, not its layout.
+    Messages sent more than once (same opening) give one item; undecodable text none.
+    """
+    low, high = SPAM_BODY_CHARS
+    items: list[TaskItem] = []
+    seen: set[str] = set()
+    for doc_id, text, url, group in messages:
+        subject, _, body = text.partition("\n")
+        words = " ".join(body.split())
+        lead = _cap_words(words, high)
+        rest = words[len(lead):]
+        # prompt + continuation is the message's text (punctuation the cut left stays on it)
+        continuation = rest[: len(rest) - len(rest.lstrip())] + _cap_words(rest.lstrip(),
+                                                                         CONTINUATION_CHARS)
+        prompt = f"{subject.strip()}\n{lead}"
+        if (len(lead) < low or len(continuation.split()) < 4 or prompt in seen
+                or "\ufffd" in prompt + continuation):  # a part that did not decode
+            continue
+        seen.add(prompt)
+        items.append(TaskItem(f"spam_mail/{doc_id}", "spam_mail", prompt, continuation,
+                              "mail_spam", url, group))
+    return items

@@ -16,7 +16,7 @@ DATA = Path(__file__).resolve().parents[2] / "data"
 CRAWL = DATA / "crawls" / "demo"
 TASKS = DATA / "tasks"
 MIXED_TASKS = ("mixed_cloze", "mixed_continuation")
-TASK_NAMES = ("wiki_qa", "lambada_cloze", "tech_faq", *MIXED_TASKS)
+TASK_NAMES = ("wiki_qa", "lambada_cloze", "tech_faq", *MIXED_TASKS, "spam_mail")
 CRAWL_FIELDS = ("id", "text", "source", "url", "license")
 TASK_FIELDS = ("id", "task", "split", "prompt", "continuation", "source", "origin")
 
@@ -154,3 +154,19 @@ def test_mixed_held_out_documents_are_not_in_pool() -> None:
             assert doc not in pool_ids, row["id"]
             assert row["origin"] not in pool_urls, row["id"]
             assert split_of.setdefault(doc, row["split"]) == row["split"], row["id"]
+
+
+def test_spam_task_is_held_out_spam() -> None:
+    """``spam_mail`` items are openings of spam messages that are not in the crawl (by id or
+    origin): a subject line, 120-260 characters of body, and a continuation of at most ~200."""
+    pool_ids = {row["id"].rpartition("#")[0] for row in crawl_rows()}
+    pool_urls = {row["url"] for row in crawl_rows()}
+    rows = task_rows("spam_mail")
+    assert len(rows) >= 200
+    for row in rows:
+        message = row["id"].removeprefix("spam_mail/")
+        assert row["source"] == "mail_spam" and message.startswith("mail_spam/spam-"), row["id"]
+        assert message not in pool_ids and row["origin"] not in pool_urls, row["id"]
+        subject, _, lead = row["prompt"].partition("\n")
+        assert subject.startswith("Subject:") and 120 <= len(lead) <= 260, row["id"]
+        assert len(row["continuation"]) <= 201 and len(row["continuation"].split()) >= 4

@@ -221,35 +221,41 @@ def test_document_selection_keeps_whole_documents_within_the_token_budget(first_
 
 
 def test_a_negative_weight_lowers_the_avoided_tasks_source(first_run) -> None:
-    """lambada_cloze's passages are novels: with weight -1 on it next to the other two
-    tasks, the selection keeps fewer novel examples than the positive-only mix, its mean
-    lambada_cloze score falls below the pool's, and the weight is recorded negative."""
-    folder, resources, _, instance, _ = first_run
+    """The demo's task to avoid, held-out spam, at weight -1 next to two real targets: the
+    selection keeps less spam than the positive-only mix, its mean spam_mail score is below
+    the pool's, and the weight is recorded negative."""
+    folder, resources, _, instance, config = first_run
     by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
-    shares, lambada = {}, {}
+    tasks = ["wiki_qa", "tech_faq", "spam_mail"]
+    rescored = dg.materialize(
+        [by_name[a] for a in ("target_tasks", "target_gradients", "datamodel_weights")],
+        partition_key="small", instance=instance, resources=resources,
+        run_config={"ops": {"target_tasks": {"config": {"tasks": tasks}},
+                            "target_gradients": config["ops"]["target_gradients"]}})
+    assert rescored.success
+    shares, spam = {}, {}
     for name, weights in (("positive", {"wiki_qa": 1.0, "tech_faq": 1.0}),
-                          ("avoid", {"wiki_qa": 1.0, "tech_faq": 1.0, "lambada_cloze": -1.0})):
+                          ("avoid", {"wiki_qa": 1.0, "tech_faq": 1.0, "spam_mail": -1.0})):
         result = dg.materialize([by_name["selected_subset"]], partition_key="small",
                                 instance=instance, resources=resources,
                                 run_config={"ops": {"selected_subset": {"config": {"task_weights": weights}}}})
         assert result.success
         meta = _meta(result, "selected_subset")
-        shares[name] = meta.get("share_novels", 0.0)
+        shares[name] = meta.get("share_mail_spam", 0.0)
         con = duckdb.connect(str(folder / "lineage.duckdb"), read_only=True)
-        lambada[name] = con.execute("""
+        spam[name] = con.execute("""
             SELECT avg(task_score) FILTER (WHERE e.example_id IN (SELECT example_id FROM selections
                                                                  WHERE selection_id = $s)),
                    avg(task_score)
-            FROM explanations e WHERE selection_id = $s AND task = 'lambada_cloze'""",
-                                    {"s": meta["selection_id"]}).fetchone()
+            FROM explanations e WHERE selection_id = $s AND task = 'spam_mail'""",
+                                 {"s": meta["selection_id"]}).fetchone()
         recorded = dict(con.execute("SELECT task, weight FROM selection_weights WHERE selection_id = ?",
                                     [meta["selection_id"]]).fetchall())
         con.close()
-        assert recorded == {t: weights.get(t, 0.0) / sum(map(abs, weights.values()))
-                            for t in ("lambada_cloze", "tech_faq", "wiki_qa")}
+        assert recorded == {t: weights.get(t, 0.0) / sum(map(abs, weights.values())) for t in tasks}
     assert shares["avoid"] < shares["positive"]
-    selected, pool = lambada["avoid"]
-    assert selected < pool < lambada["positive"][0]
+    selected, pool = spam["avoid"]
+    assert selected < pool < spam["positive"][0]
 
 
 def test_proxies_of_another_tokenizer_are_refused(first_run) -> None:
