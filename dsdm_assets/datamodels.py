@@ -38,15 +38,14 @@ from dsdm.store import ArtifactStore, StoredArtifact
 from dsdm.tokenization import decode_parts, to_tensors, tokenizer_from_bytes
 from dsdm.trak import LAMBDA_RELATIVE
 from dsdm_assets.config import StepConfig
-from dsdm_assets.ingest import target_tasks, tokenized_corpus, tokenizer
 from dsdm_assets.jobs import CPU_STEP_TAGS, STEP_RETRY_POLICY, TORCH_STEP_TAGS
+from dsdm_assets.manifests import MANIFEST_IO, UPSTREAM, crawl_asset, manifest_io_manager
 from dsdm_assets.partitions import crawl_partitions
 from dsdm_assets.recording import (
     AssetWriter,
     Upstream,
     adopt_file,
     read_selection,
-    read_upstream,
     require_made_from,
 )
 from dsdm_assets.tables import markdown_table
@@ -126,10 +125,8 @@ def _attention(table: pa.Table) -> torch.Tensor:
     return torch.arange(length)[None, :] < n_tokens[:, None]
 
 
-@dg.asset(
-    group_name=GROUP, partitions_def=crawl_partitions, code_version="1", op_tags=TORCH_STEP_TAGS,
-    retry_policy=STEP_RETRY_POLICY,
-    deps=[tokenizer, tokenized_corpus],
+@crawl_asset(
+    group=GROUP, kind="torch", code_version="1",
     check_specs=[dg.AssetCheckSpec("loss_fell", asset="proxy_checkpoints", blocking=True,
                                    description="Every proxy's late training loss is below its early loss.")],
     description="M small GPT-NeoX proxies, each trained on its own seeded random fraction of "
@@ -138,13 +135,14 @@ def _attention(table: pa.Table) -> torch.Tensor:
 def proxy_checkpoints(
     context: dg.AssetExecutionContext,
     config: ProxyEnsembleConfig,
+    tokenizer: Upstream,
+    tokenized_corpus: Upstream,
     compute: ComputeResource,
     store: ArtifactStoreResource,
     lineage: LineageResource,
 ) -> dg.MaterializeResult:
     artifacts, db = store.get_store(), lineage.get_db()
-    tok_up = read_upstream(context, artifacts, "tokenizer")
-    corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
+    tok_up, corpus_up = tokenizer, tokenized_corpus
     base = model_for_data(config.model, tok_up, corpus_up)
     settings = {"num_proxies": config.num_proxies, "train_fraction": config.train_fraction,
                 "model": base.to_dict()}
@@ -223,7 +221,7 @@ def proxy_checkpoints(
     fell = [p["last_loss"] < p["first_loss"] for p in proxies]
     table = pl.DataFrame([{k: v for k, v in p.items() if k != "curve"} for p in proxies])
     return dg.MaterializeResult(
-        data_version=writer.data_version,
+        value=writer.output(), data_version=writer.data_version,
         metadata={
             **writer.base_metadata(manifest, reused),
             "proxies": dg.MetadataValue.md(markdown_table(table)),
@@ -309,17 +307,16 @@ def _feature_metadata(summary: dict, files: int, reused: bool) -> dict:
 
 @dg.op(
     tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
-    ins={"proxy_checkpoints": dg.In(dg.Nothing), "tokenized_corpus": dg.In(dg.Nothing)},
     out={"plan": dg.Out(dict, io_manager_key=STEP_IO),
          "work": dg.DynamicOut(dict, io_manager_key=STEP_IO)},
     description="Finds the gradient_shards folder for these inputs and lists the (proxy, "
     "shard) files still to make; nothing when a complete folder exists.",
 )
 def plan_gradient_shards(context: dg.OpExecutionContext, config: GradientConfig,
+                         proxy_checkpoints: Upstream, tokenized_corpus: Upstream,
                          store: ArtifactStoreResource, lineage: LineageResource):
     artifacts = store.get_store()
-    proxies_up = read_upstream(context, artifacts, "proxy_checkpoints")
-    corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
+    proxies_up, corpus_up = proxy_checkpoints, tokenized_corpus
     require_made_from(proxies_up, "proxy_checkpoints", corpus_up, "tokenized_corpus")
     inputs = [(u.uri, u.sha256) for u in (proxies_up, corpus_up)]
     writer = AssetWriter(context, artifacts, lineage.get_db(), "gradient_shards",
@@ -374,7 +371,8 @@ def featurise_gradient_shard(context: dg.OpExecutionContext, work: dict,
 
 @dg.op(
     tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
-    out={"result": dg.Out(dg.Nothing), "features_finite": dg.Out(dg.Nothing)},
+    out={"result": dg.Out(UPSTREAM, io_manager_key=MANIFEST_IO),
+         "features_finite": dg.Out(dg.Nothing)},
     description="Writes the gradient_shards manifest from every file's result (or records "
     "the reused folder), the lineage rows, and the features_finite check.",
 )
@@ -413,7 +411,7 @@ def collect_gradient_shards(context: dg.OpExecutionContext, plan: dict, results:
     removed = artifacts.remove_folder(step_values_folder(context.run.run_id))
     context.log.info(f"removed {removed} step values of this run from the store")
     summary = manifest["summary"]
-    yield dg.Output(None, "result", data_version=writer.data_version, metadata={
+    yield dg.Output(writer.output(), "result", data_version=writer.data_version, metadata={
         **writer.base_metadata(manifest, reused),
         **_feature_metadata(summary, len(manifest["files"]), reused),
     })
@@ -440,23 +438,19 @@ with warnings.catch_warnings():
     gradient_shards = dg.graph_asset(
         name="gradient_shards", group_name=GROUP, partitions_def=crawl_partitions,
         code_version=GRADIENTS_VERSION,
-        ins={"proxy_checkpoints": dg.AssetIn(dagster_type=dg.Nothing),
-             "tokenized_corpus": dg.AssetIn(dagster_type=dg.Nothing)},
         check_specs=[dg.AssetCheckSpec("features_finite", asset="gradient_shards", blocking=True,
                                        description="No NaN/inf in any projected gradient or "
                                        "q, and no feature file whose rows are all alike.")],
         config=_gradient_shards_config,
-        resource_defs={STEP_IO: step_json_io_manager},
+        resource_defs={STEP_IO: step_json_io_manager, MANIFEST_IO: manifest_io_manager},
         description="Per proxy and corpus shard: projected per-example gradients phi of the "
         "TRAK model output and out-to-loss weights q (one safetensors file each). Each (proxy, "
         "shard) is its own step, so the multiprocess or k8s executor runs them side by side.",
     )(_gradient_shards_graph)
 
 
-@dg.asset(
-    group_name=GROUP, partitions_def=crawl_partitions, code_version=TARGET_GRADIENTS_VERSION,
-    op_tags=TORCH_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
-    deps=[proxy_checkpoints, target_tasks, tokenizer],
+@crawl_asset(
+    group=GROUP, kind="torch", code_version=TARGET_GRADIENTS_VERSION,
     check_specs=[dg.AssetCheckSpec("features_finite", asset="target_gradients", blocking=True,
                                    description="No NaN/inf in any target gradient or q, "
                                    "and no proxy's target features all alike.")],
@@ -467,14 +461,15 @@ with warnings.catch_warnings():
 def target_gradients(
     context: dg.AssetExecutionContext,
     config: GradientConfig,
+    proxy_checkpoints: Upstream,
+    target_tasks: Upstream,
+    tokenizer: Upstream,
     compute: ComputeResource,
     store: ArtifactStoreResource,
     lineage: LineageResource,
 ) -> dg.MaterializeResult:
     artifacts, db = store.get_store(), lineage.get_db()
-    proxies_up = read_upstream(context, artifacts, "proxy_checkpoints")
-    targets_up = read_upstream(context, artifacts, "target_tasks")
-    tok_up = read_upstream(context, artifacts, "tokenizer")
+    proxies_up, targets_up, tok_up = proxy_checkpoints, target_tasks, tokenizer
     require_made_from(proxies_up, "proxy_checkpoints", tok_up, "tokenizer")
     require_made_from(targets_up, "target_tasks", tok_up, "tokenizer")
     writer = AssetWriter(context, artifacts, db, "target_gradients", config.model_dump(),
@@ -514,7 +509,7 @@ def target_gradients(
         })
     summary = manifest["summary"]
     return dg.MaterializeResult(
-        data_version=writer.data_version,
+        value=writer.output(), data_version=writer.data_version,
         metadata={**writer.base_metadata(manifest, reused),
                   **_feature_metadata(summary, len(manifest["files"]), reused)},
         check_results=[_features_finite_check(summary)],
@@ -582,10 +577,8 @@ SCORE_ROW_SCHEMA = pa.schema([("example_id", pa.string()), ("task", pa.string())
                               ("score", pa.float64())])
 
 
-@dg.asset(
-    op_tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
-    group_name=GROUP, partitions_def=crawl_partitions, code_version=DATAMODEL_VERSION,
-    deps=[gradient_shards, target_gradients, tokenized_corpus, target_tasks, tokenizer],
+@crawl_asset(
+    group=GROUP, code_version=DATAMODEL_VERSION,
     check_specs=[dg.AssetCheckSpec("scores_finite", asset="datamodel_weights", blocking=True,
                                    description="Every datamodel score is a finite number.")],
     description="TRAK datamodel weights tau (candidate x select-split target, ensemble over "
@@ -596,17 +589,19 @@ SCORE_ROW_SCHEMA = pa.schema([("example_id", pa.string()), ("task", pa.string())
 def datamodel_weights(
     context: dg.AssetExecutionContext,
     config: DatamodelConfig,
+    gradient_shards: Upstream,
+    target_gradients: Upstream,
+    tokenized_corpus: Upstream,
+    target_tasks: Upstream,
+    tokenizer: Upstream,
     compute: ComputeResource,
     store: ArtifactStoreResource,
     lineage: LineageResource,
 ) -> dg.MaterializeResult:
     compute.setup()  # the thread count changes float sums: every torch step applies it
     artifacts, db = store.get_store(), lineage.get_db()
-    grads_up = read_upstream(context, artifacts, "gradient_shards")
-    target_grads_up = read_upstream(context, artifacts, "target_gradients")
-    corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
-    targets_up = read_upstream(context, artifacts, "target_tasks")
-    tok_up = read_upstream(context, artifacts, "tokenizer")
+    grads_up, target_grads_up, corpus_up = gradient_shards, target_gradients, tokenized_corpus
+    targets_up, tok_up = target_tasks, tokenizer
     _check_same_features(grads_up, target_grads_up, targets_up)
     writer = AssetWriter(
         context, artifacts, db, "datamodel_weights", config.model_dump(),
@@ -684,7 +679,7 @@ def datamodel_weights(
     _record_explanations(db, writer, context.run.run_id)
     finite = bool(np.isfinite(scores.select(tasks).to_numpy()).all())
     return dg.MaterializeResult(
-        data_version=writer.data_version,
+        value=writer.output(), data_version=writer.data_version,
         metadata={
             **writer.base_metadata(manifest, reused),
             "candidates": manifest["summary"]["candidates"],

@@ -39,19 +39,10 @@ from dsdm.selection import select
 from dsdm.store import ArtifactStore, fingerprint
 from dsdm.tokenization import to_tensors
 from dsdm_assets.config import StepConfig
-from dsdm_assets.datamodels import datamodel_weights, model_for_data, proxy_checkpoints
-from dsdm_assets.ingest import target_tasks, tokenized_corpus, tokenizer
-from dsdm_assets.jobs import STEP_RETRY_POLICY, TORCH_STEP_TAGS
-from dsdm_assets.partitions import crawl_partitions
-from dsdm_assets.recording import AssetWriter, Upstream, read_upstream
-from dsdm_assets.selection import (
-    SELECTION_ASSETS,
-    classifier_subset,
-    dsir_subset,
-    random_subset,
-    selected_subset,
-    semdedup_subset,
-)
+from dsdm_assets.datamodels import model_for_data
+from dsdm_assets.manifests import crawl_asset
+from dsdm_assets.recording import AssetWriter, Upstream
+from dsdm_assets.selection import SELECTION_ASSETS
 from dsdm_assets.tables import markdown_table
 from resources import ArtifactStoreResource, ComputeResource, LineageResource
 
@@ -168,24 +159,28 @@ def _train_and_score(
     return result
 
 
-@dg.asset(
-    group_name=GROUP, partitions_def=crawl_partitions, code_version="1", op_tags=TORCH_STEP_TAGS,
-    retry_policy=STEP_RETRY_POLICY,
-    deps=[selected_subset, random_subset, dsir_subset, classifier_subset, semdedup_subset,
-          tokenized_corpus, tokenizer, target_tasks],
+@crawl_asset(
+    group=GROUP, kind="torch", code_version="1",
     description="Evaluation LMs trained on each selection (and on random selections at larger "
     "budgets); eval-split loss per target task and on held-out text, each method's compute "
     "multiplier vs random, a report (markdown + PNG) and rows in the DuckDB evaluations table.",
 )
 def evaluations(
-    context: dg.AssetExecutionContext, config: EvaluationConfig, compute: ComputeResource,
-    store: ArtifactStoreResource, lineage: LineageResource,
+    context: dg.AssetExecutionContext, config: EvaluationConfig,
+    tokenizer: Upstream, tokenized_corpus: Upstream, target_tasks: Upstream,
+    selected_subset: Upstream | None, random_subset: Upstream, dsir_subset: Upstream | None,
+    classifier_subset: Upstream | None, semdedup_subset: Upstream | None,
+    compute: ComputeResource, store: ArtifactStoreResource, lineage: LineageResource,
 ) -> dg.MaterializeResult:
     artifacts, db = store.get_store(), lineage.get_db()
-    tok_up = read_upstream(context, artifacts, "tokenizer")
-    corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
-    targets_up = read_upstream(context, artifacts, "target_tasks")
-    selections = {m: read_upstream(context, artifacts, SELECTION_ASSETS[m]) for m in config.methods}
+    tok_up, corpus_up, targets_up = tokenizer, tokenized_corpus, target_tasks
+    given = {"selected_subset": selected_subset, "random_subset": random_subset,
+             "dsir_subset": dsir_subset, "classifier_subset": classifier_subset,
+             "semdedup_subset": semdedup_subset}
+    selections = {m: given[SELECTION_ASSETS[m]] for m in config.methods}
+    if missing := [SELECTION_ASSETS[m] for m, up in selections.items() if up is None]:
+        raise dg.Failure(f"{', '.join(missing)} not materialised for crawl "
+                         f"{context.partition_key!r}; run them first or leave their methods out")
     model = model_for_data(config.model, tok_up, corpus_up)
     writer = AssetWriter(
         context, artifacts, db, "evaluations",
@@ -242,7 +237,7 @@ def evaluations(
     summary = summarise(results)
     mults = multipliers(summary)
     _record_rows(db, writer, context.run.run_id, results, mults, unigram, selections)
-    return dg.MaterializeResult(data_version=writer.data_version, metadata={
+    return dg.MaterializeResult(value=writer.output(), data_version=writer.data_version, metadata={
         **writer.base_metadata(manifest, reused),
         **{f"unigram_{r['task']}": r["loss"] for r in unigram.to_dicts()},
         "report": dg.MetadataValue.md(artifacts.read_bytes(f"{writer.folder}/report.md").decode()),
@@ -345,23 +340,21 @@ def _replace_evaluations(db: LineageDB, writer: AssetWriter, run_id: str, rows: 
                     }))
 
 
-@dg.asset(
-    group_name=GROUP, partitions_def=crawl_partitions, code_version="1", op_tags=TORCH_STEP_TAGS,
-    retry_policy=STEP_RETRY_POLICY,
-    deps=[datamodel_weights, proxy_checkpoints, tokenized_corpus, target_tasks],
+@crawl_asset(
+    group=GROUP, kind="torch", code_version="1",
     description="Linear datamodeling score: models with the proxy recipe trained on random "
     "subsets of the pool; Spearman over subsets of each select-split target's measured loss vs "
     "the loss the datamodel weights predict (-sum of tau over the subset), averaged per task.",
 )
 def datamodel_lds(
-    context: dg.AssetExecutionContext, config: LdsConfig, compute: ComputeResource,
-    store: ArtifactStoreResource, lineage: LineageResource,
+    context: dg.AssetExecutionContext, config: LdsConfig,
+    datamodel_weights: Upstream, proxy_checkpoints: Upstream, tokenized_corpus: Upstream,
+    target_tasks: Upstream,
+    compute: ComputeResource, store: ArtifactStoreResource, lineage: LineageResource,
 ) -> dg.MaterializeResult:
     artifacts, db = store.get_store(), lineage.get_db()
-    weights_up = read_upstream(context, artifacts, "datamodel_weights")
-    proxies_up = read_upstream(context, artifacts, "proxy_checkpoints")
-    corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
-    targets_up = read_upstream(context, artifacts, "target_tasks")
+    weights_up, proxies_up = datamodel_weights, proxy_checkpoints
+    corpus_up, targets_up = tokenized_corpus, target_tasks
     fraction = config.fraction or proxies_up.manifest["config"]["train_fraction"]
     entry = proxies_up.files("config")[0]
     recipe = ProxyConfig.model_validate(artifacts.read_json(entry["path"]))
@@ -430,7 +423,7 @@ def datamodel_lds(
     ]).with_columns(pl.lit("dsdm").alias("method"), pl.lit(None, pl.String).alias("selection_id"),
                     pl.lit(None, pl.Float64).alias("budget"), pl.lit(None, pl.Int64).alias("seed"))
     _replace_evaluations(db, writer, context.run.run_id, rows)
-    return dg.MaterializeResult(data_version=writer.data_version, metadata={
+    return dg.MaterializeResult(value=writer.output(), data_version=writer.data_version, metadata={
         **writer.base_metadata(manifest, reused),
         "lds": dg.MetadataValue.md(markdown_table(scores, float_digits=3)),
         **{f"lds_{r['task']}": float(r["lds"]) for r in scores.to_dicts()},

@@ -27,9 +27,8 @@ from dsdm.tokenization import (
     train_bpe,
 )
 from dsdm_assets.config import StepConfig
-from dsdm_assets.jobs import CPU_STEP_TAGS, STEP_RETRY_POLICY
-from dsdm_assets.partitions import crawl_partitions
-from dsdm_assets.recording import AssetWriter, Upstream, read_upstream
+from dsdm_assets.manifests import crawl_asset
+from dsdm_assets.recording import AssetWriter, Upstream
 from dsdm_assets.tables import markdown_table
 from resources import ArtifactStoreResource, CrawlSourceResource, LineageResource
 
@@ -72,9 +71,8 @@ class TargetTasksConfig(StepConfig):
         return [validate_task_name(name) for name in names]
 
 
-@dg.asset(
-    op_tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
-    group_name=GROUP, partitions_def=crawl_partitions, code_version="1",
+@crawl_asset(
+    group=GROUP, code_version="1",
     description="Validated, whitespace-normalised, exact-deduplicated crawl documents "
     "(doc_id = content hash). Rejected rows go to the DuckDB quarantine table with file, "
     "row and reason; rows read = accepted + quarantined + duplicates.",
@@ -137,7 +135,7 @@ def documents(
     summary = manifest["summary"]
     per_source = pl.DataFrame(summary["per_source"])
     reasons = pl.DataFrame(summary["reasons"]) if summary["reasons"] else None
-    return dg.MaterializeResult(data_version=writer.data_version, metadata={
+    return dg.MaterializeResult(value=writer.output(), data_version=writer.data_version, metadata={
         **writer.base_metadata(manifest, reused),
         "rows_read": summary["rows_read"],
         "accepted": summary["accepted"],
@@ -161,20 +159,20 @@ def document_texts(artifacts: ArtifactStore, docs_up: Upstream) -> Iterator[str]
         yield from batch.column(0).to_pylist()
 
 
-@dg.asset(
-    op_tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
-    group_name=GROUP, partitions_def=crawl_partitions, code_version="1", deps=[documents],
+@crawl_asset(
+    group=GROUP, code_version="1",
     description="Byte-level BPE trained on the crawl's documents (or a local pretrained "
     "tokenizer), stored as tokenizer.json.",
 )
 def tokenizer(
     context: dg.AssetExecutionContext,
     config: TokenizerAssetConfig,
+    documents: Upstream,
     store: ArtifactStoreResource,
     lineage: LineageResource,
 ) -> dg.MaterializeResult:
     artifacts, db = store.get_store(), lineage.get_db()
-    docs_up = read_upstream(context, artifacts, "documents")
+    docs_up = documents
     writer = AssetWriter(
         context, artifacts, db, "tokenizer", config.model_dump(), [(docs_up.uri, docs_up.sha256)]
     )
@@ -192,26 +190,26 @@ def tokenizer(
             tok = train_bpe(document_texts(artifacts, docs_up), config)
         writer.write_bytes("tokenizer.json", tokenizer_to_bytes(tok), kind="tokenizer")
         manifest = writer.finish(tokenizer_summary(tok))
-    return dg.MaterializeResult(data_version=writer.data_version, metadata={
+    return dg.MaterializeResult(value=writer.output(), data_version=writer.data_version, metadata={
         **writer.base_metadata(manifest, reused), **manifest["summary"],
     })
 
 
-@dg.asset(
-    op_tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
-    group_name=GROUP, partitions_def=crawl_partitions, code_version="1", deps=[documents, tokenizer],
+@crawl_asset(
+    group=GROUP, code_version="1",
     description="Fixed-length token examples (one document per example), as Parquet shards "
     "with example_id, doc_id, source, n_tokens, score_from, input_ids.",
 )
 def tokenized_corpus(
     context: dg.AssetExecutionContext,
     config: CorpusConfig,
+    documents: Upstream,
+    tokenizer: Upstream,
     store: ArtifactStoreResource,
     lineage: LineageResource,
 ) -> dg.MaterializeResult:
     artifacts, db = store.get_store(), lineage.get_db()
-    docs_up = read_upstream(context, artifacts, "documents")
-    tok_up = read_upstream(context, artifacts, "tokenizer")
+    docs_up, tok_up = documents, tokenizer
     writer = AssetWriter(
         context, artifacts, db, "tokenized_corpus", config.model_dump(),
         [(docs_up.uri, docs_up.sha256), (tok_up.uri, tok_up.sha256)],
@@ -240,7 +238,7 @@ def tokenized_corpus(
             "per_source": per_source,
         })
     summary = manifest["summary"]
-    return dg.MaterializeResult(data_version=writer.data_version, metadata={
+    return dg.MaterializeResult(value=writer.output(), data_version=writer.data_version, metadata={
         **writer.base_metadata(manifest, reused),
         "examples": summary["examples"], "tokens": summary["tokens"],
         "shards": summary["shards"], "seq_len": summary["seq_len"],
@@ -249,10 +247,8 @@ def tokenized_corpus(
     })
 
 
-@dg.asset(
-    op_tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
-    group_name=GROUP, partitions_def=crawl_partitions, code_version="1",
-    deps=[documents, tokenizer, tokenized_corpus],
+@crawl_asset(
+    group=GROUP, code_version="1",
     check_specs=[dg.AssetCheckSpec(
         "targets_not_in_pool", asset="target_tasks",
         description="No target prompt + continuation shares a 13-word n-gram with a pool "
@@ -264,14 +260,15 @@ def tokenized_corpus(
 def target_tasks(
     context: dg.AssetExecutionContext,
     config: TargetTasksConfig,
+    documents: Upstream,
+    tokenizer: Upstream,
+    tokenized_corpus: Upstream,
     crawls: CrawlSourceResource,
     store: ArtifactStoreResource,
     lineage: LineageResource,
 ) -> dg.MaterializeResult:
     artifacts, db = store.get_store(), lineage.get_db()
-    docs_up = read_upstream(context, artifacts, "documents")
-    tok_up = read_upstream(context, artifacts, "tokenizer")
-    corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
+    docs_up, tok_up, corpus_up = documents, tokenizer, tokenized_corpus
     seq_len = corpus_up.manifest["summary"]["seq_len"]
     tasks = read_tasks(crawls.tasks_url, config.tasks, crawls.storage_options())
     task_digest = hashlib.sha256(
@@ -302,7 +299,7 @@ def target_tasks(
         leaked = sorted({tasks["id"][o.target_index] for o in overlaps})
         manifest = writer.finish({**truncated, "per_task": per_task.to_dicts(), "leaked": leaked})
     summary = manifest["summary"]
-    return dg.MaterializeResult(data_version=writer.data_version, metadata={
+    return dg.MaterializeResult(value=writer.output(), data_version=writer.data_version, metadata={
         **writer.base_metadata(manifest, reused),
         "truncated_prompts": summary["truncated_prompts"],
         "truncated_continuations": summary["truncated_continuations"],

@@ -1,9 +1,10 @@
 """What every asset does around its engine call: find reusable work, write artifacts under a
-content-derived folder, write a manifest, record lineage rows, find upstream manifests.
+content-derived folder, write a manifest, record lineage rows, read upstream manifests.
 
 Large data never travels through Dagster's IO managers. Each materialisation writes a
-``manifest.json`` (files, sha256s, row counts, config) into the artifact store and puts its
-path in the materialisation metadata under ``MANIFEST_KEY``; downstream assets read it there.
+``manifest.json`` (files, sha256s, row counts, config) into the artifact store; the manifest
+IO manager (`dsdm_assets.manifests`) puts its path in the materialisation metadata under
+``MANIFEST_KEY`` and hands it to downstream assets as an `Upstream`.
 """
 
 import hashlib
@@ -39,20 +40,10 @@ class Upstream:
         return [f for f in self.manifest["files"] if kind is None or f["kind"] == kind]
 
 
-def read_upstream(
-    context: dg.AssetExecutionContext, store: ArtifactStore, asset: str
-) -> Upstream:
-    """Latest materialisation of ``asset`` for this crawl, resolved to its manifest."""
-    crawl = context.partition_key
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[crawl]), limit=1
-    ).records
-    if not records:
-        raise dg.Failure(f"{asset} has not been materialised for crawl {crawl!r}; run it first")
-    metadata = records[0].asset_materialization.metadata
-    if MANIFEST_KEY not in metadata:
-        raise dg.Failure(f"latest {asset} materialisation for {crawl!r} has no manifest path")
-    path = metadata[MANIFEST_KEY].value
+def read_manifest(store: ArtifactStore, path: str, asset: str, crawl: str) -> Upstream:
+    """The manifest at store ``path`` of ``asset``'s materialisation for ``crawl``, every file
+    it lists checked against the size and sha256 it recorded (dg.Failure naming each one that
+    differs)."""
     data = store.read_bytes(path)
     upstream = Upstream(path, store.uri(path), hashlib.sha256(data).hexdigest(), json.loads(data))
     changed = verify_files(store, upstream.manifest)
@@ -285,9 +276,14 @@ class AssetWriter:
             self._claim.close()
             self._claim = None
 
+    def output(self) -> Upstream:
+        """This folder's finished manifest as the asset's value (what downstream assets get)."""
+        data = self.store.read_bytes(self.manifest_path)
+        return Upstream(self.manifest_path, self.store.uri(self.manifest_path),
+                        hashlib.sha256(data).hexdigest(), json.loads(data))
+
     def base_metadata(self, manifest: dict[str, Any], reused: bool) -> dict[str, Any]:
         return {
-            MANIFEST_KEY: self.manifest_path,
             "manifest_uri": dg.MetadataValue.path(self.store.uri(self.manifest_path)),
             "config_hash": self.config_hash,
             "reused": reused,
@@ -300,3 +296,4 @@ class AssetWriter:
         """Dagster's data version: the folder hash of (config, inputs, code). A change
         upstream marks every downstream asset stale in the UI."""
         return dg.DataVersion(self.config_hash)
+

@@ -40,11 +40,8 @@ from dsdm.selection import (
 from dsdm.store import ArtifactStore
 from dsdm.tokenization import to_tensors, tokenizer_from_bytes
 from dsdm_assets.config import StepConfig
-from dsdm_assets.datamodels import datamodel_weights, proxy_checkpoints
-from dsdm_assets.ingest import target_tasks, tokenized_corpus, tokenizer
-from dsdm_assets.jobs import CPU_STEP_TAGS, STEP_RETRY_POLICY, TORCH_STEP_TAGS
-from dsdm_assets.partitions import crawl_partitions
-from dsdm_assets.recording import AssetWriter, Upstream, read_upstream, require_made_from
+from dsdm_assets.manifests import crawl_asset
+from dsdm_assets.recording import AssetWriter, Upstream, require_made_from
 from dsdm_assets.tables import bounded, markdown_table, metadata_key
 from resources import ArtifactStoreResource, ComputeResource, LineageResource
 
@@ -225,7 +222,7 @@ def _write_selection(
                               "selected": np.histogram(scores[order], bins=edges)[0]})
     mix = dominant_source(selection["source"].to_list(), pool["source"].to_list())
     return dg.MaterializeResult(
-        data_version=writer.data_version,
+        value=writer.output(), data_version=writer.data_version,
         metadata={
             **writer.base_metadata(manifest, reused),
             "method": method, "selection_id": writer.config_hash,
@@ -253,10 +250,8 @@ def _write_selection(
     )
 
 
-@dg.asset(
-    op_tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
-    group_name=GROUP, partitions_def=crawl_partitions, code_version=SELECTION_VERSION,
-    deps=[datamodel_weights, tokenized_corpus, tokenizer],
+@crawl_asset(
+    group=GROUP, code_version=SELECTION_VERSION,
     check_specs=_selection_checks("selected_subset"),
     description="The DsDm selection: the examples with the largest predicted target-loss "
     "reduction (task scores mixed by weight) under a budget. A Parquet manifest (rank, "
@@ -266,13 +261,14 @@ def _write_selection(
 def selected_subset(
     context: dg.AssetExecutionContext,
     config: SelectionConfig,
+    datamodel_weights: Upstream,
+    tokenized_corpus: Upstream,
+    tokenizer: Upstream,
     store: ArtifactStoreResource,
     lineage: LineageResource,
 ) -> dg.MaterializeResult:
     artifacts, db = store.get_store(), lineage.get_db()
-    weights_up = read_upstream(context, artifacts, "datamodel_weights")
-    corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
-    tok_up = read_upstream(context, artifacts, "tokenizer")
+    weights_up, corpus_up, tok_up = datamodel_weights, tokenized_corpus, tokenizer
     scores = pl.from_arrow(artifacts.read_parquet(weights_up.path_of("scores.parquet")))
     pool = _pool(artifacts, corpus_up)
     if pool["example_id"].to_list() != scores["example_id"].to_list():
@@ -421,20 +417,18 @@ def _engine(config: dg.Config, cls: type) -> Any:
     return cls.model_validate(config.model_dump(include=set(cls.model_fields)))
 
 
-@dg.asset(
-    op_tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
-    group_name=GROUP, partitions_def=crawl_partitions, code_version=SELECTION_VERSION,
-    deps=[tokenized_corpus, tokenizer], check_specs=_selection_checks("random_subset"),
+@crawl_asset(
+    group=GROUP, code_version=SELECTION_VERSION, check_specs=_selection_checks("random_subset"),
     description="Baseline: a seeded uniform random sample of the pool under the budget "
     "(same contract as selected_subset).",
 )
 def random_subset(
     context: dg.AssetExecutionContext, config: RandomSubsetConfig,
+    tokenized_corpus: Upstream, tokenizer: Upstream,
     store: ArtifactStoreResource, lineage: LineageResource,
 ) -> dg.MaterializeResult:
     artifacts, db = store.get_store(), lineage.get_db()
-    corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
-    tok_up = read_upstream(context, artifacts, "tokenizer")
+    corpus_up, tok_up = tokenized_corpus, tokenizer
     pool = _pool(artifacts, corpus_up)
     method = _engine(config, RandomSelection)
     return _write_selection(
@@ -450,12 +444,11 @@ def random_subset(
 
 def _text_baseline(
     context: dg.AssetExecutionContext, config: TargetTextConfig, cls: type, asset: str,
+    inputs: tuple[Upstream, Upstream, Upstream],
     store: ArtifactStoreResource, lineage: LineageResource,
 ) -> dg.MaterializeResult:
     artifacts, db = store.get_store(), lineage.get_db()
-    corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
-    tok_up = read_upstream(context, artifacts, "tokenizer")
-    targets_up = read_upstream(context, artifacts, "target_tasks")
+    corpus_up, tok_up, targets_up = inputs
     method = _engine(config, cls)
 
     def compute_scores() -> np.ndarray:
@@ -479,54 +472,55 @@ def _scores(asset: str, method: BaselineMethod, data: PoolData) -> np.ndarray:
         raise dg.Failure(f"{asset}: {error}") from error
 
 
-@dg.asset(
-    op_tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
-    group_name=GROUP, partitions_def=crawl_partitions, code_version=SELECTION_VERSION,
-    deps=[tokenized_corpus, tokenizer, target_tasks], check_specs=_selection_checks("dsir_subset"),
+@crawl_asset(
+    group=GROUP, code_version=SELECTION_VERSION, check_specs=_selection_checks("dsir_subset"),
     description="Baseline: DSIR importance resampling (hashed unigram+bigram models of the "
     "target tasks' select-split text and of the pool, Gumbel top-k).",
 )
 def dsir_subset(
     context: dg.AssetExecutionContext, config: DsirSubsetConfig,
+    tokenized_corpus: Upstream, tokenizer: Upstream, target_tasks: Upstream,
     store: ArtifactStoreResource, lineage: LineageResource,
 ) -> dg.MaterializeResult:
-    return _text_baseline(context, config, DsirSelection, "dsir_subset", store, lineage)
+    return _text_baseline(context, config, DsirSelection, "dsir_subset",
+                          (tokenized_corpus, tokenizer, target_tasks), store, lineage)
 
 
-@dg.asset(
-    op_tags=CPU_STEP_TAGS, retry_policy=STEP_RETRY_POLICY,
-    group_name=GROUP, partitions_def=crawl_partitions, code_version=SELECTION_VERSION,
-    deps=[tokenized_corpus, tokenizer, target_tasks], check_specs=_selection_checks("classifier_subset"),
+@crawl_asset(
+    group=GROUP, code_version=SELECTION_VERSION, check_specs=_selection_checks("classifier_subset"),
     description="Baseline: GPT-3-style quality classifier (linear, hashed n-grams, target "
     "select-split text vs pool); keeps the most target-like examples.",
 )
 def classifier_subset(
     context: dg.AssetExecutionContext, config: ClassifierSubsetConfig,
+    tokenized_corpus: Upstream, tokenizer: Upstream, target_tasks: Upstream,
     store: ArtifactStoreResource, lineage: LineageResource,
 ) -> dg.MaterializeResult:
-    return _text_baseline(context, config, ClassifierSelection, "classifier_subset", store, lineage)
+    return _text_baseline(context, config, ClassifierSelection, "classifier_subset",
+                          (tokenized_corpus, tokenizer, target_tasks), store, lineage)
 
 
-@dg.asset(
-    group_name=GROUP, partitions_def=crawl_partitions, code_version=SELECTION_VERSION,
-    deps=[tokenized_corpus, tokenizer, proxy_checkpoints], op_tags=TORCH_STEP_TAGS,
-    retry_policy=STEP_RETRY_POLICY,
+@crawl_asset(
+    group=GROUP, kind="torch", code_version=SELECTION_VERSION,
     check_specs=_selection_checks("semdedup_subset"),
     description="Baseline: SemDeDup-like near-duplicate removal (cosine within k-means "
     "clusters of proxy or MiniLM embeddings), then a uniform sample of the survivors.",
 )
 def semdedup_subset(
-    context: dg.AssetExecutionContext, config: SemDedupSubsetConfig, compute: ComputeResource,
-    store: ArtifactStoreResource, lineage: LineageResource,
+    context: dg.AssetExecutionContext, config: SemDedupSubsetConfig,
+    tokenized_corpus: Upstream, tokenizer: Upstream, proxy_checkpoints: Upstream | None,
+    compute: ComputeResource, store: ArtifactStoreResource, lineage: LineageResource,
 ) -> dg.MaterializeResult:
     artifacts, db = store.get_store(), lineage.get_db()
-    corpus_up = read_upstream(context, artifacts, "tokenized_corpus")
-    tok_up = read_upstream(context, artifacts, "tokenizer")
+    corpus_up, tok_up = tokenized_corpus, tokenizer
     inputs = [corpus_up, tok_up]
     method = _engine(config, SemDedupSelection)
     proxies_up = None
     if method.embedder == "proxy":
-        proxies_up = read_upstream(context, artifacts, "proxy_checkpoints")
+        if proxy_checkpoints is None:
+            raise dg.Failure("semdedup_subset embeds with the proxies (embedder: proxy); "
+                             "proxy_checkpoints has not been materialised for this crawl")
+        proxies_up = proxy_checkpoints
         require_made_from(proxies_up, "proxy_checkpoints", corpus_up, "tokenized_corpus")
         inputs.append(proxies_up)
     pool = _pool(artifacts, corpus_up)

@@ -119,8 +119,7 @@ def test_unchanged_selections_are_reused_without_rescoring(evaluated, monkeypatc
 
     for name in ("proxy_embeddings", "minilm_embeddings", "_pool_texts"):
         monkeypatch.setattr(selection, name, not_called)
-    chosen = [a for a in assets if a.key.to_user_string() in SELECTION_ASSETS.values()]
-    again = dg.materialize(chosen, partition_key="small", instance=instance, resources=resources,
+    again = dg.materialize(assets, selection=list(SELECTION_ASSETS.values()), partition_key="small", instance=instance, resources=resources,
                            run_config={"ops": {k: v for k, v in config["ops"].items()
                                                if k in SELECTION_ASSETS.values()}})
     assert again.success
@@ -143,8 +142,7 @@ def test_a_new_estimator_retrains_only_dsdm_models(evaluated, monkeypatch) -> No
     changed = copy.deepcopy(config)
     changed["ops"]["datamodel_weights"] = {"config": {"lambda_relative": 0.5}}
     names = {"datamodel_weights", "selected_subset", "evaluations", "datamodel_lds"}
-    again = dg.materialize([a for a in assets if a.key.to_user_string() in names],
-                           partition_key="small", instance=instance, resources=resources,
+    again = dg.materialize(assets, selection=list(names), partition_key="small", instance=instance, resources=resources,
                            run_config={"ops": {k: v for k, v in changed["ops"].items() if k in names}})
     assert again.success
     before, after = _meta(first, "selected_subset"), _meta(again, "selected_subset")

@@ -125,8 +125,7 @@ def test_interrupted_featurisation_resumes_from_finished_shards(first_run) -> No
     for f in lost:
         f.unlink()
     config = copy.deepcopy(config)
-    rerun = dg.materialize([a for a in ALL_ASSETS if a.key.to_user_string() == "gradient_shards"],
-                           partition_key="small", instance=instance, resources=resources,
+    rerun = dg.materialize(ALL_ASSETS, selection=["gradient_shards"], partition_key="small", instance=instance, resources=resources,
                            run_config={"ops": {"gradient_shards": config["ops"]["gradient_shards"]}})
     meta = _meta(rerun, "gradient_shards")
     assert meta["files_reused"] == len(files) - len(lost)
@@ -136,7 +135,6 @@ def test_interrupted_featurisation_resumes_from_finished_shards(first_run) -> No
 
 def test_a_changed_or_missing_stored_file_is_recomputed_not_trusted(first_run) -> None:
     folder, resources, result, instance, config = first_run
-    by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
     grads = _meta(result, "gradient_shards")
     grad_folder = folder / "store" / grads["dsdm/manifest"].rsplit("/", 1)[0]
     flipped, deleted = grad_folder / "proxy-00" / "shard-00001.safetensors", \
@@ -148,7 +146,7 @@ def test_a_changed_or_missing_stored_file_is_recomputed_not_trusted(first_run) -
     deleted.unlink()
 
     # A reader of the damaged asset refuses it, naming both files.
-    reader = dg.materialize([by_name["datamodel_weights"]], partition_key="small",
+    reader = dg.materialize(ALL_ASSETS, selection=["datamodel_weights"], partition_key="small",
                             instance=instance, resources=resources, raise_on_error=False)
     (failure,) = [e for e in reader.all_events if e.is_step_failure]
     message = failure.step_failure_data.error.message
@@ -157,7 +155,7 @@ def test_a_changed_or_missing_stored_file_is_recomputed_not_trusted(first_run) -
     assert "proxy-01/shard-00000.safetensors: missing" in message
 
     # Re-materialising it recomputes exactly those two files, byte for byte, and says so.
-    rerun = dg.materialize([by_name["gradient_shards"]], partition_key="small",
+    rerun = dg.materialize(ALL_ASSETS, selection=["gradient_shards"], partition_key="small",
                            instance=instance, resources=resources,
                            run_config={"ops": {"gradient_shards": config["ops"]["gradient_shards"]}})
     meta = _meta(rerun, "gradient_shards")
@@ -173,7 +171,7 @@ def test_a_changed_or_missing_stored_file_is_recomputed_not_trusted(first_run) -
         "SELECT uri, json_extract_string(extra, '$.replaced') AS why FROM artifacts "
         "WHERE run_id = $run AND why IS NOT NULL", params={"run": rerun.run_id}).fetchall()
     assert sorted(uri.rsplit("/", 2)[-2] for uri, _ in rows) == ["proxy-00", "proxy-01"]
-    assert dg.materialize([by_name["datamodel_weights"]], partition_key="small",
+    assert dg.materialize(ALL_ASSETS, selection=["datamodel_weights"], partition_key="small",
                           instance=instance, resources=resources).success
 
 
@@ -182,10 +180,9 @@ def test_document_selection_keeps_whole_documents_within_the_token_budget(first_
     documents, tokens within 20% of the pool's, no left-out document that would still fit;
     the manifest, the shards and the selections table name the unit."""
     folder, resources, _, instance, _ = first_run
-    by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
     methods = {"selected_subset": "dsdm", "random_subset": "random", "dsir_subset": "dsir"}
     result = dg.materialize(
-        [by_name[a] for a in methods], partition_key="small", instance=instance,
+        ALL_ASSETS, selection=list(methods), partition_key="small", instance=instance,
         resources=resources,
         run_config={"ops": {a: {"config": {"unit": "document"}} for a in methods}})
     assert result.success
@@ -225,10 +222,9 @@ def test_a_negative_weight_lowers_the_avoided_tasks_source(first_run) -> None:
     selection keeps less spam than the positive-only mix, its mean spam_mail score is below
     the pool's, and the weight is recorded negative."""
     folder, resources, _, instance, config = first_run
-    by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
     tasks = ["wiki_qa", "tech_faq", "spam_mail"]
     rescored = dg.materialize(
-        [by_name[a] for a in ("target_tasks", "target_gradients", "datamodel_weights")],
+        ALL_ASSETS, selection=["target_tasks", "target_gradients", "datamodel_weights"],
         partition_key="small", instance=instance, resources=resources,
         run_config={"ops": {"target_tasks": {"config": {"tasks": tasks}},
                             "target_gradients": config["ops"]["target_gradients"]}})
@@ -236,7 +232,7 @@ def test_a_negative_weight_lowers_the_avoided_tasks_source(first_run) -> None:
     shares, spam = {}, {}
     for name, weights in (("positive", {"wiki_qa": 1.0, "tech_faq": 1.0}),
                           ("avoid", {"wiki_qa": 1.0, "tech_faq": 1.0, "spam_mail": -1.0})):
-        result = dg.materialize([by_name["selected_subset"]], partition_key="small",
+        result = dg.materialize(ALL_ASSETS, selection=["selected_subset"], partition_key="small",
                                 instance=instance, resources=resources,
                                 run_config={"ops": {"selected_subset": {"config": {"task_weights": weights}}}})
         assert result.success
@@ -260,16 +256,15 @@ def test_a_negative_weight_lowers_the_avoided_tasks_source(first_run) -> None:
 
 def test_proxies_of_another_tokenizer_are_refused(first_run) -> None:
     _, resources, _, instance, config = first_run
-    by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
     retokenised = dg.materialize(
-        [by_name["tokenizer"], by_name["tokenized_corpus"]], partition_key="small",
+        ALL_ASSETS, selection=["tokenizer", "tokenized_corpus"], partition_key="small",
         instance=instance, resources=resources,
         run_config={"ops": {"tokenizer": {"config": {"vocab_size": 768}},
                             "tokenized_corpus": config["ops"]["tokenized_corpus"]}})
     assert retokenised.success
     for asset in ("semdedup_subset", "gradient_shards", "target_gradients"):
         run_config = {"ops": {asset: config["ops"].get(asset, {"config": {"embedder": "proxy"}})}}
-        refused = dg.materialize([by_name[asset]], partition_key="small", instance=instance,
+        refused = dg.materialize(ALL_ASSETS, selection=[asset], partition_key="small", instance=instance,
                                  resources=resources, run_config=run_config, raise_on_error=False)
         (failure,) = [e for e in refused.all_events if e.is_step_failure]
         assert "proxy_checkpoints was built from another" in failure.step_failure_data.error.message
