@@ -7,7 +7,7 @@ ignored), which catches copies that differ only in case, spacing or formatting.
 """
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 DEFAULT_N = 13
@@ -62,3 +62,9 @@ def find_overlaps(
                 for target_index in hits:
                     found.setdefault((target_index, pool_index), " ".join(words[i : i + n]))
     return [Overlap(t, p, gram) for (t, p), gram in sorted(found.items())]
+
+
+def leaked_target_ids(target_ids: Sequence[str], target_texts: Iterable[str],
+                      pool_texts: Iterable[str], n: int = DEFAULT_N) -> list[str]:
+    """Sorted ids of the targets that share a word n-gram with any pool text (streamed)."""
+    return sorted({target_ids[o.target_index] for o in find_overlaps(pool_texts, target_texts, n)})

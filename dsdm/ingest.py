@@ -365,3 +365,27 @@ def _quarantine_row(raw: _RawRow) -> dict[str, Any]:
 
 def _str_or_none(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+def crawl_inputs(crawl_url: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """(URL, sha256) of every shard of a crawl, what its documents are made from (streamed
+    hashes). A refused shard (see `shard_refusal`) is never opened: its hash is ``refused``."""
+    fs, root = fsspec.core.url_to_fs(crawl_url, **(storage_options or {}))
+    from dsdm.store import file_sha256
+
+    return [(fs.unstrip_protocol(p), "refused" if shard_refusal(fs, root, p) else file_sha256(fs, p))
+            for p in list_shards(crawl_url, storage_options)]
+
+
+def ingest_summary(result: IngestResult) -> dict[str, Any]:
+    """The counts that reconcile (rows read = accepted + quarantined + duplicates), documents
+    and characters per source, and quarantined rows per reason."""
+    per_source = (result.documents.group_by("source")
+                  .agg(pl.len().alias("documents"), pl.col("n_chars").sum().alias("chars"))
+                  .sort("source"))
+    return {
+        "rows_read": result.rows_read, "accepted": result.documents.height,
+        "quarantined": result.quarantined, "duplicates": result.duplicates,
+        "per_source": per_source.to_dicts(),
+        "reasons": result.quarantine.group_by("reason").len().sort("reason").to_dicts(),
+    }

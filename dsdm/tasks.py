@@ -6,6 +6,7 @@ Only continuation tokens count in the loss.
 """
 
 import gzip
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -122,3 +123,22 @@ def tokenize_tasks(
     table = table.append_column("task", pa.array(tasks["task"].to_list(), pa.string()))
     table = table.append_column("split", pa.array(tasks["split"].to_list(), pa.string()))
     return table, truncated
+
+
+def tasks_input(tasks_url: str, names: Sequence[str], tasks: pl.DataFrame) -> tuple[str, str]:
+    """(name, sha256) of the target rows as an input: the tasks' location and names, and a
+    hash of every row's id, prompt, continuation and split."""
+    digest = hashlib.sha256(
+        tasks.select("id", "prompt", "continuation", "split").write_ipc(None).getvalue()
+    ).hexdigest()
+    return f"{tasks_url}#{','.join(names)}", digest
+
+
+def task_counts(table: pa.Table) -> pl.DataFrame:
+    """Examples and mean scored (continuation) tokens per task and split, of a
+    `tokenize_tasks` table."""
+    frame = pl.from_arrow(table.select(["task", "split", "n_tokens", "score_from"]))
+    return (frame.group_by("task", "split")
+            .agg(pl.len().alias("examples"),
+                 (pl.col("n_tokens") - pl.col("score_from")).mean().alias("scored_tokens_mean"))
+            .sort("task", "split"))

@@ -32,7 +32,7 @@ from dsdm.datamodels import (
 )
 from dsdm.explain import CONTRIBUTION_SCHEMA, top_contributions
 from dsdm.features import FeatureConfig, featurize
-from dsdm.lineage import LineageDB, result_rows
+from dsdm.lineage import LineageDB
 from dsdm.proxy import ProxyConfig, check_trainable, load_proxy, proxy_to_bytes, train_proxy
 from dsdm.store import ArtifactStore, StoredArtifact
 from dsdm.tokenization import decode_parts, to_tensors, tokenizer_from_bytes
@@ -43,9 +43,12 @@ from dsdm_assets.manifests import MANIFEST_IO, UPSTREAM, crawl_asset, manifest_i
 from dsdm_assets.partitions import crawl_partitions
 from dsdm_assets.recording import (
     AssetWriter,
+    RecordedSelection,
     Upstream,
     adopt_file,
+    produce,
     read_selection,
+    record_rows,
     require_made_from,
 )
 from dsdm_assets.tables import markdown_table
@@ -142,99 +145,92 @@ def proxy_checkpoints(
     lineage: LineageResource,
 ) -> dg.MaterializeResult:
     artifacts, db = store.get_store(), lineage.get_db()
-    tok_up, corpus_up = tokenizer, tokenized_corpus
-    base = model_for_data(config.model, tok_up, corpus_up)
+    base = model_for_data(config.model, tokenizer, tokenized_corpus)
     settings = {"num_proxies": config.num_proxies, "train_fraction": config.train_fraction,
                 "model": base.to_dict()}
-    inputs = [(tok_up.uri, tok_up.sha256), (corpus_up.uri, corpus_up.sha256)]
+    inputs: list = [tokenizer, tokenized_corpus]
     previous = None
     if config.previous_selection:  # a later round: made from (and lineage to) that selection
         previous = read_selection(artifacts, db, context.partition_key, config.previous_selection)
         settings["previous_selection"] = previous.selection_id
         inputs.append((previous.uri, previous.sha256))
-    writer = AssetWriter(context, artifacts, db, "proxy_checkpoints", settings, inputs)
-    manifest = writer.existing()
-    reused = manifest is not None
-    if reused:
-        writer.record(manifest, reused=True)
-    else:
-        device = compute.setup()
-        shards = [_corpus_tensors(artifacts, corpus_up, k) for k in range(len(corpus_up.files("examples")))]
-        example_ids = pa.concat_arrays([t.column("example_id").combine_chunks() for t, *_ in shards])
-        input_ids = torch.cat([ids for _, ids, _ in shards])
-        loss_mask = torch.cat([mask for _, _, mask in shards])
-        if previous is None:
-            subsets = proxy_subsets(len(input_ids), config.num_proxies, config.train_fraction,
-                                    base.seed)
-        else:
-            subsets = round_subsets(len(input_ids), config.num_proxies, config.train_fraction,
-                                    base.seed, _pool_positions(example_ids, previous))
-        try:
-            check_trainable(min(map(len, subsets)), base, f"each proxy's share of the pool "
-                            f"(train_fraction {config.train_fraction} of {len(input_ids)})")
-        except ValueError as error:
-            raise dg.Failure(f"proxy_checkpoints: {error}") from error
-        proxies = []
-        for m, subset in enumerate(subsets):
-            folder = f"proxy-{m:02d}"
-            if all(writer.has(f"{folder}/{name}") for name in PROXY_FILES):
-                context.log.info(f"proxy {m}: finished earlier, reusing")
-                losses = json.loads(writer.adopt(f"{folder}/losses.json", "losses"))
-                for name, kind in PROXY_FILES.items():
-                    if name != "losses.json":
-                        writer.adopt(f"{folder}/{name}", kind)
-            else:
-                proxy_config = base.model_copy(update={"seed": base.seed + m})
-                context.log.info(f"proxy {m}: training on {len(subset)} examples")
-                start = time.perf_counter()
-                index = torch.from_numpy(subset)
-                result = train_proxy(
-                    proxy_config, input_ids[index], loss_mask[index], device=device,
-                    bf16=compute.dtype == "bfloat16" and device.type == "cuda",
-                    log_every=25,
-                    callback=lambda p, m=m: context.log.info(
-                        f"proxy {m} step {p.step}/{p.total_steps} loss {p.loss:.3f} "
-                        f"tokens/s {p.tokens_per_s:.0f}"),
-                )
-                losses = {"losses": result.losses, "seconds": time.perf_counter() - start,
-                          "examples": len(subset)}
-                writer.write_bytes(f"{folder}/model.safetensors", proxy_to_bytes(result.model),
-                                   kind="checkpoint")
-                writer.write_bytes(f"{folder}/config.json",
-                                   json.dumps(proxy_config.to_dict(), indent=2).encode(), kind="config")
-                writer.write_parquet(f"{folder}/subset.parquet",
-                                     pa.table({"example_id": example_ids.take(pa.array(subset))}),
-                                     kind="subset")
-                # Written last: its presence marks this proxy finished.
-                writer.write_bytes(f"{folder}/losses.json", json.dumps(losses).encode(), kind="losses")
-            curve = losses["losses"]
-            tenth = max(1, len(curve) // 10)
-            proxies.append({"proxy": m, "examples": losses["examples"], "steps": len(curve),
-                            "first_loss": float(np.mean(curve[:tenth])),
-                            "last_loss": float(np.mean(curve[-tenth:])),
-                            "seconds": round(losses["seconds"], 1), "curve": curve[::max(1, len(curve) // 50)]})
-        manifest = writer.finish({"proxies": proxies, "pool_examples": len(input_ids),
-                                  **({"previous_selection": previous.selection_id,
-                                      "previous_selected": len(previous.example_ids)}
-                                     if previous else {})})
-    proxies = manifest["summary"]["proxies"]
-    fell = [p["last_loss"] < p["first_loss"] for p in proxies]
+    made = produce(context, artifacts, db, settings, inputs, lambda writer: _train_proxies(
+        context, writer, config, base, tokenized_corpus, previous, compute))
+    proxies = made.summary["proxies"]
     table = pl.DataFrame([{k: v for k, v in p.items() if k != "curve"} for p in proxies])
-    return dg.MaterializeResult(
-        value=writer.output(), data_version=writer.data_version,
-        metadata={
-            **writer.base_metadata(manifest, reused),
-            "proxies": dg.MetadataValue.md(markdown_table(table)),
-            "final_loss_mean": float(np.mean([p["last_loss"] for p in proxies])),
-            "loss_curve_proxy_0": dg.MetadataValue.json(proxies[0]["curve"]),
-            "previous_selection": manifest["summary"].get("previous_selection", ""),
-        },
-        check_results=[dg.AssetCheckResult(
-            check_name="loss_fell", passed=all(fell),
-            metadata={"first_vs_last": dg.MetadataValue.md(markdown_table(
-                table.select("proxy", "first_loss", "last_loss")))},
-        )],
-    )
+    return made.result({
+        "proxies": dg.MetadataValue.md(markdown_table(table)),
+        "final_loss_mean": float(np.mean([p["last_loss"] for p in proxies])),
+        "loss_curve_proxy_0": dg.MetadataValue.json(proxies[0]["curve"]),
+        "previous_selection": made.summary.get("previous_selection", ""),
+    }, [dg.AssetCheckResult(
+        check_name="loss_fell", passed=all(p["last_loss"] < p["first_loss"] for p in proxies),
+        metadata={"first_vs_last": dg.MetadataValue.md(markdown_table(
+            table.select("proxy", "first_loss", "last_loss")))},
+    )])
+
+
+def _train_proxies(context: dg.AssetExecutionContext, writer: AssetWriter,
+                   config: ProxyEnsembleConfig, base: ProxyConfig, corpus: Upstream,
+                   previous: RecordedSelection | None, compute: ComputeResource) -> dict:
+    """Train (or adopt, when an interrupted attempt finished them) the proxies into
+    ``writer``'s folder; the summary of their loss curves."""
+    device = compute.setup()
+    shards = [_corpus_tensors(writer.store, corpus, k) for k in range(len(corpus.files("examples")))]
+    example_ids = pa.concat_arrays([t.column("example_id").combine_chunks() for t, *_ in shards])
+    input_ids = torch.cat([ids for _, ids, _ in shards])
+    loss_mask = torch.cat([mask for _, _, mask in shards])
+    if previous is None:
+        subsets = proxy_subsets(len(input_ids), config.num_proxies, config.train_fraction, base.seed)
+    else:
+        subsets = round_subsets(len(input_ids), config.num_proxies, config.train_fraction,
+                                base.seed, _pool_positions(example_ids, previous))
+    try:
+        check_trainable(min(map(len, subsets)), base, f"each proxy's share of the pool "
+                        f"(train_fraction {config.train_fraction} of {len(input_ids)})")
+    except ValueError as error:
+        raise dg.Failure(f"proxy_checkpoints: {error}") from error
+    proxies = []
+    for m, subset in enumerate(subsets):
+        folder = f"proxy-{m:02d}"
+        if all(writer.has(f"{folder}/{name}") for name in PROXY_FILES):
+            context.log.info(f"proxy {m}: finished earlier, reusing")
+            losses = json.loads(writer.adopt(f"{folder}/losses.json", "losses"))
+            for name, kind in PROXY_FILES.items():
+                if name != "losses.json":
+                    writer.adopt(f"{folder}/{name}", kind)
+        else:
+            proxy_config = base.model_copy(update={"seed": base.seed + m})
+            context.log.info(f"proxy {m}: training on {len(subset)} examples")
+            start = time.perf_counter()
+            index = torch.from_numpy(subset)
+            result = train_proxy(
+                proxy_config, input_ids[index], loss_mask[index], device=device,
+                bf16=compute.dtype == "bfloat16" and device.type == "cuda", log_every=25,
+                callback=lambda p, m=m: context.log.info(
+                    f"proxy {m} step {p.step}/{p.total_steps} loss {p.loss:.3f} "
+                    f"tokens/s {p.tokens_per_s:.0f}"),
+            )
+            losses = {"losses": result.losses, "seconds": time.perf_counter() - start,
+                      "examples": len(subset)}
+            writer.write_bytes(f"{folder}/model.safetensors", proxy_to_bytes(result.model),
+                               kind="checkpoint")
+            writer.write_bytes(f"{folder}/config.json",
+                               json.dumps(proxy_config.to_dict(), indent=2).encode(), kind="config")
+            writer.write_parquet(f"{folder}/subset.parquet",
+                                 pa.table({"example_id": example_ids.take(pa.array(subset))}),
+                                 kind="subset")
+            # Written last: its presence marks this proxy finished.
+            writer.write_bytes(f"{folder}/losses.json", json.dumps(losses).encode(), kind="losses")
+        curve = losses["losses"]
+        tenth = max(1, len(curve) // 10)
+        proxies.append({"proxy": m, "examples": losses["examples"], "steps": len(curve),
+                        "first_loss": float(np.mean(curve[:tenth])),
+                        "last_loss": float(np.mean(curve[-tenth:])),
+                        "seconds": round(losses["seconds"], 1), "curve": curve[::max(1, len(curve) // 50)]})
+    return {"proxies": proxies, "pool_examples": len(input_ids),
+            **({"previous_selection": previous.selection_id,
+                "previous_selected": len(previous.example_ids)} if previous else {})}
 
 
 def _pool_positions(example_ids: pa.Array, previous) -> np.ndarray:
@@ -315,20 +311,17 @@ def _feature_metadata(summary: dict, files: int, reused: bool) -> dict:
 def plan_gradient_shards(context: dg.OpExecutionContext, config: GradientConfig,
                          proxy_checkpoints: Upstream, tokenized_corpus: Upstream,
                          store: ArtifactStoreResource, lineage: LineageResource):
-    artifacts = store.get_store()
-    proxies_up, corpus_up = proxy_checkpoints, tokenized_corpus
-    require_made_from(proxies_up, "proxy_checkpoints", corpus_up, "tokenized_corpus")
-    inputs = [(u.uri, u.sha256) for u in (proxies_up, corpus_up)]
-    writer = AssetWriter(context, artifacts, lineage.get_db(), "gradient_shards",
-                         config.model_dump(), inputs, code_version=GRADIENTS_VERSION)
+    require_made_from(proxy_checkpoints, "proxy_checkpoints", tokenized_corpus, "tokenized_corpus")
+    writer = AssetWriter(context, store.get_store(), lineage.get_db(), config.model_dump(),
+                         [proxy_checkpoints, tokenized_corpus])
     reused = writer.existing() is not None
     writer.release()  # the featurise steps run elsewhere; collect claims the folder again
-    checkpoints = [f["path"] for f in proxies_up.files("checkpoint")]
-    shards = [f["path"] for f in corpus_up.files("examples")]
-    yield dg.Output({"config": config.model_dump(), "inputs": inputs, "folder": writer.folder,
-                     "reused": reused, "replaced": writer.replaced,
+    checkpoints = [f["path"] for f in proxy_checkpoints.files("checkpoint")]
+    shards = [f["path"] for f in tokenized_corpus.files("examples")]
+    yield dg.Output({"config": config.model_dump(), "inputs": writer.inputs,
+                     "folder": writer.folder, "reused": reused, "replaced": writer.replaced,
                      "proxies": len(checkpoints), "shards": len(shards),
-                     "proxy_checkpoints_sha256": proxies_up.sha256}, "plan")
+                     "proxy_checkpoints_sha256": proxy_checkpoints.sha256}, "plan")
     if reused:
         context.log.info(f"gradient_shards for these inputs complete in {writer.folder}: reusing")
         return
@@ -379,43 +372,39 @@ def featurise_gradient_shard(context: dg.OpExecutionContext, work: dict,
 def collect_gradient_shards(context: dg.OpExecutionContext, plan: dict, results: list[dict],
                             store: ArtifactStoreResource, lineage: LineageResource):
     artifacts = store.get_store()
-    writer = AssetWriter(context, artifacts, lineage.get_db(), "gradient_shards", plan["config"],
-                         [tuple(i) for i in plan["inputs"]], code_version=GRADIENTS_VERSION)
-    if writer.folder != plan["folder"]:
-        raise dg.Failure(f"planned folder {plan['folder']} differs from {writer.folder}; a bug")
-    writer.replaced = plan["replaced"]
-    # verified by the plan step; or finished by another run of this partition meanwhile
-    manifest = artifacts.read_json(writer.manifest_path) if plan["reused"] else writer.existing()
-    reused = manifest is not None
-    if reused:
-        writer.record(manifest, reused=True)
-    else:
-        results = sorted(results, key=lambda r: r["name"])
-        if len(results) != plan["proxies"] * plan["shards"]:
-            raise dg.Failure(f"{len(results)} feature files for {plan['proxies']} proxies x "
+
+    def collect(writer: AssetWriter) -> dict:
+        if writer.folder != plan["folder"]:
+            raise dg.Failure(f"planned folder {plan['folder']} differs from {writer.folder}; a bug")
+        writer.replaced = plan["replaced"]
+        ordered = sorted(results, key=lambda r: r["name"])
+        if len(ordered) != plan["proxies"] * plan["shards"]:
+            raise dg.Failure(f"{len(ordered)} feature files for {plan['proxies']} proxies x "
                              f"{plan['shards']} shards")
-        for r in results:
+        for r in ordered:
             writer.written.append((r["name"], StoredArtifact(r["uri"], r["sha256"], r["size_bytes"]),
                                    r["rows"], "features", not r["computed"]))
-        done = [r for r in results if r["computed"]]
-        manifest = writer.finish({
-            "proxies": plan["proxies"], "shards": plan["shards"], "dim": results[0]["dim"],
-            "nonfinite": sum(r["nonfinite"] for r in results),
-            "degenerate_files": [r["name"] for r in results if r["degenerate"]],
-            "files_computed": len(done), "files_reused": len(results) - len(done),
-            "examples_per_s": _rate(sum(r["rows"] for r in done), sum(r["seconds"] for r in done)),
-            "proxy_checkpoints_sha256": plan["proxy_checkpoints_sha256"],
-        })
+        done = [r for r in ordered if r["computed"]]
+        return {"proxies": plan["proxies"], "shards": plan["shards"], "dim": ordered[0]["dim"],
+                "nonfinite": sum(r["nonfinite"] for r in ordered),
+                "degenerate_files": [r["name"] for r in ordered if r["degenerate"]],
+                "files_computed": len(done), "files_reused": len(ordered) - len(done),
+                "examples_per_s": _rate(sum(r["rows"] for r in done), sum(r["seconds"] for r in done)),
+                "proxy_checkpoints_sha256": plan["proxy_checkpoints_sha256"]}
+
+    # a folder the plan step verified is not read again (another run may also have finished
+    # it meanwhile: then produce finds and verifies it)
+    verified = artifacts.read_json(f"{plan['folder']}/manifest.json") if plan["reused"] else None
+    made = produce(context, artifacts, lineage.get_db(), plan["config"], plan["inputs"], collect,
+                   verified=verified)
     # The values the graph's steps handed each other are spent once the manifest exists (a
     # re-execution from failure never re-runs a succeeded collect), so they do not pile up.
     removed = artifacts.remove_folder(step_values_folder(context.run.run_id))
     context.log.info(f"removed {removed} step values of this run from the store")
-    summary = manifest["summary"]
-    yield dg.Output(writer.output(), "result", data_version=writer.data_version, metadata={
-        **writer.base_metadata(manifest, reused),
-        **_feature_metadata(summary, len(manifest["files"]), reused),
-    })
-    yield _features_finite_check(summary, asset_key="gradient_shards")
+    yield dg.Output(made.writer.output(), "result", data_version=made.writer.data_version,
+                    metadata=made.metadata(_feature_metadata(made.summary, len(made.manifest["files"]),
+                                                             made.reused)))
+    yield _features_finite_check(made.summary, asset_key="gradient_shards")
 
 
 @dg.config_mapping
@@ -468,52 +457,44 @@ def target_gradients(
     store: ArtifactStoreResource,
     lineage: LineageResource,
 ) -> dg.MaterializeResult:
-    artifacts, db = store.get_store(), lineage.get_db()
-    proxies_up, targets_up, tok_up = proxy_checkpoints, target_tasks, tokenizer
-    require_made_from(proxies_up, "proxy_checkpoints", tok_up, "tokenizer")
-    require_made_from(targets_up, "target_tasks", tok_up, "tokenizer")
-    writer = AssetWriter(context, artifacts, db, "target_gradients", config.model_dump(),
-                         [(u.uri, u.sha256) for u in (proxies_up, targets_up)],
-                         code_version=TARGET_GRADIENTS_VERSION)
-    manifest = writer.existing()
-    reused = manifest is not None
-    if reused:
-        writer.record(manifest, reused=True)
-    else:
-        device = compute.setup()
-        (targets_file,) = targets_up.files("targets")
-        table = artifacts.read_parquet(targets_file["path"])
-        # Only select-split targets become datamodel columns; the eval split stays unseen.
-        table = table.filter(pc.equal(table.column("split"), "select"))
-        feature_config = FeatureConfig.model_validate(config.model_dump())
-        nonfinite, degenerate, computed, rows, seconds = 0, [], 0, 0, 0.0
-        for m, checkpoint in enumerate(f["path"] for f in proxies_up.files("checkpoint")):
-            name = f"proxy-{m:02d}/targets.safetensors"
-            if writer.has(name):
-                data = writer.adopt(name, kind="targets", rows=table.num_rows)
-            else:
-                model = _load_proxy(artifacts, checkpoint, device)
-                data, took = _featurise(model, table, feature_config, m, targets_file["path"], device)
-                writer.write_bytes(name, data, kind="targets", rows=table.num_rows)
-                computed, rows, seconds = computed + 1, rows + table.num_rows, seconds + took
-                context.log.info(f"proxy {m} targets: {table.num_rows} examples in {took:.1f}s")
-            bad, dim, constant = _feature_stats(data, artifacts.uri(f"{writer.folder}/{name}"))
-            nonfinite += bad
-            degenerate += [name] if constant else []
-        manifest = writer.finish({
-            "proxies": len(writer.written), "targets": table.num_rows, "dim": dim,
+    require_made_from(proxy_checkpoints, "proxy_checkpoints", tokenizer, "tokenizer")
+    require_made_from(target_tasks, "target_tasks", tokenizer, "tokenizer")
+    made = produce(context, store.get_store(), lineage.get_db(), config.model_dump(),
+                   [proxy_checkpoints, target_tasks], lambda writer: _featurise_targets(
+                       context, writer, config, proxy_checkpoints, target_tasks, compute))
+    return made.result(_feature_metadata(made.summary, len(made.manifest["files"]), made.reused),
+                       [_features_finite_check(made.summary)])
+
+
+def _featurise_targets(context: dg.AssetExecutionContext, writer: AssetWriter,
+                       config: GradientConfig, proxies: Upstream, targets: Upstream,
+                       compute: ComputeResource) -> dict:
+    """Every proxy's features of the select-split targets into ``writer``'s folder (a file an
+    interrupted attempt finished is adopted); their summary."""
+    device, artifacts = compute.setup(), writer.store
+    (targets_file,) = targets.files("targets")
+    table = artifacts.read_parquet(targets_file["path"])
+    # Only select-split targets become datamodel columns; the eval split stays unseen.
+    table = table.filter(pc.equal(table.column("split"), "select"))
+    feature_config = FeatureConfig.model_validate(config.model_dump())
+    nonfinite, degenerate, computed, rows, seconds = 0, [], 0, 0, 0.0
+    for m, checkpoint in enumerate(f["path"] for f in proxies.files("checkpoint")):
+        name = f"proxy-{m:02d}/targets.safetensors"
+        if writer.has(name):
+            data = writer.adopt(name, kind="targets", rows=table.num_rows)
+        else:
+            model = _load_proxy(artifacts, checkpoint, device)
+            data, took = _featurise(model, table, feature_config, m, targets_file["path"], device)
+            writer.write_bytes(name, data, kind="targets", rows=table.num_rows)
+            computed, rows, seconds = computed + 1, rows + table.num_rows, seconds + took
+            context.log.info(f"proxy {m} targets: {table.num_rows} examples in {took:.1f}s")
+        bad, dim, constant = _feature_stats(data, artifacts.uri(f"{writer.folder}/{name}"))
+        nonfinite += bad
+        degenerate += [name] if constant else []
+    return {"proxies": len(writer.written), "targets": table.num_rows, "dim": dim,
             "nonfinite": nonfinite, "degenerate_files": degenerate, "files_computed": computed,
-            "files_reused": len(writer.written) - computed,
-            "examples_per_s": _rate(rows, seconds),
-            "proxy_checkpoints_sha256": proxies_up.sha256,
-        })
-    summary = manifest["summary"]
-    return dg.MaterializeResult(
-        value=writer.output(), data_version=writer.data_version,
-        metadata={**writer.base_metadata(manifest, reused),
-                  **_feature_metadata(summary, len(manifest["files"]), reused)},
-        check_results=[_features_finite_check(summary)],
-    )
+            "files_reused": len(writer.written) - computed, "examples_per_s": _rate(rows, seconds),
+            "proxy_checkpoints_sha256": proxies.sha256}
 
 
 def _target_text(artifacts: ArtifactStore, targets_up: Upstream, tok_up: Upstream,
@@ -531,19 +512,18 @@ def _target_text(artifacts: ArtifactStore, targets_up: Upstream, tok_up: Upstrea
 def _record_explanations(db: LineageDB, writer: AssetWriter, run_id: str) -> None:
     """The datamodel folder's contributions and target text into DuckDB (replacing this
     scores_id's rows), the tables behind `dsdm explain` and the explained_targets view."""
-    where = {"crawl": writer.crawl, "scores_id": writer.config_hash}
     columns = ("example_id", "shard", "effect", "rank", "target_id", "task", "tau")
     top = writer.store.iter_parquet(f"{writer.folder}/contributions.parquet", columns,
                                     batch_rows=SCORE_ROWS_PER_BATCH)
     schema = CONTRIBUTION_SCHEMA.append(pa.field("shard", pa.int32()))
-    db.replace_rows("target_contributions", where, result_rows(
-        {"crawl": writer.crawl, "run_id": run_id, "scores_id": writer.config_hash}, top,
-        pa.schema([schema.field(c) for c in columns])))
-    text = writer.store.read_parquet(f"{writer.folder}/target_text.parquet")
-    n = text.num_rows
-    db.replace_rows("datamodel_targets", where, pa.table({
-        "crawl": [writer.crawl] * n, "scores_id": [writer.config_hash] * n,
-        **{c: text.column(c) for c in ("target_id", "task", "prompt", "continuation")}}))
+    key = ["crawl", "scores_id"]
+    record_rows(db, "target_contributions",
+                {"crawl": writer.crawl, "run_id": run_id, "scores_id": writer.config_hash}, top,
+                key=key, schema=pa.schema([schema.field(c) for c in columns]))
+    text = writer.store.read_parquet(f"{writer.folder}/target_text.parquet",
+                                     columns=["target_id", "task", "prompt", "continuation"])
+    record_rows(db, "datamodel_targets", {"crawl": writer.crawl, "scores_id": writer.config_hash},
+                text, key=key)
 
 
 # Settings that change how fast features are computed but not the features.
@@ -600,93 +580,85 @@ def datamodel_weights(
 ) -> dg.MaterializeResult:
     compute.setup()  # the thread count changes float sums: every torch step applies it
     artifacts, db = store.get_store(), lineage.get_db()
-    grads_up, target_grads_up, corpus_up = gradient_shards, target_gradients, tokenized_corpus
-    targets_up, tok_up = target_tasks, tokenizer
-    _check_same_features(grads_up, target_grads_up, targets_up)
-    writer = AssetWriter(
-        context, artifacts, db, "datamodel_weights", config.model_dump(),
-        [(u.uri, u.sha256) for u in (grads_up, target_grads_up, corpus_up, targets_up, tok_up)],
-        code_version=DATAMODEL_VERSION,
-    )
-    manifest = writer.existing()
-    reused = manifest is not None
-    if reused:
-        writer.record(manifest, reused=True)
-        scores = pl.from_arrow(artifacts.read_parquet(f"{writer.folder}/scores.parquet"))
-    else:
-        targets = pl.from_arrow(artifacts.read_parquet(
-            targets_up.files("targets")[0]["path"], columns=["example_id", "task", "split"]))
-        select = (targets["split"] == "select").to_numpy()
-        num_proxies = grads_up.manifest["summary"]["proxies"]
-        num_shards = grads_up.manifest["summary"]["shards"]
-        select_ids = targets.filter(pl.Series(select))["example_id"].to_list()
-        digest = hashlib.sha256("\n".join(select_ids).encode()).hexdigest()
-        target_phi = []
-        for m in range(num_proxies):
-            path = target_grads_up.path_of(f"proxy-{m:02d}/targets.safetensors")
-            data = artifacts.read_bytes(path)
-            if feature_header(data, artifacts.uri(path)).get("example_ids_sha256") != digest:
-                raise dg.Failure("target_gradients were made for other targets than target_tasks' "
-                                 "select split; re-materialise target_gradients")
-            target_phi.append(features_from_bytes(data, artifacts.uri(path)).phi)
-
-        def load_shard(m: int, k: int):
-            path = grads_up.path_of(f"proxy-{m:02d}/shard-{k:05d}.safetensors")
-            return features_from_bytes(artifacts.read_bytes(path), artifacts.uri(path))
-
-        select_targets = targets.filter(pl.Series(select))
-        writer.write_parquet("target_columns.parquet", select_targets.to_arrow(), kind="columns")
-        writer.write_parquet("target_text.parquet",
-                             _target_text(artifacts, targets_up, tok_up, select_ids), kind="target_text")
-        target_tasks_of = select_targets["task"].to_list()
-        frames, contributions = [], []
-        for k, tau in enumerate(ensemble_scores(load_shard, num_shards, target_phi,
-                                                config.lambda_relative)):
-            corpus_file = corpus_up.files("examples")[k]
-            ids = artifacts.read_parquet(corpus_file["path"], columns=["example_id"]).column(0)
-            path = grads_up.path_of(f"proxy-00/shard-{k:05d}.safetensors")
-            header = feature_header(artifacts.read_bytes(path), artifacts.uri(path))
-            if int(header["rows"]) != len(ids):
-                raise dg.Failure(f"feature shard {k} has {header['rows']} rows, corpus {len(ids)}")
-            writer.write_bytes(f"tau-{k:05d}.safetensors",
-                               safetensors_save({"tau": tau.float().contiguous()}),
-                               kind="tau", rows=len(ids))
-            means = task_means(tau, target_tasks_of)
-            frames.append(pl.DataFrame({"example_id": ids.to_pylist(), **means}))
-            if config.explain_targets:
-                top = top_contributions(tau, ids.to_pylist(), select_ids, target_tasks_of,
-                                        config.explain_targets)
-                contributions.append(top.append_column("shard", pa.array([k] * top.num_rows, pa.int32())))
-            context.log.info(f"scored shard {k + 1}/{num_shards}")
-        scores = pl.concat(frames)
-        writer.write_parquet("scores.parquet", scores.to_arrow(), kind="scores")
-        writer.write_parquet("contributions.parquet", pa.concat_tables(contributions) if contributions
-                             else CONTRIBUTION_SCHEMA.append(pa.field("shard", pa.int32())).empty_table(),
-                             kind="contributions")
-        tasks = [c for c in scores.columns if c != "example_id"]
-        manifest = writer.finish({
-            "tasks": tasks, "candidates": scores.height, "targets": int(select.sum()),
-            "per_task": scores.select(tasks).describe().to_dicts(),
-        })
-    tasks = manifest["summary"]["tasks"]
+    _check_same_features(gradient_shards, target_gradients, target_tasks)
+    made = produce(context, artifacts, db, config.model_dump(),
+                   [gradient_shards, target_gradients, tokenized_corpus, target_tasks, tokenizer],
+                   lambda writer: _score_pool(context, writer, config, gradient_shards,
+                                              target_gradients, tokenized_corpus, target_tasks,
+                                              tokenizer))
+    scores = pl.from_arrow(artifacts.read_parquet(f"{made.folder}/scores.parquet"))
+    tasks = made.summary["tasks"]
     # N x tasks rows, streamed into DuckDB one slice of the pool at a time.
     long = (scores.slice(start, SCORE_ROWS_PER_BATCH).unpivot(
         index="example_id", on=tasks, variable_name="task", value_name="score").to_arrow()
         for start in range(0, scores.height, SCORE_ROWS_PER_BATCH))
-    db.replace_rows("scores", {"crawl": writer.crawl, "scores_id": writer.config_hash},
-                    result_rows({"crawl": writer.crawl, "run_id": context.run.run_id,
-                                 "scores_id": writer.config_hash}, long, SCORE_ROW_SCHEMA))
-    _record_explanations(db, writer, context.run.run_id)
-    finite = bool(np.isfinite(scores.select(tasks).to_numpy()).all())
-    return dg.MaterializeResult(
-        value=writer.output(), data_version=writer.data_version,
-        metadata={
-            **writer.base_metadata(manifest, reused),
-            "candidates": manifest["summary"]["candidates"],
-            "targets": manifest["summary"]["targets"],
-            "scores_id": writer.config_hash,
-            "score_summary": dg.MetadataValue.md(markdown_table(
-                pl.DataFrame(manifest["summary"]["per_task"]))),
-        },
-        check_results=[dg.AssetCheckResult(check_name="scores_finite", passed=finite)],
-    )
+    constants = {"crawl": made.writer.crawl, "run_id": context.run.run_id,
+                 "scores_id": made.writer.config_hash}
+    record_rows(db, "scores", constants, long, key=["crawl", "scores_id"], schema=SCORE_ROW_SCHEMA)
+    _record_explanations(db, made.writer, context.run.run_id)
+    return made.result({
+        "candidates": made.summary["candidates"], "targets": made.summary["targets"],
+        "scores_id": made.writer.config_hash,
+        "score_summary": dg.MetadataValue.md(markdown_table(pl.DataFrame(made.summary["per_task"]))),
+    }, [dg.AssetCheckResult(check_name="scores_finite",
+                            passed=bool(np.isfinite(scores.select(tasks).to_numpy()).all()))])
+
+
+def _score_pool(context: dg.AssetExecutionContext, writer: AssetWriter, config: DatamodelConfig,
+                grads_up: Upstream, target_grads_up: Upstream, corpus_up: Upstream,
+                targets_up: Upstream, tok_up: Upstream) -> dict:
+    """tau of every pool shard against the select-split targets, each candidate's mean per
+    task and its most helped and hurt targets, into ``writer``'s folder; the summary."""
+    artifacts = writer.store
+    targets = pl.from_arrow(artifacts.read_parquet(
+        targets_up.files("targets")[0]["path"], columns=["example_id", "task", "split"]))
+    select = (targets["split"] == "select").to_numpy()
+    num_proxies = grads_up.manifest["summary"]["proxies"]
+    num_shards = grads_up.manifest["summary"]["shards"]
+    select_ids = targets.filter(pl.Series(select))["example_id"].to_list()
+    digest = hashlib.sha256("\n".join(select_ids).encode()).hexdigest()
+    target_phi = []
+    for m in range(num_proxies):
+        path = target_grads_up.path_of(f"proxy-{m:02d}/targets.safetensors")
+        data = artifacts.read_bytes(path)
+        if feature_header(data, artifacts.uri(path)).get("example_ids_sha256") != digest:
+            raise dg.Failure("target_gradients were made for other targets than target_tasks' "
+                             "select split; re-materialise target_gradients")
+        target_phi.append(features_from_bytes(data, artifacts.uri(path)).phi)
+
+    def load_shard(m: int, k: int):
+        path = grads_up.path_of(f"proxy-{m:02d}/shard-{k:05d}.safetensors")
+        return features_from_bytes(artifacts.read_bytes(path), artifacts.uri(path))
+
+    select_targets = targets.filter(pl.Series(select))
+    writer.write_parquet("target_columns.parquet", select_targets.to_arrow(), kind="columns")
+    writer.write_parquet("target_text.parquet",
+                         _target_text(artifacts, targets_up, tok_up, select_ids), kind="target_text")
+    target_tasks_of = select_targets["task"].to_list()
+    frames, contributions = [], []
+    for k, tau in enumerate(ensemble_scores(load_shard, num_shards, target_phi,
+                                            config.lambda_relative)):
+        corpus_file = corpus_up.files("examples")[k]
+        ids = artifacts.read_parquet(corpus_file["path"], columns=["example_id"]).column(0)
+        path = grads_up.path_of(f"proxy-00/shard-{k:05d}.safetensors")
+        header = feature_header(artifacts.read_bytes(path), artifacts.uri(path))
+        if int(header["rows"]) != len(ids):
+            raise dg.Failure(f"feature shard {k} has {header['rows']} rows, corpus {len(ids)}")
+        writer.write_bytes(f"tau-{k:05d}.safetensors",
+                           safetensors_save({"tau": tau.float().contiguous()}),
+                           kind="tau", rows=len(ids))
+        means = task_means(tau, target_tasks_of)
+        frames.append(pl.DataFrame({"example_id": ids.to_pylist(), **means}))
+        if config.explain_targets:
+            top = top_contributions(tau, ids.to_pylist(), select_ids, target_tasks_of,
+                                    config.explain_targets)
+            contributions.append(top.append_column("shard", pa.array([k] * top.num_rows, pa.int32())))
+        context.log.info(f"scored shard {k + 1}/{num_shards}")
+    scores = pl.concat(frames)
+    writer.write_parquet("scores.parquet", scores.to_arrow(), kind="scores")
+    writer.write_parquet("contributions.parquet", pa.concat_tables(contributions) if contributions
+                         else CONTRIBUTION_SCHEMA.append(pa.field("shard", pa.int32())).empty_table(),
+                         kind="contributions")
+    tasks = [c for c in scores.columns if c != "example_id"]
+    return {"tasks": tasks, "candidates": scores.height, "targets": int(select.sum()),
+            "per_task": scores.select(tasks).describe().to_dicts()}

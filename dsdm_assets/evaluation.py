@@ -41,7 +41,7 @@ from dsdm.tokenization import to_tensors
 from dsdm_assets.config import StepConfig
 from dsdm_assets.datamodels import model_for_data
 from dsdm_assets.manifests import crawl_asset
-from dsdm_assets.recording import AssetWriter, Upstream
+from dsdm_assets.recording import AssetWriter, Upstream, produce, record_rows
 from dsdm_assets.selection import SELECTION_ASSETS
 from dsdm_assets.tables import markdown_table
 from resources import ArtifactStoreResource, ComputeResource, LineageResource
@@ -173,7 +173,6 @@ def evaluations(
     compute: ComputeResource, store: ArtifactStoreResource, lineage: LineageResource,
 ) -> dg.MaterializeResult:
     artifacts, db = store.get_store(), lineage.get_db()
-    tok_up, corpus_up, targets_up = tokenizer, tokenized_corpus, target_tasks
     given = {"selected_subset": selected_subset, "random_subset": random_subset,
              "dsir_subset": dsir_subset, "classifier_subset": classifier_subset,
              "semdedup_subset": semdedup_subset}
@@ -181,70 +180,72 @@ def evaluations(
     if missing := [SELECTION_ASSETS[m] for m, up in selections.items() if up is None]:
         raise dg.Failure(f"{', '.join(missing)} not materialised for crawl "
                          f"{context.partition_key!r}; run them first or leave their methods out")
-    model = model_for_data(config.model, tok_up, corpus_up)
-    writer = AssetWriter(
-        context, artifacts, db, "evaluations",
+    model = model_for_data(config.model, tokenizer, tokenized_corpus)
+    made = produce(
+        context, artifacts, db,
         {"methods": sorted(config.methods), "seeds": config.seeds,
          "random_multiples": config.random_multiples, "model": model.to_dict()},
-        [(u.uri, u.sha256) for u in (tok_up, corpus_up, targets_up, *selections.values())],
-    )
-    manifest = writer.existing()
-    reused = manifest is not None
-    if reused:
-        writer.record(manifest, reused=True)
-        results = pl.from_arrow(artifacts.read_parquet(f"{writer.folder}/results.parquet"))
-        unigram = pl.from_arrow(artifacts.read_parquet(f"{writer.folder}/unigram.parquet"))
-    else:
-        targets = artifacts.read_parquet(targets_up.files("targets")[0]["path"])
-        runs = {m: (1.0, _read_examples(artifacts, up, "examples")) for m, up in selections.items()}
-        pool = _read_examples(artifacts, corpus_up, "examples")
-        unigram = _unigram_reference(pool, targets, tok_up.manifest["summary"]["vocab_size"])
-        writer.write_parquet("unigram.parquet", unigram.to_arrow(), kind="unigram")
-        # The random curve continues random_subset: same seed, same unit, larger budgets.
-        random_config = selections["random"].manifest["config"]
-        doc_ids = pool.column("doc_id").to_numpy(zero_copy_only=False)
-        unit = {k: random_config[k] for k in ("unit", "document_score") if k in random_config}
-        keys = (document_keys(doc_ids, random_config["seed"]) if unit.get("unit") == "document"
-                else uniform_keys(pool.num_rows, random_config["seed"]))
-        tokens = pool.column("n_tokens").to_numpy() - 1
-        for multiple in config.random_multiples:
-            budget = _scaled_budget(random_config, multiple, pool.num_rows, int(tokens.sum()))
-            order = select(keys, pool.column("example_id").to_numpy(zero_copy_only=False),
-                           tokens, doc_ids=doc_ids, **unit, **budget).order
-            runs[f"random@{multiple:g}x"] = (multiple, pool.take(pa.array(np.sort(order))))
-        rows = []
-        for label, (multiple, examples) in runs.items():
-            for seed in config.seeds:
-                result = _train_and_score(context, writer, f"{label}-seed{seed}",
-                                          model.model_copy(update={"seed": seed}), examples,
-                                          targets, (corpus_up, targets_up), compute,
-                                          config.eval_batch_size)
-                for entry in result["losses"]:
-                    rows.append({"method": label.split("@")[0], "budget": multiple, "seed": seed,
-                                 "task": entry["task"], "loss": entry["loss"],
-                                 "examples": result["examples"], "steps": result["steps"]})
-        results = pl.DataFrame(rows)
-        writer.write_parquet("results.parquet", results.to_arrow(), kind="results")
-        summary = summarise(results)
-        mults = multipliers(summary)
-        table = wide_table(summary, mults)
-        report = _report_markdown(table, unigram, model, config)
-        writer.write_bytes("report.md", report.encode(), kind="report")
-        writer.write_bytes("report.png", plot_png(summary, f"crawl {writer.crawl}"), kind="plot")
-        writer.write_parquet("multipliers.parquet", mults.to_arrow(), kind="multipliers")
-        manifest = writer.finish({"models": len(runs) * len(config.seeds), "methods": config.methods,
-                                  "multipliers": mults.to_dicts()})
-    summary = summarise(results)
-    mults = multipliers(summary)
-    _record_rows(db, writer, context.run.run_id, results, mults, unigram, selections)
-    return dg.MaterializeResult(value=writer.output(), data_version=writer.data_version, metadata={
-        **writer.base_metadata(manifest, reused),
+        [tokenizer, tokenized_corpus, target_tasks, *selections.values()],
+        lambda writer: _evaluate(context, writer, config, model, selections, tokenizer,
+                                 tokenized_corpus, target_tasks, compute))
+    results = pl.from_arrow(artifacts.read_parquet(f"{made.folder}/results.parquet"))
+    unigram = pl.from_arrow(artifacts.read_parquet(f"{made.folder}/unigram.parquet"))
+    mults = multipliers(summarise(results))
+    _record_rows(db, made.writer, context.run.run_id, results, mults, unigram, selections)
+    return made.result({
         **{f"unigram_{r['task']}": r["loss"] for r in unigram.to_dicts()},
-        "report": dg.MetadataValue.md(artifacts.read_bytes(f"{writer.folder}/report.md").decode()),
-        "plot": dg.MetadataValue.path(artifacts.uri(f"{writer.folder}/report.png")),
-        "models": manifest["summary"]["models"],
+        "report": dg.MetadataValue.md(artifacts.read_bytes(f"{made.folder}/report.md").decode()),
+        "plot": dg.MetadataValue.path(artifacts.uri(f"{made.folder}/report.png")),
+        "models": made.summary["models"],
         **{f"multiplier_{r['method']}_{r['task']}": float(r["multiplier"]) for r in mults.to_dicts()},
     })
+
+
+def _evaluate(context: dg.AssetExecutionContext, writer: AssetWriter, config: EvaluationConfig,
+              model: ProxyConfig, selections: dict[str, Upstream], tok_up: Upstream,
+              corpus_up: Upstream, targets_up: Upstream, compute: ComputeResource) -> dict:
+    """Train and score an evaluation model per (selection or random budget, seed), adopting
+    results another evaluation made; results, unigram reference, report and multipliers into
+    ``writer``'s folder; the summary."""
+    artifacts = writer.store
+    targets = artifacts.read_parquet(targets_up.files("targets")[0]["path"])
+    runs = {m: (1.0, _read_examples(artifacts, up, "examples")) for m, up in selections.items()}
+    pool = _read_examples(artifacts, corpus_up, "examples")
+    unigram = _unigram_reference(pool, targets, tok_up.manifest["summary"]["vocab_size"])
+    writer.write_parquet("unigram.parquet", unigram.to_arrow(), kind="unigram")
+    # The random curve continues random_subset: same seed, same unit, larger budgets.
+    random_config = selections["random"].manifest["config"]
+    doc_ids = pool.column("doc_id").to_numpy(zero_copy_only=False)
+    unit = {k: random_config[k] for k in ("unit", "document_score") if k in random_config}
+    keys = (document_keys(doc_ids, random_config["seed"]) if unit.get("unit") == "document"
+            else uniform_keys(pool.num_rows, random_config["seed"]))
+    tokens = pool.column("n_tokens").to_numpy() - 1
+    for multiple in config.random_multiples:
+        budget = _scaled_budget(random_config, multiple, pool.num_rows, int(tokens.sum()))
+        order = select(keys, pool.column("example_id").to_numpy(zero_copy_only=False),
+                       tokens, doc_ids=doc_ids, **unit, **budget).order
+        runs[f"random@{multiple:g}x"] = (multiple, pool.take(pa.array(np.sort(order))))
+    rows = []
+    for label, (multiple, examples) in runs.items():
+        for seed in config.seeds:
+            result = _train_and_score(context, writer, f"{label}-seed{seed}",
+                                      model.model_copy(update={"seed": seed}), examples,
+                                      targets, (corpus_up, targets_up), compute,
+                                      config.eval_batch_size)
+            for entry in result["losses"]:
+                rows.append({"method": label.split("@")[0], "budget": multiple, "seed": seed,
+                             "task": entry["task"], "loss": entry["loss"],
+                             "examples": result["examples"], "steps": result["steps"]})
+    results = pl.DataFrame(rows)
+    writer.write_parquet("results.parquet", results.to_arrow(), kind="results")
+    summary = summarise(results)
+    mults = multipliers(summary)
+    report = _report_markdown(wide_table(summary, mults), unigram, model, config)
+    writer.write_bytes("report.md", report.encode(), kind="report")
+    writer.write_bytes("report.png", plot_png(summary, f"crawl {writer.crawl}"), kind="plot")
+    writer.write_parquet("multipliers.parquet", mults.to_arrow(), kind="multipliers")
+    return {"models": len(runs) * len(config.seeds), "methods": config.methods,
+            "multipliers": mults.to_dicts()}
 
 
 def _scaled_budget(random_config: dict, multiple: float, n: int, pool_tokens: int) -> dict:
@@ -326,18 +327,12 @@ def _record_rows(db: LineageDB, writer: AssetWriter, run_id: str, results: pl.Da
 
 
 def _replace_evaluations(db: LineageDB, writer: AssetWriter, run_id: str, rows: pl.DataFrame) -> None:
-    n = rows.height
-    db.replace_rows("evaluations", {"crawl": writer.crawl, "evaluation_id": writer.config_hash},
-                    pa.table({
-                        "crawl": [writer.crawl] * n, "run_id": [run_id] * n,
-                        "evaluation_id": [writer.config_hash] * n,
-                        "method": rows["method"].to_arrow(),
-                        "selection_id": rows["selection_id"].cast(pl.String).to_arrow(),
-                        "budget": rows["budget"].cast(pl.Float64).to_arrow(),
-                        "seed": rows["seed"].cast(pl.Int64).to_arrow(),
-                        "task": rows["task"].to_arrow(), "metric": rows["metric"].to_arrow(),
-                        "value": rows["value"].cast(pl.Float64).to_arrow(),
-                    }))
+    record_rows(db, "evaluations", {"crawl": writer.crawl, "run_id": run_id,
+                                    "evaluation_id": writer.config_hash}, rows.select(
+        pl.col("method"), pl.col("selection_id").cast(pl.String),
+        pl.col("budget").cast(pl.Float64), pl.col("seed").cast(pl.Int64), pl.col("task"),
+        pl.col("metric"), pl.col("value").cast(pl.Float64)).to_arrow(),
+        key=["crawl", "evaluation_id"])
 
 
 @crawl_asset(
@@ -353,78 +348,78 @@ def datamodel_lds(
     compute: ComputeResource, store: ArtifactStoreResource, lineage: LineageResource,
 ) -> dg.MaterializeResult:
     artifacts, db = store.get_store(), lineage.get_db()
-    weights_up, proxies_up = datamodel_weights, proxy_checkpoints
-    corpus_up, targets_up = tokenized_corpus, target_tasks
-    fraction = config.fraction or proxies_up.manifest["config"]["train_fraction"]
-    entry = proxies_up.files("config")[0]
-    recipe = ProxyConfig.model_validate(artifacts.read_json(entry["path"]))
-    writer = AssetWriter(
-        context, artifacts, db, "datamodel_lds",
+    fraction = config.fraction or proxy_checkpoints.manifest["config"]["train_fraction"]
+    recipe = ProxyConfig.model_validate(artifacts.read_json(proxy_checkpoints.files("config")[0]["path"]))
+    made = produce(
+        context, artifacts, db,
         {"num_models": config.num_models, "fraction": fraction, "seed": config.seed,
          "model": recipe.to_dict()},
-        [(u.uri, u.sha256) for u in (weights_up, proxies_up, corpus_up, targets_up)],
-    )
-    manifest = writer.existing()
-    reused = manifest is not None
-    if reused:
-        writer.record(manifest, reused=True)
-        scores = pl.from_arrow(artifacts.read_parquet(f"{writer.folder}/lds.parquet"))
-    else:
-        columns = pl.from_arrow(artifacts.read_parquet(weights_up.path_of("target_columns.parquet")))
-        tau = np.concatenate([safetensors_load(artifacts.read_bytes(f["path"]))["tau"].numpy()
-                              for f in weights_up.files("tau")])
-        pool = _read_examples(artifacts, corpus_up, "examples")
-        if tau.shape != (pool.num_rows, columns.height):
-            raise dg.Failure(f"tau is {tau.shape}, expected [pool={pool.num_rows}, "
-                             f"targets={columns.height}]; re-materialise datamodel_weights")
-        targets = pl.from_arrow(artifacts.read_parquet(targets_up.files("targets")[0]["path"]))
-        order = {e: i for i, e in enumerate(targets["example_id"].to_list())}
-        missing = [e for e in columns["example_id"].to_list() if e not in order]
-        if missing:
-            raise dg.Failure(f"tau columns name targets missing from target_tasks: {missing[:5]}")
-        chosen = targets[[order[e] for e in columns["example_id"].to_list()]].to_arrow()
-        target_ids, target_mask = to_tensors(chosen)
-        subsets = proxy_subsets(pool.num_rows, config.num_models, fraction, config.seed)
-        column_ids = columns["example_id"].to_list()
-        precision = _precision(compute)
-        measured = []
-        for k, subset in enumerate(subsets):
-            # Keyed by subset, recipe, seed and targets: a new estimator (other tau) re-uses
-            # every LDS model.
-            model_config = recipe.model_copy(update={"seed": config.seed + k})
-            examples = pool.take(pa.array(subset))
-            key = model_result_key("lds_model", model_config, examples, corpus_up, targets_up,
-                                   precision)
-            path = writer.shared_path("lds_models", key)
-            data = writer.adopt_shared(path, kind="run")
-            result = json.loads(data) if data is not None else None
-            if result is not None and result.get("key") != key:
-                raise dg.Failure(f"{path} does not hold the result it is stored under; delete it")
-            if result is None or not set(column_ids) <= result["losses"].keys():
-                device = compute.setup()
-                model, _ = train_evaluation_model(model_config, examples, device=device,
-                                                  bf16=precision == "bf16")
-                sums, counts = example_losses(model, target_ids, target_mask,
-                                              batch_size=config.eval_batch_size, device=device)
-                result = {"key": key, "examples": len(subset), "losses": dict(zip(
-                    column_ids, (sums / np.maximum(counts, 1)).tolist(), strict=True))}
-                writer.write_shared(path, json.dumps(result).encode(), kind="run")
-                context.log.info(f"LDS model {k + 1}/{len(subsets)} done")
-            else:
-                context.log.info(f"LDS model {k + 1}/{len(subsets)}: reusing {path}")
-            measured.append([result["losses"][e] for e in column_ids])
-        scores = linear_datamodeling_score(tau, subsets, np.asarray(measured), columns["task"].to_list())
-        writer.write_parquet("lds.parquet", scores.to_arrow(), kind="lds")
-        manifest = writer.finish({"lds": scores.to_dicts(), "models": len(subsets), "fraction": fraction})
+        [datamodel_weights, proxy_checkpoints, tokenized_corpus, target_tasks],
+        lambda writer: _measure_lds(context, writer, config, recipe, fraction, datamodel_weights,
+                                    tokenized_corpus, target_tasks, compute))
+    scores = pl.from_arrow(artifacts.read_parquet(f"{made.folder}/lds.parquet"))
     rows = pl.concat([
         scores.select(pl.col("task"), pl.lit("lds").alias("metric"), pl.col("lds").alias("value")),
         scores.select(pl.col("task"), pl.lit("lds_task_level").alias("metric"),
                       pl.col("task_level").alias("value")),
     ]).with_columns(pl.lit("dsdm").alias("method"), pl.lit(None, pl.String).alias("selection_id"),
                     pl.lit(None, pl.Float64).alias("budget"), pl.lit(None, pl.Int64).alias("seed"))
-    _replace_evaluations(db, writer, context.run.run_id, rows)
-    return dg.MaterializeResult(value=writer.output(), data_version=writer.data_version, metadata={
-        **writer.base_metadata(manifest, reused),
+    _replace_evaluations(db, made.writer, context.run.run_id, rows)
+    return made.result({
         "lds": dg.MetadataValue.md(markdown_table(scores, float_digits=3)),
         **{f"lds_{r['task']}": float(r["lds"]) for r in scores.to_dicts()},
     })
+
+
+def _measure_lds(context: dg.AssetExecutionContext, writer: AssetWriter, config: LdsConfig,
+                 recipe: ProxyConfig, fraction: float, weights_up: Upstream, corpus_up: Upstream,
+                 targets_up: Upstream, compute: ComputeResource) -> dict:
+    """Train (or adopt) the LDS models, measure their target losses, correlate with tau;
+    lds.parquet into ``writer``'s folder; the summary."""
+    artifacts = writer.store
+    columns = pl.from_arrow(artifacts.read_parquet(weights_up.path_of("target_columns.parquet")))
+    tau = np.concatenate([safetensors_load(artifacts.read_bytes(f["path"]))["tau"].numpy()
+                          for f in weights_up.files("tau")])
+    pool = _read_examples(artifacts, corpus_up, "examples")
+    if tau.shape != (pool.num_rows, columns.height):
+        raise dg.Failure(f"tau is {tau.shape}, expected [pool={pool.num_rows}, "
+                         f"targets={columns.height}]; re-materialise datamodel_weights")
+    targets = pl.from_arrow(artifacts.read_parquet(targets_up.files("targets")[0]["path"]))
+    order = {e: i for i, e in enumerate(targets["example_id"].to_list())}
+    missing = [e for e in columns["example_id"].to_list() if e not in order]
+    if missing:
+        raise dg.Failure(f"tau columns name targets missing from target_tasks: {missing[:5]}")
+    chosen = targets[[order[e] for e in columns["example_id"].to_list()]].to_arrow()
+    target_ids, target_mask = to_tensors(chosen)
+    subsets = proxy_subsets(pool.num_rows, config.num_models, fraction, config.seed)
+    column_ids = columns["example_id"].to_list()
+    precision = _precision(compute)
+    measured = []
+    for k, subset in enumerate(subsets):
+        # Keyed by subset, recipe, seed and targets: a new estimator (other tau) re-uses
+        # every LDS model.
+        model_config = recipe.model_copy(update={"seed": config.seed + k})
+        examples = pool.take(pa.array(subset))
+        key = model_result_key("lds_model", model_config, examples, corpus_up, targets_up,
+                               precision)
+        path = writer.shared_path("lds_models", key)
+        data = writer.adopt_shared(path, kind="run")
+        result = json.loads(data) if data is not None else None
+        if result is not None and result.get("key") != key:
+            raise dg.Failure(f"{path} does not hold the result it is stored under; delete it")
+        if result is None or not set(column_ids) <= result["losses"].keys():
+            device = compute.setup()
+            model, _ = train_evaluation_model(model_config, examples, device=device,
+                                              bf16=precision == "bf16")
+            sums, counts = example_losses(model, target_ids, target_mask,
+                                          batch_size=config.eval_batch_size, device=device)
+            result = {"key": key, "examples": len(subset), "losses": dict(zip(
+                column_ids, (sums / np.maximum(counts, 1)).tolist(), strict=True))}
+            writer.write_shared(path, json.dumps(result).encode(), kind="run")
+            context.log.info(f"LDS model {k + 1}/{len(subsets)} done")
+        else:
+            context.log.info(f"LDS model {k + 1}/{len(subsets)}: reusing {path}")
+        measured.append([result["losses"][e] for e in column_ids])
+    scores = linear_datamodeling_score(tau, subsets, np.asarray(measured), columns["task"].to_list())
+    writer.write_parquet("lds.parquet", scores.to_arrow(), kind="lds")
+    return {"lds": scores.to_dicts(), "models": len(subsets), "fraction": fraction}

@@ -4,19 +4,16 @@ Each asset reads its inputs, calls the engine, writes artifacts, records lineage
 metadata. No algorithm lives here.
 """
 
-import hashlib
 from collections.abc import Iterator
 
 import dagster as dg
-import fsspec
 import polars as pl
-import pyarrow as pa
 from pydantic import Field, field_validator
 
-from dsdm.contamination import find_overlaps
-from dsdm.ingest import IngestConfig, ingest_crawl, list_shards, shard_refusal
-from dsdm.store import ArtifactStore, file_sha256
-from dsdm.tasks import read_tasks, tokenize_tasks, validate_task_name
+from dsdm.contamination import leaked_target_ids
+from dsdm.ingest import IngestConfig, crawl_inputs, ingest_crawl, ingest_summary
+from dsdm.store import ArtifactStore
+from dsdm.tasks import read_tasks, task_counts, tasks_input, tokenize_tasks, validate_task_name
 from dsdm.tokenization import (
     TokenizerConfig,
     example_shards,
@@ -28,7 +25,7 @@ from dsdm.tokenization import (
 )
 from dsdm_assets.config import StepConfig
 from dsdm_assets.manifests import crawl_asset
-from dsdm_assets.recording import AssetWriter, Upstream
+from dsdm_assets.recording import AssetWriter, Upstream, produce, record_rows
 from dsdm_assets.tables import markdown_table
 from resources import ArtifactStoreResource, CrawlSourceResource, LineageResource
 
@@ -84,71 +81,32 @@ def documents(
     store: ArtifactStoreResource,
     lineage: LineageResource,
 ) -> dg.MaterializeResult:
-    crawl_url = crawls.crawl_url(context.partition_key)
-    options = crawls.storage_options()
+    crawl_url, options = crawls.crawl_url(context.partition_key), crawls.storage_options()
     artifacts, db = store.get_store(), lineage.get_db()
-    fs, root = fsspec.core.url_to_fs(crawl_url, **options)
-    shards = list_shards(crawl_url, options)
-    # A refused shard (a link out of the folder, a device) is never opened, here or in ingest.
-    inputs = [(fs.unstrip_protocol(p), file_sha256(fs, p) if not shard_refusal(fs, root, p)
-               else "refused") for p in shards]
-    writer = AssetWriter(context, artifacts, db, "documents", config.model_dump(), inputs)
 
-    manifest = writer.existing()
-    reused = manifest is not None
-    if reused:
-        quarantine = pl.from_arrow(artifacts.read_parquet(f"{writer.folder}/quarantine.parquet"))
-        writer.record(manifest, reused=True)
-        context.log.info(f"documents for {writer.crawl} unchanged: reusing {writer.folder}")
-    else:
-        result = ingest_crawl(
-            crawl_url, config, options,
-            progress=lambda f, n: context.log.info(f"read {f} ({n} rows so far)"),
-        )
+    def compute(writer: AssetWriter) -> dict:
+        result = ingest_crawl(crawl_url, config, options,
+                              progress=lambda f, n: context.log.info(f"read {f} ({n} rows so far)"))
         if not result.reconciles():
             raise dg.Failure("ingest counts do not reconcile; this is a bug")
-        docs = result.documents
-        quarantine = result.quarantine
-        writer.write_parquet("documents.parquet", docs.to_arrow(), kind="documents")
-        writer.write_parquet("quarantine.parquet", quarantine.to_arrow(), kind="quarantine")
-        per_source = (
-            docs.group_by("source").agg(pl.len().alias("documents"), pl.col("n_chars").sum().alias("chars"))
-            .sort("source")
-        )
-        manifest = writer.finish({
-            "rows_read": result.rows_read, "accepted": docs.height,
-            "quarantined": result.quarantined, "duplicates": result.duplicates,
-            "per_source": per_source.to_dicts(),
-            "reasons": quarantine.group_by("reason").len().sort("reason").to_dicts(),
-        })
+        writer.write_parquet("documents.parquet", result.documents.to_arrow(), kind="documents")
+        writer.write_parquet("quarantine.parquet", result.quarantine.to_arrow(), kind="quarantine")
+        return ingest_summary(result)
 
-    db.replace_rows(
-        "quarantine", {"crawl": writer.crawl},
-        pa.table({
-            "crawl": [writer.crawl] * quarantine.height,
-            "run_id": [context.run.run_id] * quarantine.height,
-            "file": quarantine["file"].to_list(), "row": quarantine["row"].to_list(),
-            "reason": quarantine["reason"].to_list(), "detail": quarantine["detail"].to_list(),
-            "excerpt": quarantine["excerpt"].to_list(),
-        }),
-    )
-    summary = manifest["summary"]
-    per_source = pl.DataFrame(summary["per_source"])
-    reasons = pl.DataFrame(summary["reasons"]) if summary["reasons"] else None
-    return dg.MaterializeResult(value=writer.output(), data_version=writer.data_version, metadata={
-        **writer.base_metadata(manifest, reused),
-        "rows_read": summary["rows_read"],
-        "accepted": summary["accepted"],
-        "quarantined": summary["quarantined"],
-        "duplicates": summary["duplicates"],
+    made = produce(context, artifacts, db, config.model_dump(), crawl_inputs(crawl_url, options),
+                   compute)
+    quarantine = artifacts.read_parquet(f"{made.folder}/quarantine.parquet")
+    record_rows(db, "quarantine", {"crawl": made.writer.crawl, "run_id": context.run.run_id},
+                quarantine, key=["crawl"])
+    summary = made.summary
+    reasons = markdown_table(pl.DataFrame(summary["reasons"])) if summary["reasons"] else "none"
+    return made.result({
+        **{k: summary[k] for k in ("rows_read", "accepted", "quarantined", "duplicates")},
         "reconciliation": dg.MetadataValue.md(
             f"{summary['rows_read']} rows read = {summary['accepted']} accepted + "
-            f"{summary['quarantined']} quarantined + {summary['duplicates']} duplicates"
-        ),
-        "per_source": dg.MetadataValue.md(markdown_table(per_source)),
-        "quarantine_reasons": dg.MetadataValue.md(
-            markdown_table(reasons) if reasons is not None else "none"
-        ),
+            f"{summary['quarantined']} quarantined + {summary['duplicates']} duplicates"),
+        "per_source": dg.MetadataValue.md(markdown_table(pl.DataFrame(summary["per_source"]))),
+        "quarantine_reasons": dg.MetadataValue.md(reasons),
     })
 
 
@@ -171,28 +129,21 @@ def tokenizer(
     store: ArtifactStoreResource,
     lineage: LineageResource,
 ) -> dg.MaterializeResult:
-    artifacts, db = store.get_store(), lineage.get_db()
-    docs_up = documents
-    writer = AssetWriter(
-        context, artifacts, db, "tokenizer", config.model_dump(), [(docs_up.uri, docs_up.sha256)]
-    )
-    manifest = writer.existing()
-    reused = manifest is not None
-    if reused:
-        writer.record(manifest, reused=True)
-    else:
+    artifacts = store.get_store()
+
+    def compute(writer: AssetWriter) -> dict:
         if config.pretrained_path:
             tok = load_pretrained(config.pretrained_path)
         else:
             context.log.info(f"training BPE (vocab {config.vocab_size}) on "
-                             f"{docs_up.manifest['summary']['accepted']} documents")
+                             f"{documents.manifest['summary']['accepted']} documents")
             # BPE keeps word counts (growing with the distinct words), not the text.
-            tok = train_bpe(document_texts(artifacts, docs_up), config)
+            tok = train_bpe(document_texts(artifacts, documents), config)
         writer.write_bytes("tokenizer.json", tokenizer_to_bytes(tok), kind="tokenizer")
-        manifest = writer.finish(tokenizer_summary(tok))
-    return dg.MaterializeResult(value=writer.output(), data_version=writer.data_version, metadata={
-        **writer.base_metadata(manifest, reused), **manifest["summary"],
-    })
+        return tokenizer_summary(tok)
+
+    made = produce(context, artifacts, lineage.get_db(), config.model_dump(), [documents], compute)
+    return made.result(made.summary)
 
 
 @crawl_asset(
@@ -208,19 +159,11 @@ def tokenized_corpus(
     store: ArtifactStoreResource,
     lineage: LineageResource,
 ) -> dg.MaterializeResult:
-    artifacts, db = store.get_store(), lineage.get_db()
-    docs_up, tok_up = documents, tokenizer
-    writer = AssetWriter(
-        context, artifacts, db, "tokenized_corpus", config.model_dump(),
-        [(docs_up.uri, docs_up.sha256), (tok_up.uri, tok_up.sha256)],
-    )
-    manifest = writer.existing()
-    reused = manifest is not None
-    if reused:
-        writer.record(manifest, reused=True)
-    else:
-        tok = tokenizer_from_bytes(artifacts.read_bytes(tok_up.files("tokenizer")[0]["path"]))
-        (doc_file,) = docs_up.files("documents")
+    artifacts = store.get_store()
+
+    def compute(writer: AssetWriter) -> dict:
+        tok = tokenizer_from_bytes(artifacts.read_bytes(tokenizer.files("tokenizer")[0]["path"]))
+        (doc_file,) = documents.files("documents")
         # Streamed: one batch of documents and one shard of examples in memory at a time.
         batches = artifacts.iter_parquet(doc_file["path"], ["doc_id", "text", "source"])
         totals: dict = {}
@@ -233,16 +176,14 @@ def tokenized_corpus(
             raise dg.Failure("no examples: every document is shorter than min_example_tokens")
         per_source = [{"source": source, **counts}
                       for source, counts in sorted(totals.pop("per_source").items())]
-        manifest = writer.finish({
-            **totals, "seq_len": config.seq_len, "shards": len(writer.written),
-            "per_source": per_source,
-        })
-    summary = manifest["summary"]
-    return dg.MaterializeResult(value=writer.output(), data_version=writer.data_version, metadata={
-        **writer.base_metadata(manifest, reused),
-        "examples": summary["examples"], "tokens": summary["tokens"],
-        "shards": summary["shards"], "seq_len": summary["seq_len"],
-        "dropped_windows": summary["dropped_windows"],
+        return {**totals, "seq_len": config.seq_len, "shards": len(writer.written),
+                "per_source": per_source}
+
+    made = produce(context, artifacts, lineage.get_db(), config.model_dump(),
+                   [documents, tokenizer], compute)
+    summary = made.summary
+    return made.result({
+        **{k: summary[k] for k in ("examples", "tokens", "shards", "seq_len", "dropped_windows")},
         "per_source": dg.MetadataValue.md(markdown_table(pl.DataFrame(summary["per_source"]))),
     })
 
@@ -267,47 +208,30 @@ def target_tasks(
     store: ArtifactStoreResource,
     lineage: LineageResource,
 ) -> dg.MaterializeResult:
-    artifacts, db = store.get_store(), lineage.get_db()
-    docs_up, tok_up, corpus_up = documents, tokenizer, tokenized_corpus
-    seq_len = corpus_up.manifest["summary"]["seq_len"]
+    artifacts = store.get_store()
+    seq_len = tokenized_corpus.manifest["summary"]["seq_len"]
     tasks = read_tasks(crawls.tasks_url, config.tasks, crawls.storage_options())
-    task_digest = hashlib.sha256(
-        tasks.select("id", "prompt", "continuation", "split").write_ipc(None).getvalue()
-    ).hexdigest()
-    writer = AssetWriter(
-        context, artifacts, db, "target_tasks", {**config.model_dump(), "seq_len": seq_len},
-        [(docs_up.uri, docs_up.sha256), (tok_up.uri, tok_up.sha256),
-         (f"{crawls.tasks_url}#{','.join(config.tasks)}", task_digest)],
-    )
-    manifest = writer.existing()
-    reused = manifest is not None
-    if reused:
-        writer.record(manifest, reused=True)
-    else:
-        tok = tokenizer_from_bytes(artifacts.read_bytes(tok_up.files("tokenizer")[0]["path"]))
+
+    def compute(writer: AssetWriter) -> dict:
+        tok = tokenizer_from_bytes(artifacts.read_bytes(tokenizer.files("tokenizer")[0]["path"]))
         table, truncated = tokenize_tasks(tok, tasks, seq_len)
         writer.write_parquet("targets.parquet", table, kind="targets")
-        frame = pl.from_arrow(table.select(["task", "split", "n_tokens", "score_from"]))
-        per_task = (
-            frame.group_by("task", "split")
-            .agg(pl.len().alias("examples"),
-                 (pl.col("n_tokens") - pl.col("score_from")).mean().alias("scored_tokens_mean"))
-            .sort("task", "split")
-        )
-        overlaps = find_overlaps(document_texts(artifacts, docs_up),
-                                 (tasks["prompt"] + " " + tasks["continuation"]).to_list())
-        leaked = sorted({tasks["id"][o.target_index] for o in overlaps})
-        manifest = writer.finish({**truncated, "per_task": per_task.to_dicts(), "leaked": leaked})
-    summary = manifest["summary"]
-    return dg.MaterializeResult(value=writer.output(), data_version=writer.data_version, metadata={
-        **writer.base_metadata(manifest, reused),
+        return {**truncated, "per_task": task_counts(table).to_dicts(),
+                "leaked": leaked_target_ids(tasks["id"].to_list(),
+                                            (tasks["prompt"] + " " + tasks["continuation"]).to_list(),
+                                            document_texts(artifacts, documents))}
+
+    made = produce(context, artifacts, lineage.get_db(), {**config.model_dump(), "seq_len": seq_len},
+                   [documents, tokenizer, tasks_input(crawls.tasks_url, config.tasks, tasks)],
+                   compute)
+    summary = made.summary
+    return made.result({
         "truncated_prompts": summary["truncated_prompts"],
         "truncated_continuations": summary["truncated_continuations"],
         "per_task": dg.MetadataValue.md(markdown_table(pl.DataFrame(summary["per_task"]))),
-    }, check_results=[dg.AssetCheckResult(
+    }, [dg.AssetCheckResult(
         check_name="targets_not_in_pool", passed=not summary["leaked"],
         severity=dg.AssetCheckSeverity.WARN,
         metadata={"leaked_targets": len(summary["leaked"]),
                   "first_leaks": dg.MetadataValue.json(summary["leaked"][:20])},
     )])
-

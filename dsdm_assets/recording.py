@@ -9,7 +9,7 @@ IO manager (`dsdm_assets.manifests`) puts its path in the materialisation metada
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,7 @@ import dagster as dg
 import pyarrow as pa
 
 from dsdm import __version__
-from dsdm.lineage import ArtifactRecord, LineageDB
+from dsdm.lineage import ArtifactRecord, LineageDB, result_rows
 from dsdm.store import ArtifactStore, StoredArtifact, fingerprint
 
 MANIFEST_KEY = "dsdm/manifest"
@@ -119,17 +119,33 @@ def adopt_file(store: ArtifactStore, path: str) -> tuple[bytes, StoredArtifact]:
     return data, StoredArtifact(store.uri(path), hashlib.sha256(data).hexdigest(), len(data))
 
 
+#: what an asset is made from: an upstream manifest, or (uri, sha256) of anything else
+Input = Upstream | tuple[str, str]
+
+
+def definition_code_version(context: dg.OpExecutionContext) -> tuple[str, str]:
+    """(asset name, code version) of the asset whose step is running, from its definition
+    (for a graph-backed asset, any of its ops); every asset sets a code version."""
+    key = context.assets_def.key
+    version = context.assets_def.code_versions_by_key.get(key)
+    if version is None:
+        raise dg.Failure(f"asset {key.to_user_string()} has no code_version; set one")
+    return key.to_user_string(), version
+
+
 @dataclass
 class AssetWriter:
-    """Artifacts of one asset for one crawl under ``<asset>/<crawl>/<fingerprint>/``."""
+    """Artifacts of one asset for one crawl under ``<asset>/<crawl>/<fingerprint>/``; the
+    asset's name and code version come from its definition."""
 
-    context: dg.AssetExecutionContext
+    context: dg.OpExecutionContext
     store: ArtifactStore
     lineage: LineageDB
-    asset: str
     config: dict[str, Any]
-    inputs: Sequence[tuple[str, str]]  # (uri, sha256) of everything it is made from
-    code_version: str = "1"
+    inputs: Sequence[Input]
+    """Everything it is made from; kept as (uri, sha256) pairs."""
+    asset: str = ""
+    code_version: str = ""
     #: (name, artifact, rows, kind, adopted): adopted files were finished by an earlier,
     #: interrupted attempt (or, for shared files, by any earlier run) and taken over instead
     #: of recomputed. A name is relative to `folder`, or a store path for a shared file.
@@ -140,6 +156,11 @@ class AssetWriter:
     """Store path -> reason, for files of an earlier manifest found changed (`existing`)."""
     _claim: Any = None
     """This folder's claim among processes sharing the store, from `existing` to `record`."""
+
+    def __post_init__(self) -> None:
+        self.asset, self.code_version = definition_code_version(self.context)
+        self.inputs = [(i.uri, i.sha256) if isinstance(i, Upstream) else tuple(i)
+                       for i in self.inputs]
 
     @property
     def crawl(self) -> str:
@@ -297,3 +318,61 @@ class AssetWriter:
         upstream marks every downstream asset stale in the UI."""
         return dg.DataVersion(self.config_hash)
 
+
+@dataclass
+class Made:
+    """An asset's folder for one crawl, finished: reused, or written by this step."""
+
+    writer: AssetWriter
+    manifest: dict[str, Any]
+    reused: bool
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.manifest["summary"]
+
+    @property
+    def folder(self) -> str:
+        return self.writer.folder
+
+    def metadata(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What every asset shows (folder hash, reuse, files, bytes), then ``extra``."""
+        return {**self.writer.base_metadata(self.manifest, self.reused), **(extra or {})}
+
+    def result(self, metadata: dict[str, Any] | None = None,
+               check_results: Sequence[dg.AssetCheckResult] = ()) -> dg.MaterializeResult:
+        """The asset's return value: its manifest (for the manifest IO manager), its data
+        version and metadata, and its check results."""
+        return dg.MaterializeResult(value=self.writer.output(), data_version=self.writer.data_version,
+                                    metadata=self.metadata(metadata), check_results=list(check_results))
+
+
+def produce(context: dg.OpExecutionContext, store: ArtifactStore, lineage: LineageDB,
+            config: dict[str, Any], inputs: Sequence[Input],
+            compute: Callable[[AssetWriter], dict[str, Any]],
+            verified: dict[str, Any] | None = None) -> Made:
+    """The reuse protocol, the same for every asset. The folder is named by the asset, the
+    crawl and a fingerprint of ``config``, ``inputs`` and the asset definition's code
+    version. A finished folder whose files are all still the ones its manifest recorded is
+    reused (lineage rows with reused = true); otherwise ``compute(writer)`` writes the files
+    (each atomically; it adopts those an interrupted attempt finished) and returns the
+    summary, and the manifest is written last and recorded. ``verified``: the manifest of
+    this folder that an earlier step of this run already checked (it is not read again)."""
+    writer = AssetWriter(context, store, lineage, config, inputs)
+    manifest = verified if verified is not None else writer.existing()
+    if manifest is not None:
+        writer.record(manifest, reused=True)
+        context.log.info(f"{writer.asset} for {writer.crawl} unchanged: reusing {writer.folder}")
+        return Made(writer, manifest, reused=True)
+    return Made(writer, writer.finish(compute(writer)), reused=False)
+
+
+def record_rows(db: LineageDB, table: str, constants: dict[str, str],
+                rows: pa.Table | Iterable[pa.RecordBatch | pa.Table], key: Sequence[str],
+                schema: pa.Schema | None = None) -> int:
+    """Replace the rows of the result ``table`` whose ``key`` columns hold ``constants``'
+    values by ``constants`` + ``rows`` (a table, or batches of ``schema``, with the table's
+    remaining columns in order), streamed; returns the rows inserted."""
+    if isinstance(rows, pa.Table):
+        schema, rows = schema or rows.schema, [rows]
+    return db.replace_rows(table, {k: constants[k] for k in key}, result_rows(constants, rows, schema))

@@ -41,7 +41,7 @@ from dsdm.store import ArtifactStore
 from dsdm.tokenization import to_tensors, tokenizer_from_bytes
 from dsdm_assets.config import StepConfig
 from dsdm_assets.manifests import crawl_asset
-from dsdm_assets.recording import AssetWriter, Upstream, require_made_from
+from dsdm_assets.recording import AssetWriter, Upstream, produce, record_rows, require_made_from
 from dsdm_assets.tables import bounded, markdown_table, metadata_key
 from resources import ArtifactStoreResource, ComputeResource, LineageResource
 
@@ -150,7 +150,7 @@ def _selection_checks(asset: str) -> list[dg.AssetCheckSpec]:
 
 def _write_selection(
     context: dg.AssetExecutionContext, artifacts: ArtifactStore, db: LineageDB, *,
-    asset: str, method: str, config: dict[str, Any], inputs: list[Upstream],
+    method: str, config: dict[str, Any], inputs: list[Upstream],
     corpus_up: Upstream, tok_up: Upstream, pool: pl.DataFrame,
     compute_scores: Callable[[], np.ndarray], budget: dict[str, Any], output_shard_size: int,
     extra_shares: dict[str, np.ndarray] | None = None,
@@ -160,9 +160,7 @@ def _write_selection(
     contract. ``compute_scores`` runs only when no finished folder for these inputs exists;
     otherwise the scores are read back from it (a SemDeDup or classifier rerun costs nothing).
     ``extra_metadata(selection_id, scores)`` adds a method's own metadata (and rows)."""
-    writer = AssetWriter(context, artifacts, db, asset,
-                         {"method": method, **config, **budget, "output_shard_size": output_shard_size},
-                         [(u.uri, u.sha256) for u in inputs], code_version=SELECTION_VERSION)
+    asset = context.asset_key.to_user_string()
     keys = pool["example_id"].to_numpy()
     scored_tokens = (pool["n_tokens"] - 1).to_numpy()
     doc_ids = pool["doc_id"].to_numpy()
@@ -173,81 +171,82 @@ def _write_selection(
         except ValueError as error:
             raise dg.Failure(f"{asset}: {error}") from error
 
-    chosen_by(np.zeros(pool.height))  # an impossible budget fails before any scoring work
-    manifest = writer.existing()
-    reused = manifest is not None
-    if reused:
-        stored = artifacts.read_parquet(f"{writer.folder}/scores.parquet")
-        if stored.column("example_id").to_pylist() != pool["example_id"].to_list():
-            raise dg.Failure(f"{writer.folder}/scores.parquet does not match the pool; delete the folder")
-        scores = stored.column("score").to_numpy()
-    else:
+    def compute(writer: AssetWriter) -> dict:
         scores = compute_scores()
-    chosen = chosen_by(scores)
-    order = chosen.order
-    selection = pool[order].select("example_id", "doc_id", "source").with_columns(
-        pl.Series("rank", np.arange(1, len(order) + 1)), pl.Series("score", chosen.unit_scores),
-        pl.lit(chosen.unit).alias("unit"))
-    if reused:
-        writer.record(manifest, reused=True)
-    else:
+        chosen = chosen_by(scores)
+        selection = _selection_frame(pool, chosen)
         writer.write_parquet("scores.parquet", pa.table({
             "example_id": pool["example_id"].to_arrow(), "score": pa.array(scores, pa.float64())}),
             kind="scores")
         writer.write_parquet("manifest.parquet", selection.select(
             "rank", "example_id", "doc_id", "source", "score", "unit").to_arrow(), kind="selection")
         _write_training_shards(writer, artifacts, corpus_up, tok_up, selection, output_shard_size)
-        manifest = writer.finish({"selected": selection.height, "pool": pool.height,
-                                  "tokens": int(scored_tokens[order].sum()), "method": method,
-                                  "unit": chosen.unit,
-                                  "documents": selection["doc_id"].n_unique()})
-    n = selection.height
-    db.replace_rows("selections", {"crawl": writer.crawl, "selection_id": writer.config_hash},
-                    pa.table({
-                        "crawl": [writer.crawl] * n, "run_id": [context.run.run_id] * n,
-                        "selection_id": [writer.config_hash] * n, "method": [method] * n,
-                        "rank": selection["rank"], "example_id": selection["example_id"],
-                        "doc_id": selection["doc_id"], "source": selection["source"],
-                        "score": selection["score"], "unit": selection["unit"],
-                    }))
+        return {"selected": selection.height, "pool": pool.height,
+                "tokens": int(scored_tokens[chosen.order].sum()), "method": method,
+                "unit": chosen.unit, "documents": selection["doc_id"].n_unique()}
 
-    # What a reader wants to see: source mix vs the pool (also per single task), the score
-    # distribution, and the best and worst documents.
+    chosen_by(np.zeros(pool.height))  # an impossible budget fails before any scoring work
+    made = produce(context, artifacts, db,
+                   {"method": method, **config, **budget, "output_shard_size": output_shard_size},
+                   inputs, compute)
+    stored = artifacts.read_parquet(f"{made.folder}/scores.parquet")
+    if stored.column("example_id").to_pylist() != pool["example_id"].to_list():
+        raise dg.Failure(f"{made.folder}/scores.parquet does not match the pool; delete the folder")
+    scores = stored.column("score").to_numpy()
+    chosen = chosen_by(scores)
+    selection = _selection_frame(pool, chosen)
+    selection_id = made.writer.config_hash
+    record_rows(db, "selections", {"crawl": made.writer.crawl, "run_id": context.run.run_id,
+                                   "selection_id": selection_id, "method": method},
+                selection.select("rank", "example_id", "doc_id", "source", "score", "unit").to_arrow(),
+                key=["crawl", "selection_id"])
     shares = _shares(pool, "pool").join(_shares(selection, "selected"), on="source", how="left")
     for name, task_scores in (extra_shares or {}).items():
         shares = shares.join(_shares(pool[chosen_by(task_scores).order], name), on="source", how="left")
-    shares = shares.fill_null(0.0).sort("source")
+    return made.result({
+        "method": method, "selection_id": selection_id, "selected": selection.height,
+        "pool": pool.height, "selected_tokens": made.summary["tokens"],
+        **_selection_metadata(pool, selection, scores, chosen.order, shares.fill_null(0.0).sort("source")),
+        **(extra_metadata(selection_id, scores) if extra_metadata else {}),
+    }, [_budget_check(pool, scores, chosen.order, budget), _source_mix_check(pool, selection)])
+
+
+def _selection_frame(pool: pl.DataFrame, chosen: Selection) -> pl.DataFrame:
+    """example_id, doc_id, source, rank, score (of the unit that kept it), unit: the kept
+    examples in rank order."""
+    order = chosen.order
+    return pool[order].select("example_id", "doc_id", "source").with_columns(
+        pl.Series("rank", np.arange(1, len(order) + 1)), pl.Series("score", chosen.unit_scores),
+        pl.lit(chosen.unit).alias("unit"))
+
+
+def _selection_metadata(pool: pl.DataFrame, selection: pl.DataFrame, scores: np.ndarray,
+                        order: np.ndarray, shares: pl.DataFrame) -> dict[str, Any]:
+    """What a reader wants to see: source mix vs the pool (also per single task), the score
+    distribution, and the best and worst examples."""
     counts, edges = np.histogram(scores, bins=12)
     histogram = pl.DataFrame({"from": edges[:-1], "to": edges[1:], "examples": counts,
                               "selected": np.histogram(scores[order], bins=edges)[0]})
+    return {
+        "source_shares": dg.MetadataValue.md(markdown_table(shares)),
+        "score_histogram": dg.MetadataValue.md(markdown_table(histogram, float_digits=5)),
+        "top_examples": dg.MetadataValue.md(markdown_table(selection.head(5))),
+        "bottom_of_pool": dg.MetadataValue.md(markdown_table(
+            pool.with_columns(pl.Series("score", scores)).sort("score").head(5)
+            .select("example_id", "source", "score"))),
+        **{metadata_key("share_", row["source"]): float(row["selected"])
+           for row in shares.to_dicts()},
+    }
+
+
+def _source_mix_check(pool: pl.DataFrame, selection: pl.DataFrame) -> dg.AssetCheckResult:
     mix = dominant_source(selection["source"].to_list(), pool["source"].to_list())
-    return dg.MaterializeResult(
-        value=writer.output(), data_version=writer.data_version,
-        metadata={
-            **writer.base_metadata(manifest, reused),
-            "method": method, "selection_id": writer.config_hash,
-            "selected": n, "pool": pool.height, "selected_tokens": manifest["summary"]["tokens"],
-            "source_shares": dg.MetadataValue.md(markdown_table(shares)),
-            "score_histogram": dg.MetadataValue.md(markdown_table(histogram, float_digits=5)),
-            "top_examples": dg.MetadataValue.md(markdown_table(selection.head(5))),
-            "bottom_of_pool": dg.MetadataValue.md(markdown_table(
-                pool.with_columns(pl.Series("score", scores)).sort("score").head(5)
-                .select("example_id", "source", "score"))),
-            **{metadata_key("share_", row["source"]): float(row["selected"])
-               for row in shares.to_dicts()},
-            **(extra_metadata(writer.config_hash, scores) if extra_metadata else {}),
-        },
-        check_results=[
-            _budget_check(pool, scores, order, budget),
-            dg.AssetCheckResult(
-                check_name="source_mix", passed=not mix["degenerate"],
-                severity=dg.AssetCheckSeverity.WARN,
-                description=f"{mix['selected_share']:.1%} of the selection is "
-                f"{bounded(repr(mix['source']))} (pool: {mix['pool_share']:.1%})",
-                metadata={k: bounded(v) if isinstance(v, str) else v
-                          for k, v in mix.items() if k != "degenerate"}),
-        ],
-    )
+    return dg.AssetCheckResult(
+        check_name="source_mix", passed=not mix["degenerate"], severity=dg.AssetCheckSeverity.WARN,
+        description=f"{mix['selected_share']:.1%} of the selection is "
+        f"{bounded(repr(mix['source']))} (pool: {mix['pool_share']:.1%})",
+        metadata={k: bounded(v) if isinstance(v, str) else v
+                  for k, v in mix.items() if k != "degenerate"})
 
 
 @crawl_asset(
@@ -268,44 +267,37 @@ def selected_subset(
     lineage: LineageResource,
 ) -> dg.MaterializeResult:
     artifacts, db = store.get_store(), lineage.get_db()
-    weights_up, corpus_up, tok_up = datamodel_weights, tokenized_corpus, tokenizer
-    scores = pl.from_arrow(artifacts.read_parquet(weights_up.path_of("scores.parquet")))
-    pool = _pool(artifacts, corpus_up)
+    scores = pl.from_arrow(artifacts.read_parquet(datamodel_weights.path_of("scores.parquet")))
+    pool = _pool(artifacts, tokenized_corpus)
     if pool["example_id"].to_list() != scores["example_id"].to_list():
         raise dg.Failure("scores and corpus disagree on the examples; re-materialise datamodel_weights")
-    tasks = [c for c in scores.columns if c != "example_id"]
-    task_scores = {t: scores[t].to_numpy() for t in tasks}
+    task_scores = {t: scores[t].to_numpy() for t in scores.columns if t != "example_id"}
+    weights = config.task_weights or None
     try:
-        combined = combine_task_scores(task_scores, config.task_weights or None,
-                                       standardise=config.standardise_tasks)
+        combined = combine_task_scores(task_scores, weights, standardise=config.standardise_tasks)
     except ValueError as error:
         raise dg.Failure(f"selected_subset config: {error}") from error
-    weights = normalised_weights(task_scores, config.task_weights or None)
-    coefficients = mixing_coefficients(task_scores, config.task_weights or None,
-                                       standardise=config.standardise_tasks)
-
-    scores_id = weights_up.manifest["config_hash"]
+    normalised = normalised_weights(task_scores, weights)
+    coefficients = mixing_coefficients(task_scores, weights, standardise=config.standardise_tasks)
+    mixing = pa.table({"task": list(task_scores),
+                       "weight": [normalised.get(t, 0.0) for t in task_scores],
+                       "coefficient": [coefficients[t] for t in task_scores]})
+    scores_id = datamodel_weights.manifest["config_hash"]
 
     def explain(selection_id: str, mixed: np.ndarray) -> dict[str, Any]:
-        rows = pa.table({
-            "crawl": [context.partition_key] * len(tasks), "run_id": [context.run.run_id] * len(tasks),
-            "selection_id": [selection_id] * len(tasks),
-            "scores_id": [scores_id] * len(tasks), "task": tasks,
-            "weight": [weights.get(t, 0.0) for t in tasks], "coefficient": [coefficients[t] for t in tasks]})
-        db.replace_rows("selection_weights", {"crawl": context.partition_key,
-                                              "selection_id": selection_id}, rows)
+        record_rows(db, "selection_weights", {
+            "crawl": context.partition_key, "run_id": context.run.run_id,
+            "selection_id": selection_id, "scores_id": scores_id}, mixing,
+            key=["crawl", "selection_id"])
         return _explained_examples(db, scores_id, pool, mixed)
 
     return _write_selection(
-        context, artifacts, db, asset="selected_subset", method="dsdm",
-        config={"task_weights": config.task_weights,
-                "standardise_tasks": config.standardise_tasks},
-        inputs=[weights_up, corpus_up, tok_up],
-        corpus_up=corpus_up, tok_up=tok_up, pool=pool, compute_scores=lambda: combined,
-        budget=config.budget(),
-        output_shard_size=config.output_shard_size,
-        extra_shares={f"only_{t}": scores[t].to_numpy() for t in tasks},
-        extra_metadata=explain,
+        context, artifacts, db, method="dsdm",
+        config={"task_weights": config.task_weights, "standardise_tasks": config.standardise_tasks},
+        inputs=[datamodel_weights, tokenized_corpus, tokenizer], corpus_up=tokenized_corpus,
+        tok_up=tokenizer, pool=pool, compute_scores=lambda: combined, budget=config.budget(),
+        output_shard_size=config.output_shard_size, extra_shares={
+            f"only_{t}": values for t, values in task_scores.items()}, extra_metadata=explain,
     )
 
 
@@ -428,13 +420,12 @@ def random_subset(
     store: ArtifactStoreResource, lineage: LineageResource,
 ) -> dg.MaterializeResult:
     artifacts, db = store.get_store(), lineage.get_db()
-    corpus_up, tok_up = tokenized_corpus, tokenizer
-    pool = _pool(artifacts, corpus_up)
+    pool = _pool(artifacts, tokenized_corpus)
     method = _engine(config, RandomSelection)
     return _write_selection(
-        context, artifacts, db, asset="random_subset", method=method.name,
-        config=method.model_dump(mode="json"), inputs=[corpus_up, tok_up], corpus_up=corpus_up,
-        tok_up=tok_up, pool=pool, budget=config.budget(),
+        context, artifacts, db, method=method.name, config=method.model_dump(mode="json"),
+        inputs=[tokenized_corpus, tokenizer], corpus_up=tokenized_corpus, tok_up=tokenizer,
+        pool=pool, budget=config.budget(),
         compute_scores=lambda: (
             document_keys(pool["doc_id"].to_numpy(), method.seed) if config.unit == "document"
             else _scores("random_subset", method, PoolData(pool["example_id"].to_list()))),
@@ -457,7 +448,7 @@ def _text_baseline(
         return _scores(asset, method, data)
 
     return _write_selection(
-        context, artifacts, db, asset=asset, method=method.name,
+        context, artifacts, db, method=method.name,
         config={**method.model_dump(mode="json"), "tasks": sorted(config.tasks)},
         inputs=[corpus_up, tok_up, targets_up], corpus_up=corpus_up, tok_up=tok_up,
         pool=_pool(artifacts, corpus_up), compute_scores=compute_scores,
@@ -547,7 +538,7 @@ def semdedup_subset(
                        PoolData(pool["example_id"].to_list(), embeddings=embeddings))
 
     return _write_selection(
-        context, artifacts, db, asset="semdedup_subset", method=method.name,
+        context, artifacts, db, method=method.name,
         config=method.model_dump(mode="json"), inputs=inputs, corpus_up=corpus_up, tok_up=tok_up,
         pool=pool, compute_scores=compute_scores, budget=config.budget(),
         output_shard_size=config.output_shard_size,
