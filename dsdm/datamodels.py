@@ -7,16 +7,19 @@ candidate and target task without holding the pool in memory.
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from dsdm import trak
-from dsdm.features import Features
+from dsdm.features import FeatureConfig, Features, featurize
+from dsdm.tokenization import attention_mask, to_tensors
 
 FEATURE_FORMAT = "dsdm-features/1"
 
@@ -69,10 +72,16 @@ def round_subsets(n: int, num_proxies: int, fraction: float, seed: int,
     return subsets
 
 
+def example_ids_digest(example_ids: Sequence[str]) -> str:
+    """sha256 of example ids in order: what a feature file's header records
+    (``example_ids_sha256``), so it is never paired with other examples."""
+    return hashlib.sha256("\n".join(example_ids).encode()).hexdigest()
+
+
 def features_to_bytes(features: Features, example_ids: Sequence[str], **meta: str) -> bytes:
     """One feature shard as safetensors (no pickle). The header records the example-id hash,
     so a shard is never paired with the wrong corpus shard."""
-    digest = hashlib.sha256("\n".join(example_ids).encode()).hexdigest()
+    digest = example_ids_digest(example_ids)
     tensors = {"phi": features.phi.contiguous(), "q": features.q.contiguous(),
                "margin": features.margin.contiguous()}
     header = {"format": FEATURE_FORMAT, "example_ids_sha256": digest,
@@ -149,3 +158,40 @@ def task_means(tau: torch.Tensor, target_tasks: Sequence[str]) -> dict[str, np.n
         raise ValueError(f"tau has {tau.shape[1]} target columns, {len(tasks)} task labels")
     values = tau.to(torch.float64).numpy()
     return {name: values[:, tasks == name].mean(axis=1) for name in sorted(set(tasks))}
+
+
+def pool_positions(pool_ids: Sequence[str], chosen_ids: Sequence[str]) -> np.ndarray:
+    """[K] int64 pool indices of the examples ``chosen_ids`` (e.g. a previous round's
+    selection); a ValueError when any is not in the pool (it was made from another one)."""
+    position = {e: i for i, e in enumerate(pool_ids)}
+    missing = [e for e in chosen_ids if e not in position]
+    if missing:
+        raise ValueError(f"{len(missing)} of its {len(chosen_ids)} examples are not in this "
+                         f"tokenized corpus (e.g. {missing[0]!r}); it was made from another one")
+    return np.array([position[e] for e in chosen_ids], dtype=np.int64)
+
+
+def featurise_table(model: torch.nn.Module, table: pa.Table, config: FeatureConfig, proxy: int,
+                    source: str, device: torch.device | str = "cpu") -> tuple[bytes, float]:
+    """Proxy ``proxy``'s features of ``table``'s examples (a tokenized examples table) as a
+    feature file (`features_to_bytes`, ``source`` in its header), and the seconds
+    featurisation took. Proxy m projects with seed + m, for candidates and targets alike."""
+    ids, mask = to_tensors(table)
+    start = time.perf_counter()
+    features = featurize(model, ids, mask, config.model_copy(update={"seed": config.seed + proxy}),
+                         attention_mask=attention_mask(table), device=device)
+    seconds = time.perf_counter() - start
+    data = features_to_bytes(features, table.column("example_id").to_pylist(),
+                             proxy=str(proxy), source=source)
+    return data, seconds
+
+
+def feature_stats(data: bytes, source: str) -> tuple[int, int, bool]:
+    """(NaN/inf values in phi and q, feature dimension d, whether phi is degenerate) of the
+    feature file at ``source``. Degenerate: more than one row and every row the same (e.g.
+    all zeros, what a corrupted checkpoint gives), so the file carries no per-example signal."""
+    features = features_from_bytes(data, source)
+    bad = (~torch.isfinite(features.phi)).sum() + (~torch.isfinite(features.q)).sum()
+    phi = features.phi
+    degenerate = len(phi) > 1 and bool((phi == phi[:1]).all())
+    return int(bad), int(phi.shape[1]), degenerate

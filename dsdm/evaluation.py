@@ -30,7 +30,9 @@ import polars as pl
 import pyarrow as pa
 import torch
 
+from dsdm.baselines.random import document_keys, uniform_keys
 from dsdm.proxy import ProxyConfig, train_proxy
+from dsdm.selection import select
 from dsdm.tokenization import to_tensors
 
 HELDOUT_TEXT = "heldout_text"
@@ -221,3 +223,62 @@ def linear_datamodeling_score(
             "targets": len(cols),
         })
     return pl.DataFrame(rows)
+
+
+def scaled_budget(random_config: dict, multiple: float, pool_tokens: int) -> dict[str, float | int]:
+    """The budget of a random selection ``multiple`` times the one ``random_config`` (a
+    random_subset manifest's config: fraction or token_budget) kept; a ValueError when the
+    pool is too small for it."""
+    if random_config.get("token_budget"):
+        budget = round(random_config["token_budget"] * multiple)
+        if budget > pool_tokens:
+            raise ValueError(f"random at {multiple:g}x needs {budget} tokens; the pool has "
+                             f"{pool_tokens}: lower random_multiples or the selection budget")
+        return {"token_budget": budget}
+    fraction = random_config["fraction"] * multiple
+    if fraction > 1:
+        raise ValueError(f"random at {multiple:g}x the fraction {random_config['fraction']} "
+                         "exceeds the pool: lower random_multiples or the selection fraction")
+    return {"fraction": fraction}
+
+
+def random_curve(pool: pa.Table, random_config: dict, multiples: Sequence[float]) -> dict[str, tuple[float, pa.Table]]:
+    """``random@<m>x`` -> (m, the examples) for each budget multiple m: the random selection
+    ``random_config`` describes (its seed and unit; `dsdm.baselines.random`) continued to m
+    times its budget, the examples in corpus order. The pool: example_id, doc_id, n_tokens."""
+    doc_ids = pool.column("doc_id").to_numpy(zero_copy_only=False)
+    unit = {k: random_config[k] for k in ("unit", "document_score") if k in random_config}
+    keys = (document_keys(doc_ids, random_config["seed"]) if unit.get("unit") == "document"
+            else uniform_keys(pool.num_rows, random_config["seed"]))
+    tokens = pool.column("n_tokens").to_numpy() - 1
+    curve = {}
+    for multiple in multiples:
+        budget = scaled_budget(random_config, multiple, int(tokens.sum()))
+        order = select(keys, pool.column("example_id").to_numpy(zero_copy_only=False),
+                       tokens, doc_ids=doc_ids, **unit, **budget).order
+        curve[f"random@{multiple:g}x"] = (multiple, pool.take(pa.array(np.sort(order))))
+    return curve
+
+
+def target_columns(targets: pa.Table, column_ids: Sequence[str]) -> pa.Table:
+    """The rows of ``targets`` (a target_tasks table) for the datamodel's target columns, in
+    column order; a ValueError naming columns that are not among the targets."""
+    row_of = {e: i for i, e in enumerate(targets.column("example_id").to_pylist())}
+    missing = [e for e in column_ids if e not in row_of]
+    if missing:
+        raise ValueError(f"tau columns name targets missing from target_tasks: {missing[:5]}")
+    return targets.take(pa.array([row_of[e] for e in column_ids], pa.int64()))
+
+
+#: the `task` of the unigram reference row holding the pool's unigram entropy
+POOL_ENTROPY = "pool_entropy"
+
+
+def unigram_reference(pool: pa.Table, targets: pa.Table, vocab_size: int) -> pl.DataFrame:
+    """task, loss: a unigram model of the pool on every task and on heldout_text, and the
+    pool's unigram entropy (row `POOL_ENTROPY`): what an LM must beat by a margin for the
+    comparison to say more than "the model learnt token frequencies"."""
+    log_probs = unigram_log_probs(pool, vocab_size)
+    frame = unigram_losses(log_probs, targets).select("task", "loss")
+    return pl.concat([frame, pl.DataFrame({"task": [POOL_ENTROPY],
+                                           "loss": [unigram_entropy(log_probs)]})])

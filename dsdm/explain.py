@@ -12,8 +12,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 import torch
+from tokenizers import Tokenizer
 
 from dsdm.selection import normalised_weights
+from dsdm.tokenization import decode_parts
 
 #: the two directions stored per candidate
 EFFECTS = ("helps", "hurts")
@@ -76,3 +78,13 @@ def mixing_coefficients(
         spread = float(np.asarray(task_scores[name], dtype=np.float64).std()) if standardise else 1.0
         coefficients[name] = w / spread if spread > 0 else 0.0
     return coefficients
+
+
+def target_text(tokenizer: Tokenizer, targets: pa.Table, target_ids: Sequence[str]) -> pa.Table:
+    """target_id, task, prompt, continuation of the datamodel's target columns
+    ``target_ids``, decoded from the target_tasks table ``targets`` as the proxies saw them."""
+    row_of = {e: i for i, e in enumerate(targets.column("example_id").to_pylist())}
+    chosen = targets.take([row_of[e] for e in target_ids])
+    prompts, continuations = decode_parts(tokenizer, chosen)
+    return pa.table({"target_id": list(target_ids), "task": chosen.column("task"),
+                     "prompt": prompts, "continuation": continuations})

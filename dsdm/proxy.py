@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError
@@ -302,3 +303,22 @@ def load_proxy(
         raise ValueError(f"{source}: not a readable proxy checkpoint ({error})") from error
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def fit_to_data(config: ProxyConfig, vocab_size: int, seq_len: int) -> ProxyConfig:
+    """``config`` completed with the tokenizer's vocabulary size and the corpus' sequence
+    length; a ValueError when the user set either to something else."""
+    derived = {"vocab_size": vocab_size, "seq_len": seq_len}
+    for key, value in derived.items():
+        given = getattr(config, key)
+        if key in config.model_fields_set and given != value:
+            raise ValueError(f"model.{key}={given} contradicts the data ({value}); leave it unset")
+    return ProxyConfig.model_validate({**config.model_dump(), **derived})
+
+
+def loss_summary(curve: Sequence[float]) -> dict[str, float | int]:
+    """A training-loss curve in three numbers: steps, and the mean loss over its first and
+    over its last tenth (at least one step each)."""
+    tenth = max(1, len(curve) // 10)
+    return {"steps": len(curve), "first_loss": float(np.mean(curve[:tenth])),
+            "last_loss": float(np.mean(curve[-tenth:]))}

@@ -142,3 +142,15 @@ def task_counts(table: pa.Table) -> pl.DataFrame:
             .agg(pl.len().alias("examples"),
                  (pl.col("n_tokens") - pl.col("score_from")).mean().alias("scored_tokens_mean"))
             .sort("task", "split"))
+
+
+def select_texts(tokenizer: Tokenizer, targets: pa.Table, tasks: Sequence[str] = ()) -> list[str]:
+    """Decoded prompt + continuation of the select-split targets of ``tasks`` (all when
+    empty), from a `tokenize_tasks` table; a ValueError naming tasks it does not hold."""
+    table = pl.from_arrow(targets)
+    known = sorted(set(table["task"].to_list()))
+    if unknown := sorted(set(tasks) - set(known)):
+        raise ValueError(f"tasks {unknown} are not among the target tasks {known}")
+    chosen = table.filter((pl.col("split") == "select") & pl.col("task").is_in(list(tasks) or known))
+    return tokenizer.decode_batch([row[:n] for row, n in zip(
+        chosen["input_ids"].to_list(), chosen["n_tokens"].to_list(), strict=True)])

@@ -289,3 +289,22 @@ def tokenizer_summary(tokenizer: Tokenizer) -> dict[str, Any]:
     eos, pad = special_ids(tokenizer)
     return {"vocab_size": tokenizer.get_vocab_size(), "eos_id": eos, "pad_id": pad,
             "model": json.loads(tokenizer.to_str())["model"]["type"]}
+
+
+def attention_mask(table: pa.Table) -> torch.Tensor:
+    """[N, L] bool: True on each example's real tokens (the first ``n_tokens`` of its
+    ``input_ids``), False on the padding."""
+    n_tokens = torch.from_numpy(table.column("n_tokens").to_numpy().astype(np.int64))
+    length = len(table.column("input_ids")[0])
+    return torch.arange(length)[None, :] < n_tokens[:, None]
+
+
+def decode_examples(tokenizer: Tokenizer, tables: Iterable[pa.Table]) -> list[str]:
+    """The decoded text of every example (its first ``n_tokens`` ids) of examples tables,
+    in order."""
+    texts: list[str] = []
+    for table in tables:
+        ids = table.column("input_ids").to_pylist()
+        texts.extend(tokenizer.decode_batch([row[:n] for row, n in zip(
+            ids, table.column("n_tokens").to_pylist(), strict=True)]))
+    return texts

@@ -419,9 +419,9 @@ def example_text(store: "ArtifactStore", selection: dict, example_id: str,
     import hashlib
     import json
 
-    from dsdm.tokenization import tokenizer_from_bytes
+    from dsdm.artifacts import MANIFEST, Upstream, asset_folder, load_tokenizer
 
-    def manifest_of(asset: str, inputs: list[dict]) -> dict:
+    def manifest_of(asset: str, inputs: list[dict]) -> Upstream:
         for item in inputs:
             path = store.relpath(item["uri"])
             if path.startswith(f"{asset}/"):
@@ -429,13 +429,13 @@ def example_text(store: "ArtifactStore", selection: dict, example_id: str,
                 if hashlib.sha256(data).hexdigest() != item["sha256"]:
                     raise ValueError(f"{item['uri']} is not the {asset} manifest the selection "
                                      "recorded; re-materialise the selection")
-                return json.loads(data)
+                return Upstream(path, item["uri"], item["sha256"], json.loads(data))
         raise ValueError(f"the selection's manifest names no {asset} input")
 
-    folder = f"selected_subset/{selection['crawl']}/{selection['selection_id']}"
-    inputs = store.read_json(f"{folder}/manifest.json")["inputs"]
+    folder = asset_folder("selected_subset", selection["crawl"], selection["selection_id"])
+    inputs = store.read_json(f"{folder}/{MANIFEST}")["inputs"]
     corpus, tok = manifest_of("tokenized_corpus", inputs), manifest_of("tokenizer", inputs)
-    shards = [f for f in corpus["files"] if f["kind"] == "examples"]
+    shards = corpus.files("examples")
     for f in [shards[shard]] if shard is not None else shards:
         reason = store.mismatch(f["path"], f["sha256"], f.get("size_bytes"))
         if reason:
@@ -444,9 +444,7 @@ def example_text(store: "ArtifactStore", selection: dict, example_id: str,
         rows = table.column("example_id").to_pylist()
         if example_id in rows:
             row = table.slice(rows.index(example_id), 1).to_pylist()[0]
-            (tok_file,) = [f for f in tok["files"] if f["kind"] == "tokenizer"]
-            tokenizer = tokenizer_from_bytes(store.read_bytes(tok_file["path"]))
-            return {**row, "text": tokenizer.decode(row["input_ids"][:row["n_tokens"]])}
+            return {**row, "text": load_tokenizer(store, tok).decode(row["input_ids"][:row["n_tokens"]])}
     raise ValueError(f"example {example_id!r} is not in the corpus the selection was made from")
 
 

@@ -7,7 +7,6 @@ with several processes (or pods) featurises shards side by side; ``target_gradie
 the target features apart, so new target tasks do not recompute the candidates.
 """
 
-import hashlib
 import json
 import time
 import warnings
@@ -21,21 +20,52 @@ import torch
 from pydantic import Field
 from safetensors.torch import save as safetensors_save
 
+from dsdm.artifacts import (
+    CHECKPOINT,
+    CONTRIBUTIONS,
+    LOSSES,
+    MANIFEST,
+    PROXY_CONFIG,
+    PROXY_FILES,
+    SCORES,
+    SUBSET,
+    TARGET_COLUMNS,
+    TARGET_TEXT,
+    Upstream,
+    checkpoint_paths,
+    feature_shard,
+    features_header,
+    load_features,
+    load_proxy_checkpoint,
+    load_tokenizer,
+    proxy_file,
+    read_examples,
+    target_features,
+    tau_shard,
+)
 from dsdm.datamodels import (
-    ensemble_scores,
+    example_ids_digest,
     feature_header,
-    features_from_bytes,
-    features_to_bytes,
+    feature_stats,
+    featurise_table,
+    pool_positions,
     proxy_subsets,
     round_subsets,
-    task_means,
 )
-from dsdm.explain import CONTRIBUTION_SCHEMA, top_contributions
-from dsdm.features import FeatureConfig, featurize
+from dsdm.explain import target_text
+from dsdm.features import FeatureConfig
 from dsdm.lineage import LineageDB
-from dsdm.proxy import ProxyConfig, check_trainable, load_proxy, proxy_to_bytes, train_proxy
-from dsdm.store import ArtifactStore, StoredArtifact
-from dsdm.tokenization import decode_parts, to_tensors, tokenizer_from_bytes
+from dsdm.proxy import (
+    ProxyConfig,
+    check_trainable,
+    fit_to_data,
+    loss_summary,
+    proxy_to_bytes,
+    train_proxy,
+)
+from dsdm.scoring import STORED_CONTRIBUTION_SCHEMA, score_pool
+from dsdm.store import StoredArtifact
+from dsdm.tokenization import to_tensors
 from dsdm.trak import LAMBDA_RELATIVE
 from dsdm_assets.config import StepConfig
 from dsdm_assets.jobs import CPU_STEP_TAGS, STEP_RETRY_POLICY, TORCH_STEP_TAGS
@@ -44,12 +74,12 @@ from dsdm_assets.partitions import crawl_partitions
 from dsdm_assets.recording import (
     AssetWriter,
     RecordedSelection,
-    Upstream,
     adopt_file,
     produce,
     read_selection,
     record_rows,
     require_made_from,
+    run_id,
 )
 from dsdm_assets.tables import markdown_table
 from resources import ArtifactStoreResource, ComputeResource, LineageResource
@@ -61,16 +91,14 @@ TARGET_GRADIENTS_VERSION = "2"  # 2: select-split targets only
 STEP_IO = "step_json_io"
 
 
-def model_for_data(model: ProxyConfig, tok_up: Upstream, corpus_up: Upstream) -> ProxyConfig:
+def model_for_data(model: ProxyConfig, tokenizer: Upstream, corpus: Upstream) -> ProxyConfig:
     """A model config completed with the vocabulary size and sequence length of the data;
     a value the user set that contradicts the data fails the step."""
-    derived = {"vocab_size": tok_up.manifest["summary"]["vocab_size"],
-               "seq_len": corpus_up.manifest["summary"]["seq_len"]}
-    for key, value in derived.items():
-        given = getattr(model, key)
-        if key in model.model_fields_set and given != value:
-            raise dg.Failure(f"model.{key}={given} contradicts the data ({value}); leave it unset")
-    return ProxyConfig.model_validate({**model.model_dump(), **derived})
+    try:
+        return fit_to_data(model, tokenizer.manifest["summary"]["vocab_size"],
+                           corpus.manifest["summary"]["seq_len"])
+    except ValueError as error:
+        raise dg.Failure(str(error)) from error
 
 
 class ProxyModelConfig(StepConfig, ProxyConfig):
@@ -110,22 +138,6 @@ class DatamodelConfig(StepConfig):
         "(largest tau) and hurts most (most negative) to keep for `dsdm explain` and the "
         "explained_targets view; 0 keeps none.",
     )
-
-
-#: the files of one finished proxy (losses.json, written last, marks it finished) and kinds
-PROXY_FILES = {"model.safetensors": "checkpoint", "config.json": "config",
-               "subset.parquet": "subset", "losses.json": "losses"}
-
-
-def _corpus_tensors(store: ArtifactStore, corpus: Upstream, shard: int) -> tuple[pa.Table, ...]:
-    table = store.read_parquet(corpus.files("examples")[shard]["path"])
-    return (table, *to_tensors(table))
-
-
-def _attention(table: pa.Table) -> torch.Tensor:
-    n_tokens = torch.from_numpy(table.column("n_tokens").to_numpy().astype(np.int64))
-    length = len(table.column("input_ids")[0])
-    return torch.arange(length)[None, :] < n_tokens[:, None]
 
 
 @crawl_asset(
@@ -173,18 +185,21 @@ def proxy_checkpoints(
 def _train_proxies(context: dg.AssetExecutionContext, writer: AssetWriter,
                    config: ProxyEnsembleConfig, base: ProxyConfig, corpus: Upstream,
                    previous: RecordedSelection | None, compute: ComputeResource) -> dict:
-    """Train (or adopt, when an interrupted attempt finished them) the proxies into
-    ``writer``'s folder; the summary of their loss curves."""
+    """Train the proxies into ``writer``'s folder, adopting those an interrupted attempt
+    finished (`PROXY_FILES`, the losses last); the summary of their loss curves."""
     device = compute.setup()
-    shards = [_corpus_tensors(writer.store, corpus, k) for k in range(len(corpus.files("examples")))]
-    example_ids = pa.concat_arrays([t.column("example_id").combine_chunks() for t, *_ in shards])
-    input_ids = torch.cat([ids for _, ids, _ in shards])
-    loss_mask = torch.cat([mask for _, _, mask in shards])
+    tables = list(read_examples(writer.store, corpus))
+    example_ids = pa.concat_arrays([t.column("example_id").combine_chunks() for t in tables])
+    input_ids, loss_mask = (torch.cat(parts) for parts in zip(*map(to_tensors, tables), strict=True))
     if previous is None:
         subsets = proxy_subsets(len(input_ids), config.num_proxies, config.train_fraction, base.seed)
     else:
+        try:
+            chosen = pool_positions(example_ids.to_pylist(), previous.example_ids)
+        except ValueError as error:
+            raise dg.Failure(f"previous_selection {previous.selection_id!r}: {error}") from error
         subsets = round_subsets(len(input_ids), config.num_proxies, config.train_fraction,
-                                base.seed, _pool_positions(example_ids, previous))
+                                base.seed, chosen)
     try:
         check_trainable(min(map(len, subsets)), base, f"each proxy's share of the pool "
                         f"(train_fraction {config.train_fraction} of {len(input_ids)})")
@@ -192,93 +207,47 @@ def _train_proxies(context: dg.AssetExecutionContext, writer: AssetWriter,
         raise dg.Failure(f"proxy_checkpoints: {error}") from error
     proxies = []
     for m, subset in enumerate(subsets):
-        folder = f"proxy-{m:02d}"
-        if all(writer.has(f"{folder}/{name}") for name in PROXY_FILES):
+        if all(writer.has(proxy_file(m, name)) for name in PROXY_FILES):
             context.log.info(f"proxy {m}: finished earlier, reusing")
-            losses = json.loads(writer.adopt(f"{folder}/losses.json", "losses"))
+            losses = json.loads(writer.adopt(proxy_file(m, LOSSES), "losses"))
             for name, kind in PROXY_FILES.items():
-                if name != "losses.json":
-                    writer.adopt(f"{folder}/{name}", kind)
+                if name != LOSSES:
+                    writer.adopt(proxy_file(m, name), kind)
         else:
-            proxy_config = base.model_copy(update={"seed": base.seed + m})
-            context.log.info(f"proxy {m}: training on {len(subset)} examples")
-            start = time.perf_counter()
-            index = torch.from_numpy(subset)
-            result = train_proxy(
-                proxy_config, input_ids[index], loss_mask[index], device=device,
-                bf16=compute.dtype == "bfloat16" and device.type == "cuda", log_every=25,
-                callback=lambda p, m=m: context.log.info(
-                    f"proxy {m} step {p.step}/{p.total_steps} loss {p.loss:.3f} "
-                    f"tokens/s {p.tokens_per_s:.0f}"),
-            )
-            losses = {"losses": result.losses, "seconds": time.perf_counter() - start,
-                      "examples": len(subset)}
-            writer.write_bytes(f"{folder}/model.safetensors", proxy_to_bytes(result.model),
-                               kind="checkpoint")
-            writer.write_bytes(f"{folder}/config.json",
-                               json.dumps(proxy_config.to_dict(), indent=2).encode(), kind="config")
-            writer.write_parquet(f"{folder}/subset.parquet",
-                                 pa.table({"example_id": example_ids.take(pa.array(subset))}),
-                                 kind="subset")
-            # Written last: its presence marks this proxy finished.
-            writer.write_bytes(f"{folder}/losses.json", json.dumps(losses).encode(), kind="losses")
+            losses = _train_proxy(context, writer, m, base.model_copy(update={"seed": base.seed + m}),
+                                  input_ids, loss_mask, example_ids, subset, compute, device)
         curve = losses["losses"]
-        tenth = max(1, len(curve) // 10)
-        proxies.append({"proxy": m, "examples": losses["examples"], "steps": len(curve),
-                        "first_loss": float(np.mean(curve[:tenth])),
-                        "last_loss": float(np.mean(curve[-tenth:])),
+        proxies.append({"proxy": m, "examples": losses["examples"], **loss_summary(curve),
                         "seconds": round(losses["seconds"], 1), "curve": curve[::max(1, len(curve) // 50)]})
     return {"proxies": proxies, "pool_examples": len(input_ids),
             **({"previous_selection": previous.selection_id,
                 "previous_selected": len(previous.example_ids)} if previous else {})}
 
 
-def _pool_positions(example_ids: pa.Array, previous) -> np.ndarray:
-    """Pool indices of a previous round's selected examples; dg.Failure if any is not in
-    this pool (the selection was made from another tokenized corpus)."""
-    position = {e: i for i, e in enumerate(example_ids.to_pylist())}
-    missing = [e for e in previous.example_ids if e not in position]
-    if missing:
-        raise dg.Failure(f"previous_selection {previous.selection_id!r}: {len(missing)} of its "
-                         f"{len(previous.example_ids)} examples are not in this tokenized corpus "
-                         f"(e.g. {missing[0]!r}); it was made from another one")
-    return np.array([position[e] for e in previous.example_ids], dtype=np.int64)
-
-
-# --- gradient features --------------------------------------------------------------------
-# Candidate features depend only on the proxies and the corpus, target features only on the
-# proxies and the target tasks: a new target-task set reuses every candidate shard.
-
-
-def _load_proxy(store: ArtifactStore, checkpoint_path: str, device: torch.device):
-    config = store.read_json(checkpoint_path.replace("model.safetensors", "config.json"))
-    return load_proxy(config, store.read_bytes(checkpoint_path), device=device,
-                      source=store.uri(checkpoint_path))
-
-
-def _featurise(model, table: pa.Table, config: FeatureConfig, proxy: int, source: str,
-               device: torch.device) -> tuple[bytes, float]:
-    """Proxy ``proxy``'s features of ``table``'s examples as a feature file, and the seconds
-    featurisation took. Proxy m projects with seed + m, for candidates and targets alike."""
-    ids, mask = to_tensors(table)
+def _train_proxy(context: dg.AssetExecutionContext, writer: AssetWriter, m: int,
+                 proxy_config: ProxyConfig, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+                 example_ids: pa.Array, subset: np.ndarray, compute: ComputeResource,
+                 device: torch.device) -> dict:
+    """Train proxy m on the pool rows ``subset`` and write its files, the losses last."""
+    context.log.info(f"proxy {m}: training on {len(subset)} examples")
     start = time.perf_counter()
-    features = featurize(model, ids, mask, config.model_copy(update={"seed": config.seed + proxy}),
-                         attention_mask=_attention(table), device=device)
-    seconds = time.perf_counter() - start
-    data = features_to_bytes(features, table.column("example_id").to_pylist(),
-                             proxy=str(proxy), source=source)
-    return data, seconds
-
-
-def _feature_stats(data: bytes, source: str) -> tuple[int, int, bool]:
-    """(NaN/inf values in phi and q, feature dimension d, whether phi is degenerate) of the
-    feature file at `source`. Degenerate: more than one row and every row the same (e.g. all
-    zeros, what a corrupted checkpoint gives), so the file carries no per-example signal."""
-    features = features_from_bytes(data, source)
-    bad = (~torch.isfinite(features.phi)).sum() + (~torch.isfinite(features.q)).sum()
-    phi = features.phi
-    degenerate = len(phi) > 1 and bool((phi == phi[:1]).all())
-    return int(bad), int(phi.shape[1]), degenerate
+    index = torch.from_numpy(subset)
+    result = train_proxy(
+        proxy_config, input_ids[index], loss_mask[index], device=device,
+        bf16=compute.dtype == "bfloat16" and device.type == "cuda", log_every=25,
+        callback=lambda p: context.log.info(f"proxy {m} step {p.step}/{p.total_steps} loss "
+                                            f"{p.loss:.3f} tokens/s {p.tokens_per_s:.0f}"))
+    losses = {"losses": result.losses, "seconds": time.perf_counter() - start,
+              "examples": len(subset)}
+    kinds = PROXY_FILES
+    writer.write_bytes(proxy_file(m, CHECKPOINT), proxy_to_bytes(result.model), kinds[CHECKPOINT])
+    writer.write_bytes(proxy_file(m, PROXY_CONFIG), json.dumps(proxy_config.to_dict(), indent=2).encode(),
+                       kinds[PROXY_CONFIG])
+    writer.write_parquet(proxy_file(m, SUBSET), pa.table(
+        {"example_id": example_ids.take(pa.array(subset))}), kinds[SUBSET])
+    # Written last: its presence marks this proxy finished.
+    writer.write_bytes(proxy_file(m, LOSSES), json.dumps(losses).encode(), kinds[LOSSES])
+    return losses
 
 
 def _features_finite_check(summary: dict, **key) -> dg.AssetCheckResult:
@@ -316,7 +285,7 @@ def plan_gradient_shards(context: dg.OpExecutionContext, config: GradientConfig,
                          [proxy_checkpoints, tokenized_corpus])
     reused = writer.existing() is not None
     writer.release()  # the featurise steps run elsewhere; collect claims the folder again
-    checkpoints = [f["path"] for f in proxy_checkpoints.files("checkpoint")]
+    checkpoints = checkpoint_paths(proxy_checkpoints)
     shards = [f["path"] for f in tokenized_corpus.files("examples")]
     yield dg.Output({"config": config.model_dump(), "inputs": writer.inputs,
                      "folder": writer.folder, "reused": reused, "replaced": writer.replaced,
@@ -328,7 +297,7 @@ def plan_gradient_shards(context: dg.OpExecutionContext, config: GradientConfig,
     for m, checkpoint in enumerate(checkpoints):
         for k, source in enumerate(shards):
             yield dg.DynamicOutput(
-                {"folder": writer.folder, "name": f"proxy-{m:02d}/shard-{k:05d}.safetensors",
+                {"folder": writer.folder, "name": feature_shard(m, k),
                  "proxy": m, "checkpoint": checkpoint, "source": source,
                  "config": config.model_dump()},
                 mapping_key=f"proxy_{m:02d}_shard_{k:05d}", output_name="work")
@@ -348,15 +317,15 @@ def featurise_gradient_shard(context: dg.OpExecutionContext, work: dict,
         context.log.info(f"{work['name']}: finished by an earlier attempt, adopting")
     else:
         device = compute.setup()
-        model = _load_proxy(artifacts, work["checkpoint"], device)
+        model = load_proxy_checkpoint(artifacts, work["checkpoint"], device)
         table = artifacts.read_parquet(work["source"])
-        data, seconds = _featurise(model, table, FeatureConfig.model_validate(work["config"]),
-                                   work["proxy"], work["source"], device)
+        data, seconds = featurise_table(model, table, FeatureConfig.model_validate(work["config"]),
+                                        work["proxy"], work["source"], device)
         stored = artifacts.write_bytes(path, data)
         rows, computed = table.num_rows, True
         context.log.info(f"{work['name']}: {rows} examples, {rows / max(seconds, 1e-9):.1f} "
                          "examples/s")
-    nonfinite, dim, degenerate = _feature_stats(data, stored.uri)
+    nonfinite, dim, degenerate = feature_stats(data, stored.uri)
     return {"name": work["name"], "uri": stored.uri, "sha256": stored.sha256,
             "size_bytes": stored.size_bytes, "rows": rows, "computed": computed,
             "seconds": seconds, "nonfinite": nonfinite, "dim": dim, "degenerate": degenerate}
@@ -394,12 +363,12 @@ def collect_gradient_shards(context: dg.OpExecutionContext, plan: dict, results:
 
     # a folder the plan step verified is not read again (another run may also have finished
     # it meanwhile: then produce finds and verifies it)
-    verified = artifacts.read_json(f"{plan['folder']}/manifest.json") if plan["reused"] else None
+    verified = artifacts.read_json(f"{plan['folder']}/{MANIFEST}") if plan["reused"] else None
     made = produce(context, artifacts, lineage.get_db(), plan["config"], plan["inputs"], collect,
                    verified=verified)
     # The values the graph's steps handed each other are spent once the manifest exists (a
     # re-execution from failure never re-runs a succeeded collect), so they do not pile up.
-    removed = artifacts.remove_folder(step_values_folder(context.run.run_id))
+    removed = artifacts.remove_folder(step_values_folder(run_id(context)))
     context.log.info(f"removed {removed} step values of this run from the store")
     yield dg.Output(made.writer.output(), "result", data_version=made.writer.data_version,
                     metadata=made.metadata(_feature_metadata(made.summary, len(made.manifest["files"]),
@@ -472,23 +441,23 @@ def _featurise_targets(context: dg.AssetExecutionContext, writer: AssetWriter,
     """Every proxy's features of the select-split targets into ``writer``'s folder (a file an
     interrupted attempt finished is adopted); their summary."""
     device, artifacts = compute.setup(), writer.store
-    (targets_file,) = targets.files("targets")
+    targets_file = targets.only("targets")
     table = artifacts.read_parquet(targets_file["path"])
     # Only select-split targets become datamodel columns; the eval split stays unseen.
     table = table.filter(pc.equal(table.column("split"), "select"))
     feature_config = FeatureConfig.model_validate(config.model_dump())
     nonfinite, degenerate, computed, rows, seconds = 0, [], 0, 0, 0.0
-    for m, checkpoint in enumerate(f["path"] for f in proxies.files("checkpoint")):
-        name = f"proxy-{m:02d}/targets.safetensors"
+    for m, checkpoint in enumerate(checkpoint_paths(proxies)):
+        name = target_features(m)
         if writer.has(name):
             data = writer.adopt(name, kind="targets", rows=table.num_rows)
         else:
-            model = _load_proxy(artifacts, checkpoint, device)
-            data, took = _featurise(model, table, feature_config, m, targets_file["path"], device)
+            model = load_proxy_checkpoint(artifacts, checkpoint, device)
+            data, took = featurise_table(model, table, feature_config, m, targets_file["path"], device)
             writer.write_bytes(name, data, kind="targets", rows=table.num_rows)
             computed, rows, seconds = computed + 1, rows + table.num_rows, seconds + took
             context.log.info(f"proxy {m} targets: {table.num_rows} examples in {took:.1f}s")
-        bad, dim, constant = _feature_stats(data, artifacts.uri(f"{writer.folder}/{name}"))
+        bad, dim, constant = feature_stats(data, artifacts.uri(f"{writer.folder}/{name}"))
         nonfinite += bad
         degenerate += [name] if constant else []
     return {"proxies": len(writer.written), "targets": table.num_rows, "dim": dim,
@@ -497,30 +466,17 @@ def _featurise_targets(context: dg.AssetExecutionContext, writer: AssetWriter,
             "proxy_checkpoints_sha256": proxies.sha256}
 
 
-def _target_text(artifacts: ArtifactStore, targets_up: Upstream, tok_up: Upstream,
-                 target_ids: list[str]) -> pa.Table:
-    """target_id, task, prompt, continuation of the datamodel's target columns, decoded."""
-    table = artifacts.read_parquet(targets_up.files("targets")[0]["path"])
-    row_of = {e: i for i, e in enumerate(table.column("example_id").to_pylist())}
-    chosen = table.take([row_of[e] for e in target_ids])
-    tok = tokenizer_from_bytes(artifacts.read_bytes(tok_up.files("tokenizer")[0]["path"]))
-    prompts, continuations = decode_parts(tok, chosen)
-    return pa.table({"target_id": target_ids, "task": chosen.column("task"),
-                     "prompt": prompts, "continuation": continuations})
-
-
 def _record_explanations(db: LineageDB, writer: AssetWriter, run_id: str) -> None:
     """The datamodel folder's contributions and target text into DuckDB (replacing this
     scores_id's rows), the tables behind `dsdm explain` and the explained_targets view."""
     columns = ("example_id", "shard", "effect", "rank", "target_id", "task", "tau")
-    top = writer.store.iter_parquet(f"{writer.folder}/contributions.parquet", columns,
+    top = writer.store.iter_parquet(f"{writer.folder}/{CONTRIBUTIONS}", columns,
                                     batch_rows=SCORE_ROWS_PER_BATCH)
-    schema = CONTRIBUTION_SCHEMA.append(pa.field("shard", pa.int32()))
     key = ["crawl", "scores_id"]
     record_rows(db, "target_contributions",
                 {"crawl": writer.crawl, "run_id": run_id, "scores_id": writer.config_hash}, top,
-                key=key, schema=pa.schema([schema.field(c) for c in columns]))
-    text = writer.store.read_parquet(f"{writer.folder}/target_text.parquet",
+                key=key, schema=pa.schema([STORED_CONTRIBUTION_SCHEMA.field(c) for c in columns]))
+    text = writer.store.read_parquet(f"{writer.folder}/{TARGET_TEXT}",
                                      columns=["target_id", "task", "prompt", "continuation"])
     record_rows(db, "datamodel_targets", {"crawl": writer.crawl, "scores_id": writer.config_hash},
                 text, key=key)
@@ -586,16 +542,16 @@ def datamodel_weights(
                    lambda writer: _score_pool(context, writer, config, gradient_shards,
                                               target_gradients, tokenized_corpus, target_tasks,
                                               tokenizer))
-    scores = pl.from_arrow(artifacts.read_parquet(f"{made.folder}/scores.parquet"))
+    scores = pl.from_arrow(artifacts.read_parquet(f"{made.folder}/{SCORES}"))
     tasks = made.summary["tasks"]
     # N x tasks rows, streamed into DuckDB one slice of the pool at a time.
     long = (scores.slice(start, SCORE_ROWS_PER_BATCH).unpivot(
         index="example_id", on=tasks, variable_name="task", value_name="score").to_arrow()
         for start in range(0, scores.height, SCORE_ROWS_PER_BATCH))
-    constants = {"crawl": made.writer.crawl, "run_id": context.run.run_id,
+    constants = {"crawl": made.writer.crawl, "run_id": run_id(context),
                  "scores_id": made.writer.config_hash}
     record_rows(db, "scores", constants, long, key=["crawl", "scores_id"], schema=SCORE_ROW_SCHEMA)
-    _record_explanations(db, made.writer, context.run.run_id)
+    _record_explanations(db, made.writer, run_id(context))
     return made.result({
         "candidates": made.summary["candidates"], "targets": made.summary["targets"],
         "scores_id": made.writer.config_hash,
@@ -605,60 +561,44 @@ def datamodel_weights(
 
 
 def _score_pool(context: dg.AssetExecutionContext, writer: AssetWriter, config: DatamodelConfig,
-                grads_up: Upstream, target_grads_up: Upstream, corpus_up: Upstream,
-                targets_up: Upstream, tok_up: Upstream) -> dict:
+                grads: Upstream, target_grads: Upstream, corpus: Upstream, targets: Upstream,
+                tokenizer: Upstream) -> dict:
     """tau of every pool shard against the select-split targets, each candidate's mean per
     task and its most helped and hurt targets, into ``writer``'s folder; the summary."""
     artifacts = writer.store
-    targets = pl.from_arrow(artifacts.read_parquet(
-        targets_up.files("targets")[0]["path"], columns=["example_id", "task", "split"]))
-    select = (targets["split"] == "select").to_numpy()
-    num_proxies = grads_up.manifest["summary"]["proxies"]
-    num_shards = grads_up.manifest["summary"]["shards"]
-    select_ids = targets.filter(pl.Series(select))["example_id"].to_list()
-    digest = hashlib.sha256("\n".join(select_ids).encode()).hexdigest()
+    targets_path = targets.only("targets")["path"]
+    frame = pl.from_arrow(artifacts.read_parquet(targets_path, columns=["example_id", "task", "split"]))
+    columns = frame.filter(pl.col("split") == "select")  # the eval split is never a column
+    target_ids, target_tasks = columns["example_id"].to_list(), columns["task"].to_list()
     target_phi = []
-    for m in range(num_proxies):
-        path = target_grads_up.path_of(f"proxy-{m:02d}/targets.safetensors")
-        data = artifacts.read_bytes(path)
-        if feature_header(data, artifacts.uri(path)).get("example_ids_sha256") != digest:
+    for m in range(grads.manifest["summary"]["proxies"]):
+        path = target_grads.path_of(target_features(m))
+        if features_header(artifacts, path).get("example_ids_sha256") != example_ids_digest(target_ids):
             raise dg.Failure("target_gradients were made for other targets than target_tasks' "
                              "select split; re-materialise target_gradients")
-        target_phi.append(features_from_bytes(data, artifacts.uri(path)).phi)
-
-    def load_shard(m: int, k: int):
-        path = grads_up.path_of(f"proxy-{m:02d}/shard-{k:05d}.safetensors")
-        return features_from_bytes(artifacts.read_bytes(path), artifacts.uri(path))
-
-    select_targets = targets.filter(pl.Series(select))
-    writer.write_parquet("target_columns.parquet", select_targets.to_arrow(), kind="columns")
-    writer.write_parquet("target_text.parquet",
-                         _target_text(artifacts, targets_up, tok_up, select_ids), kind="target_text")
-    target_tasks_of = select_targets["task"].to_list()
+        target_phi.append(load_features(artifacts, path).phi)
+    writer.write_parquet(TARGET_COLUMNS, columns.to_arrow(), kind="columns")
+    writer.write_parquet(TARGET_TEXT, target_text(load_tokenizer(artifacts, tokenizer),
+                                                  artifacts.read_parquet(targets_path), target_ids),
+                         kind="target_text")
+    shard_ids = [lambda f=f: artifacts.read_parquet(f["path"], columns=["example_id"]).column(0).to_pylist()
+                 for f in corpus.files("examples")]
     frames, contributions = [], []
-    for k, tau in enumerate(ensemble_scores(load_shard, num_shards, target_phi,
-                                            config.lambda_relative)):
-        corpus_file = corpus_up.files("examples")[k]
-        ids = artifacts.read_parquet(corpus_file["path"], columns=["example_id"]).column(0)
-        path = grads_up.path_of(f"proxy-00/shard-{k:05d}.safetensors")
-        header = feature_header(artifacts.read_bytes(path), artifacts.uri(path))
-        if int(header["rows"]) != len(ids):
-            raise dg.Failure(f"feature shard {k} has {header['rows']} rows, corpus {len(ids)}")
-        writer.write_bytes(f"tau-{k:05d}.safetensors",
-                           safetensors_save({"tau": tau.float().contiguous()}),
-                           kind="tau", rows=len(ids))
-        means = task_means(tau, target_tasks_of)
-        frames.append(pl.DataFrame({"example_id": ids.to_pylist(), **means}))
-        if config.explain_targets:
-            top = top_contributions(tau, ids.to_pylist(), select_ids, target_tasks_of,
-                                    config.explain_targets)
-            contributions.append(top.append_column("shard", pa.array([k] * top.num_rows, pa.int32())))
-        context.log.info(f"scored shard {k + 1}/{num_shards}")
+    try:
+        for part in score_pool(lambda m, k: load_features(artifacts, grads.path_of(feature_shard(m, k))),
+                               shard_ids, target_phi, target_ids, target_tasks,
+                               config.lambda_relative, config.explain_targets):
+            writer.write_bytes(tau_shard(part.shard), safetensors_save({"tau": part.tau}),
+                               kind="tau", rows=len(part.example_ids))
+            frames.append(pl.DataFrame({"example_id": part.example_ids, **part.means}))
+            contributions += [part.contributions] if part.contributions is not None else []
+            context.log.info(f"scored shard {part.shard + 1}/{len(shard_ids)}")
+    except ValueError as error:
+        raise dg.Failure(f"datamodel_weights: {error}") from error
     scores = pl.concat(frames)
-    writer.write_parquet("scores.parquet", scores.to_arrow(), kind="scores")
-    writer.write_parquet("contributions.parquet", pa.concat_tables(contributions) if contributions
-                         else CONTRIBUTION_SCHEMA.append(pa.field("shard", pa.int32())).empty_table(),
-                         kind="contributions")
+    writer.write_parquet(SCORES, scores.to_arrow(), kind="scores")
+    writer.write_parquet(CONTRIBUTIONS, pa.concat_tables(contributions) if contributions
+                         else STORED_CONTRIBUTION_SCHEMA.empty_table(), kind="contributions")
     tasks = [c for c in scores.columns if c != "example_id"]
-    return {"tasks": tasks, "candidates": scores.height, "targets": int(select.sum()),
+    return {"tasks": tasks, "candidates": scores.height, "targets": len(target_ids),
             "per_task": scores.select(tasks).describe().to_dicts()}

@@ -21,27 +21,37 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 from safetensors.torch import load as safetensors_load
 
-from dsdm.baselines.random import document_keys, uniform_keys
+from dsdm.artifacts import (
+    LDS,
+    MULTIPLIERS,
+    REPORT,
+    REPORT_PLOT,
+    RESULTS,
+    TARGET_COLUMNS,
+    UNIGRAM,
+    Upstream,
+    read_examples,
+)
 from dsdm.datamodels import proxy_subsets
 from dsdm.evaluation import (
+    POOL_ENTROPY,
     example_losses,
     linear_datamodeling_score,
+    random_curve,
+    target_columns,
     target_losses,
     train_evaluation_model,
-    unigram_entropy,
-    unigram_log_probs,
-    unigram_losses,
+    unigram_reference,
 )
 from dsdm.lineage import LineageDB
-from dsdm.proxy import ProxyConfig
+from dsdm.proxy import ProxyConfig, loss_summary
 from dsdm.report import multipliers, plot_png, summarise, wide_table
-from dsdm.selection import select
 from dsdm.store import ArtifactStore, fingerprint
 from dsdm.tokenization import to_tensors
 from dsdm_assets.config import StepConfig
 from dsdm_assets.datamodels import model_for_data
 from dsdm_assets.manifests import crawl_asset
-from dsdm_assets.recording import AssetWriter, Upstream, produce, record_rows
+from dsdm_assets.recording import AssetWriter, produce, record_rows, run_id
 from dsdm_assets.selection import SELECTION_ASSETS
 from dsdm_assets.tables import markdown_table
 from resources import ArtifactStoreResource, ComputeResource, LineageResource
@@ -101,8 +111,9 @@ class LdsConfig(StepConfig):
     eval_batch_size: int = Field(64, ge=1, description="Examples per forward when scoring.")
 
 
-def _read_examples(artifacts: ArtifactStore, upstream: Upstream, kind: str) -> pa.Table:
-    return pa.concat_tables([artifacts.read_parquet(f["path"]) for f in upstream.files(kind)])
+def _examples(artifacts: ArtifactStore, upstream: Upstream) -> pa.Table:
+    """Every example of a corpus or a selection, in order."""
+    return pa.concat_tables(read_examples(artifacts, upstream))
 
 
 MODEL_RESULT_VERSION = "1"
@@ -154,7 +165,7 @@ def _train_and_score(
     losses = target_losses(model, targets, batch_size=batch_size, device=device)
     result = {"key": key, "label": name, "losses": losses.to_dicts(),
               "examples": examples.num_rows, "steps": len(curve),
-              "final_train_loss": float(np.mean(curve[-max(1, len(curve) // 10):]))}
+              "final_train_loss": loss_summary(curve)["last_loss"]}
     writer.write_shared(path, json.dumps(result).encode(), kind="run")
     return result
 
@@ -188,14 +199,14 @@ def evaluations(
         [tokenizer, tokenized_corpus, target_tasks, *selections.values()],
         lambda writer: _evaluate(context, writer, config, model, selections, tokenizer,
                                  tokenized_corpus, target_tasks, compute))
-    results = pl.from_arrow(artifacts.read_parquet(f"{made.folder}/results.parquet"))
-    unigram = pl.from_arrow(artifacts.read_parquet(f"{made.folder}/unigram.parquet"))
+    results = pl.from_arrow(artifacts.read_parquet(f"{made.folder}/{RESULTS}"))
+    unigram = pl.from_arrow(artifacts.read_parquet(f"{made.folder}/{UNIGRAM}"))
     mults = multipliers(summarise(results))
-    _record_rows(db, made.writer, context.run.run_id, results, mults, unigram, selections)
+    _record_rows(db, made.writer, run_id(context), results, mults, unigram, selections)
     return made.result({
         **{f"unigram_{r['task']}": r["loss"] for r in unigram.to_dicts()},
-        "report": dg.MetadataValue.md(artifacts.read_bytes(f"{made.folder}/report.md").decode()),
-        "plot": dg.MetadataValue.path(artifacts.uri(f"{made.folder}/report.png")),
+        "report": dg.MetadataValue.md(artifacts.read_bytes(f"{made.folder}/{REPORT}").decode()),
+        "plot": dg.MetadataValue.path(artifacts.uri(f"{made.folder}/{REPORT_PLOT}")),
         "models": made.summary["models"],
         **{f"multiplier_{r['method']}_{r['task']}": float(r["multiplier"]) for r in mults.to_dicts()},
     })
@@ -208,23 +219,16 @@ def _evaluate(context: dg.AssetExecutionContext, writer: AssetWriter, config: Ev
     results another evaluation made; results, unigram reference, report and multipliers into
     ``writer``'s folder; the summary."""
     artifacts = writer.store
-    targets = artifacts.read_parquet(targets_up.files("targets")[0]["path"])
-    runs = {m: (1.0, _read_examples(artifacts, up, "examples")) for m, up in selections.items()}
-    pool = _read_examples(artifacts, corpus_up, "examples")
-    unigram = _unigram_reference(pool, targets, tok_up.manifest["summary"]["vocab_size"])
-    writer.write_parquet("unigram.parquet", unigram.to_arrow(), kind="unigram")
-    # The random curve continues random_subset: same seed, same unit, larger budgets.
-    random_config = selections["random"].manifest["config"]
-    doc_ids = pool.column("doc_id").to_numpy(zero_copy_only=False)
-    unit = {k: random_config[k] for k in ("unit", "document_score") if k in random_config}
-    keys = (document_keys(doc_ids, random_config["seed"]) if unit.get("unit") == "document"
-            else uniform_keys(pool.num_rows, random_config["seed"]))
-    tokens = pool.column("n_tokens").to_numpy() - 1
-    for multiple in config.random_multiples:
-        budget = _scaled_budget(random_config, multiple, pool.num_rows, int(tokens.sum()))
-        order = select(keys, pool.column("example_id").to_numpy(zero_copy_only=False),
-                       tokens, doc_ids=doc_ids, **unit, **budget).order
-        runs[f"random@{multiple:g}x"] = (multiple, pool.take(pa.array(np.sort(order))))
+    targets = artifacts.read_parquet(targets_up.only("targets")["path"])
+    runs = {m: (1.0, _examples(artifacts, up)) for m, up in selections.items()}
+    pool = _examples(artifacts, corpus_up)
+    unigram = unigram_reference(pool, targets, tok_up.manifest["summary"]["vocab_size"])
+    writer.write_parquet(UNIGRAM, unigram.to_arrow(), kind="unigram")
+    try:  # the random curve continues random_subset: same seed, same unit, larger budgets
+        runs.update(random_curve(pool, selections["random"].manifest["config"],
+                                 config.random_multiples))
+    except ValueError as error:
+        raise dg.Failure(str(error)) from error
     rows = []
     for label, (multiple, examples) in runs.items():
         for seed in config.seeds:
@@ -237,43 +241,15 @@ def _evaluate(context: dg.AssetExecutionContext, writer: AssetWriter, config: Ev
                              "task": entry["task"], "loss": entry["loss"],
                              "examples": result["examples"], "steps": result["steps"]})
     results = pl.DataFrame(rows)
-    writer.write_parquet("results.parquet", results.to_arrow(), kind="results")
+    writer.write_parquet(RESULTS, results.to_arrow(), kind="results")
     summary = summarise(results)
     mults = multipliers(summary)
     report = _report_markdown(wide_table(summary, mults), unigram, model, config)
-    writer.write_bytes("report.md", report.encode(), kind="report")
-    writer.write_bytes("report.png", plot_png(summary, f"crawl {writer.crawl}"), kind="plot")
-    writer.write_parquet("multipliers.parquet", mults.to_arrow(), kind="multipliers")
+    writer.write_bytes(REPORT, report.encode(), kind="report")
+    writer.write_bytes(REPORT_PLOT, plot_png(summary, f"crawl {writer.crawl}"), kind="plot")
+    writer.write_parquet(MULTIPLIERS, mults.to_arrow(), kind="multipliers")
     return {"models": len(runs) * len(config.seeds), "methods": config.methods,
             "multipliers": mults.to_dicts()}
-
-
-def _scaled_budget(random_config: dict, multiple: float, n: int, pool_tokens: int) -> dict:
-    if random_config.get("token_budget"):
-        budget = round(random_config["token_budget"] * multiple)
-        if budget > pool_tokens:
-            raise dg.Failure(f"random at {multiple:g}x needs {budget} tokens; the pool has "
-                             f"{pool_tokens}: lower random_multiples or the selection budget")
-        return {"token_budget": budget}
-    fraction = random_config["fraction"] * multiple
-    if fraction > 1:
-        raise dg.Failure(f"random at {multiple:g}x the fraction {random_config['fraction']} exceeds "
-                         "the pool: lower random_multiples or the selection fraction")
-    return {"fraction": fraction}
-
-
-POOL_ENTROPY = "pool_entropy"
-"""The `task` of the unigram reference row holding the pool's unigram entropy."""
-
-
-def _unigram_reference(pool: pa.Table, targets: pa.Table, vocab_size: int) -> pl.DataFrame:
-    """task, loss: a unigram model of the pool on every task and on heldout_text, and the
-    pool's unigram entropy (row ``pool_entropy``): what an LM must beat by a margin for the
-    comparison to say more than "the model learnt token frequencies"."""
-    log_probs = unigram_log_probs(pool, vocab_size)
-    frame = unigram_losses(log_probs, targets).select("task", "loss")
-    return pl.concat([frame, pl.DataFrame({"task": [POOL_ENTROPY],
-                                           "loss": [unigram_entropy(log_probs)]})])
 
 
 def _report_markdown(table: pl.DataFrame, unigram: pl.DataFrame, model: ProxyConfig,
@@ -357,14 +333,14 @@ def datamodel_lds(
         [datamodel_weights, proxy_checkpoints, tokenized_corpus, target_tasks],
         lambda writer: _measure_lds(context, writer, config, recipe, fraction, datamodel_weights,
                                     tokenized_corpus, target_tasks, compute))
-    scores = pl.from_arrow(artifacts.read_parquet(f"{made.folder}/lds.parquet"))
+    scores = pl.from_arrow(artifacts.read_parquet(f"{made.folder}/{LDS}"))
     rows = pl.concat([
         scores.select(pl.col("task"), pl.lit("lds").alias("metric"), pl.col("lds").alias("value")),
         scores.select(pl.col("task"), pl.lit("lds_task_level").alias("metric"),
                       pl.col("task_level").alias("value")),
     ]).with_columns(pl.lit("dsdm").alias("method"), pl.lit(None, pl.String).alias("selection_id"),
                     pl.lit(None, pl.Float64).alias("budget"), pl.lit(None, pl.Int64).alias("seed"))
-    _replace_evaluations(db, made.writer, context.run.run_id, rows)
+    _replace_evaluations(db, made.writer, run_id(context), rows)
     return made.result({
         "lds": dg.MetadataValue.md(markdown_table(scores, float_digits=3)),
         **{f"lds_{r['task']}": float(r["lds"]) for r in scores.to_dicts()},
@@ -377,19 +353,18 @@ def _measure_lds(context: dg.AssetExecutionContext, writer: AssetWriter, config:
     """Train (or adopt) the LDS models, measure their target losses, correlate with tau;
     lds.parquet into ``writer``'s folder; the summary."""
     artifacts = writer.store
-    columns = pl.from_arrow(artifacts.read_parquet(weights_up.path_of("target_columns.parquet")))
+    columns = pl.from_arrow(artifacts.read_parquet(weights_up.path_of(TARGET_COLUMNS)))
     tau = np.concatenate([safetensors_load(artifacts.read_bytes(f["path"]))["tau"].numpy()
                           for f in weights_up.files("tau")])
-    pool = _read_examples(artifacts, corpus_up, "examples")
+    pool = _examples(artifacts, corpus_up)
     if tau.shape != (pool.num_rows, columns.height):
         raise dg.Failure(f"tau is {tau.shape}, expected [pool={pool.num_rows}, "
                          f"targets={columns.height}]; re-materialise datamodel_weights")
-    targets = pl.from_arrow(artifacts.read_parquet(targets_up.files("targets")[0]["path"]))
-    order = {e: i for i, e in enumerate(targets["example_id"].to_list())}
-    missing = [e for e in columns["example_id"].to_list() if e not in order]
-    if missing:
-        raise dg.Failure(f"tau columns name targets missing from target_tasks: {missing[:5]}")
-    chosen = targets[[order[e] for e in columns["example_id"].to_list()]].to_arrow()
+    try:
+        chosen = target_columns(artifacts.read_parquet(targets_up.only("targets")["path"]),
+                                columns["example_id"].to_list())
+    except ValueError as error:
+        raise dg.Failure(str(error)) from error
     target_ids, target_mask = to_tensors(chosen)
     subsets = proxy_subsets(pool.num_rows, config.num_models, fraction, config.seed)
     column_ids = columns["example_id"].to_list()
@@ -421,5 +396,5 @@ def _measure_lds(context: dg.AssetExecutionContext, writer: AssetWriter, config:
             context.log.info(f"LDS model {k + 1}/{len(subsets)}: reusing {path}")
         measured.append([result["losses"][e] for e in column_ids])
     scores = linear_datamodeling_score(tau, subsets, np.asarray(measured), columns["task"].to_list())
-    writer.write_parquet("lds.parquet", scores.to_arrow(), kind="lds")
+    writer.write_parquet(LDS, scores.to_arrow(), kind="lds")
     return {"lds": scores.to_dicts(), "models": len(subsets), "fraction": fraction}

@@ -10,6 +10,15 @@ import dagster as dg
 import polars as pl
 from pydantic import Field, field_validator
 
+from dsdm.artifacts import (
+    DOCUMENTS,
+    QUARANTINE,
+    TARGETS,
+    TOKENIZER,
+    Upstream,
+    corpus_shard,
+    load_tokenizer,
+)
 from dsdm.contamination import leaked_target_ids
 from dsdm.ingest import IngestConfig, crawl_inputs, ingest_crawl, ingest_summary
 from dsdm.store import ArtifactStore
@@ -18,14 +27,13 @@ from dsdm.tokenization import (
     TokenizerConfig,
     example_shards,
     load_pretrained,
-    tokenizer_from_bytes,
     tokenizer_summary,
     tokenizer_to_bytes,
     train_bpe,
 )
 from dsdm_assets.config import StepConfig
 from dsdm_assets.manifests import crawl_asset
-from dsdm_assets.recording import AssetWriter, Upstream, produce, record_rows
+from dsdm_assets.recording import AssetWriter, produce, record_rows, run_id
 from dsdm_assets.tables import markdown_table
 from resources import ArtifactStoreResource, CrawlSourceResource, LineageResource
 
@@ -89,14 +97,14 @@ def documents(
                               progress=lambda f, n: context.log.info(f"read {f} ({n} rows so far)"))
         if not result.reconciles():
             raise dg.Failure("ingest counts do not reconcile; this is a bug")
-        writer.write_parquet("documents.parquet", result.documents.to_arrow(), kind="documents")
-        writer.write_parquet("quarantine.parquet", result.quarantine.to_arrow(), kind="quarantine")
+        writer.write_parquet(DOCUMENTS, result.documents.to_arrow(), kind="documents")
+        writer.write_parquet(QUARANTINE, result.quarantine.to_arrow(), kind="quarantine")
         return ingest_summary(result)
 
     made = produce(context, artifacts, db, config.model_dump(), crawl_inputs(crawl_url, options),
                    compute)
-    quarantine = artifacts.read_parquet(f"{made.folder}/quarantine.parquet")
-    record_rows(db, "quarantine", {"crawl": made.writer.crawl, "run_id": context.run.run_id},
+    quarantine = artifacts.read_parquet(f"{made.folder}/{QUARANTINE}")
+    record_rows(db, "quarantine", {"crawl": made.writer.crawl, "run_id": run_id(context)},
                 quarantine, key=["crawl"])
     summary = made.summary
     reasons = markdown_table(pl.DataFrame(summary["reasons"])) if summary["reasons"] else "none"
@@ -110,10 +118,9 @@ def documents(
     })
 
 
-def document_texts(artifacts: ArtifactStore, docs_up: Upstream) -> Iterator[str]:
+def document_texts(store: ArtifactStore, documents: Upstream) -> Iterator[str]:
     """Every document's text in stored order, streamed (one Parquet batch in memory)."""
-    (doc_file,) = docs_up.files("documents")
-    for batch in artifacts.iter_parquet(doc_file["path"], ["text"]):
+    for batch in store.iter_parquet(documents.only("documents")["path"], ["text"]):
         yield from batch.column(0).to_pylist()
 
 
@@ -139,7 +146,7 @@ def tokenizer(
                              f"{documents.manifest['summary']['accepted']} documents")
             # BPE keeps word counts (growing with the distinct words), not the text.
             tok = train_bpe(document_texts(artifacts, documents), config)
-        writer.write_bytes("tokenizer.json", tokenizer_to_bytes(tok), kind="tokenizer")
+        writer.write_bytes(TOKENIZER, tokenizer_to_bytes(tok), kind="tokenizer")
         return tokenizer_summary(tok)
 
     made = produce(context, artifacts, lineage.get_db(), config.model_dump(), [documents], compute)
@@ -162,15 +169,14 @@ def tokenized_corpus(
     artifacts = store.get_store()
 
     def compute(writer: AssetWriter) -> dict:
-        tok = tokenizer_from_bytes(artifacts.read_bytes(tokenizer.files("tokenizer")[0]["path"]))
-        (doc_file,) = documents.files("documents")
+        tok = load_tokenizer(artifacts, tokenizer)
         # Streamed: one batch of documents and one shard of examples in memory at a time.
-        batches = artifacts.iter_parquet(doc_file["path"], ["doc_id", "text", "source"])
+        batches = artifacts.iter_parquet(documents.only("documents")["path"], ["doc_id", "text", "source"])
         totals: dict = {}
         for index, shard in enumerate(example_shards(tok, batches, config.seq_len,
                                                      config.min_example_tokens,
                                                      config.shard_size, totals)):
-            writer.write_parquet(f"shard-{index:05d}.parquet", shard, kind="examples")
+            writer.write_parquet(corpus_shard(index), shard, kind="examples")
             context.log.info(f"wrote shard {index} ({shard.num_rows} examples)")
         if totals["examples"] == 0:
             raise dg.Failure("no examples: every document is shorter than min_example_tokens")
@@ -213,9 +219,8 @@ def target_tasks(
     tasks = read_tasks(crawls.tasks_url, config.tasks, crawls.storage_options())
 
     def compute(writer: AssetWriter) -> dict:
-        tok = tokenizer_from_bytes(artifacts.read_bytes(tokenizer.files("tokenizer")[0]["path"]))
-        table, truncated = tokenize_tasks(tok, tasks, seq_len)
-        writer.write_parquet("targets.parquet", table, kind="targets")
+        table, truncated = tokenize_tasks(load_tokenizer(artifacts, tokenizer), tasks, seq_len)
+        writer.write_parquet(TARGETS, table, kind="targets")
         return {**truncated, "per_task": task_counts(table).to_dicts(),
                 "leaked": leaked_target_ids(tasks["id"].to_list(),
                                             (tasks["prompt"] + " " + tasks["continuation"]).to_list(),

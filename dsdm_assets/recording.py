@@ -17,27 +17,11 @@ import dagster as dg
 import pyarrow as pa
 
 from dsdm import __version__
+from dsdm.artifacts import MANIFEST, Upstream, asset_folder
 from dsdm.lineage import ArtifactRecord, LineageDB, result_rows
 from dsdm.store import ArtifactStore, StoredArtifact, fingerprint
 
 MANIFEST_KEY = "dsdm/manifest"
-
-
-@dataclass(frozen=True)
-class Upstream:
-    """An upstream asset's manifest, read from the store."""
-
-    path: str
-    uri: str
-    sha256: str
-    manifest: dict[str, Any]
-
-    def path_of(self, name: str) -> str:
-        """Store path of a file of this upstream, by its name within the asset folder."""
-        return f"{self.path.rsplit('/', 1)[0]}/{name}"
-
-    def files(self, kind: str | None = None) -> list[dict[str, Any]]:
-        return [f for f in self.manifest["files"] if kind is None or f["kind"] == kind]
 
 
 def read_manifest(store: ArtifactStore, path: str, asset: str, crawl: str) -> Upstream:
@@ -123,6 +107,15 @@ def adopt_file(store: ArtifactStore, path: str) -> tuple[bytes, StoredArtifact]:
 Input = Upstream | tuple[str, str]
 
 
+def run_id(context: dg.OpExecutionContext) -> str:
+    """The id of the Dagster run a step belongs to; ``direct`` for an asset called as a
+    plain function (a unit test), which has no run."""
+    try:
+        return context.run.run_id
+    except dg.DagsterError:
+        return "direct"
+
+
 def definition_code_version(context: dg.OpExecutionContext) -> tuple[str, str]:
     """(asset name, code version) of the asset whose step is running, from its definition
     (for a graph-backed asset, any of its ops); every asset sets a code version."""
@@ -172,11 +165,11 @@ class AssetWriter:
 
     @property
     def folder(self) -> str:
-        return f"{self.asset}/{self.crawl}/{self.config_hash}"
+        return asset_folder(self.asset, self.crawl, self.config_hash)
 
     @property
     def manifest_path(self) -> str:
-        return f"{self.folder}/manifest.json"
+        return f"{self.folder}/{MANIFEST}"
 
     def existing(self) -> dict[str, Any] | None:
         """The manifest of an earlier run with identical config and inputs, if complete and
@@ -251,7 +244,7 @@ class AssetWriter:
         manifest = {
             "asset": self.asset, "crawl": self.crawl, "config": self.config,
             "config_hash": self.config_hash, "code_version": self.code_version,
-            "dsdm_version": __version__, "run_id": self.context.run.run_id,
+            "dsdm_version": __version__, "run_id": run_id(self.context),
             "inputs": [{"uri": u, "sha256": s} for u, s in self.inputs],
             "files": [
                 {"name": name, "path": name if name in self.shared else f"{self.folder}/{name}",
@@ -271,7 +264,7 @@ class AssetWriter:
         common = dict(
             asset=self.asset, crawl=self.crawl, config_hash=self.config_hash,
             code_version=f"{self.asset}@{self.code_version}/dsdm@{__version__}",
-            run_id=self.context.run.run_id, reused=reused, inputs=list(self.inputs),
+            run_id=run_id(self.context), reused=reused, inputs=list(self.inputs),
         )
         manifest_bytes = self.store.read_bytes(self.manifest_path)
         records = [

@@ -17,17 +17,25 @@ import dagster as dg
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import torch
 from pydantic import Field, model_validator
 
+from dsdm.artifacts import (
+    SCORES,
+    SELECTION,
+    Upstream,
+    checkpoint_paths,
+    load_proxy_checkpoint,
+    load_tokenizer,
+    read_examples,
+    selection_shard,
+)
 from dsdm.baselines import BaselineMethod, PoolData
 from dsdm.baselines.classifier import ClassifierSelection
 from dsdm.baselines.dsir import DsirSelection
 from dsdm.baselines.random import RandomSelection, document_keys
-from dsdm.baselines.semdedup import SemDedupSelection, minilm_embeddings, proxy_embeddings
+from dsdm.baselines.semdedup import SemDedupSelection, minilm_embeddings, pool_embeddings
 from dsdm.explain import mixing_coefficients
 from dsdm.lineage import LineageDB
-from dsdm.proxy import load_proxy
 from dsdm.selection import (
     DEGENERATE_SHARE,
     Selection,
@@ -35,13 +43,23 @@ from dsdm.selection import (
     dominant_source,
     normalised_weights,
     rank,
-    select,
 )
 from dsdm.store import ArtifactStore
-from dsdm.tokenization import to_tensors, tokenizer_from_bytes
+from dsdm.subsets import (
+    SELECTION_COLUMNS,
+    budget_check,
+    score_histogram,
+    select_from_pool,
+    selection_frame,
+    selection_summary,
+    source_shares,
+    training_shards,
+)
+from dsdm.tasks import select_texts
+from dsdm.tokenization import decode_examples
 from dsdm_assets.config import StepConfig
 from dsdm_assets.manifests import crawl_asset
-from dsdm_assets.recording import AssetWriter, Upstream, produce, record_rows, require_made_from
+from dsdm_assets.recording import AssetWriter, produce, record_rows, require_made_from, run_id
 from dsdm_assets.tables import bounded, markdown_table, metadata_key
 from resources import ArtifactStoreResource, ComputeResource, LineageResource
 
@@ -129,15 +147,10 @@ class SemDedupSubsetConfig(BudgetConfig, SemDedupSelection):
     """SemDeDup: drop embedding near-duplicates, then sample uniformly."""
 
 
-def _shares(frame: pl.DataFrame, name: str) -> pl.DataFrame:
-    return frame.group_by("source").agg((pl.len() / frame.height).alias(name))
-
-
-def _pool(artifacts: ArtifactStore, corpus_up: Upstream) -> pl.DataFrame:
-    return pl.concat([
-        pl.from_arrow(artifacts.read_parquet(f["path"], columns=["example_id", "doc_id", "source", "n_tokens"]))
-        for f in corpus_up.files("examples")
-    ])
+def _pool(artifacts: ArtifactStore, corpus: Upstream) -> pl.DataFrame:
+    """example_id, doc_id, source, n_tokens of every pool example, in corpus order."""
+    return pl.concat([pl.from_arrow(table) for table in read_examples(
+        artifacts, corpus, columns=["example_id", "doc_id", "source", "n_tokens"])])
 
 
 def _selection_checks(asset: str) -> list[dg.AssetCheckSpec]:
@@ -150,86 +163,71 @@ def _selection_checks(asset: str) -> list[dg.AssetCheckSpec]:
 
 def _write_selection(
     context: dg.AssetExecutionContext, artifacts: ArtifactStore, db: LineageDB, *,
-    method: str, config: dict[str, Any], inputs: list[Upstream],
-    corpus_up: Upstream, tok_up: Upstream, pool: pl.DataFrame,
-    compute_scores: Callable[[], np.ndarray], budget: dict[str, Any], output_shard_size: int,
+    method: str, config: dict[str, Any], inputs: list[Upstream], corpus: Upstream,
+    tokenizer: Upstream, pool: pl.DataFrame, compute_scores: Callable[[], np.ndarray],
+    budget: dict[str, Any], output_shard_size: int,
     extra_shares: dict[str, np.ndarray] | None = None,
     extra_metadata: Callable[[str, np.ndarray], dict[str, Any]] | None = None,
 ) -> dg.MaterializeResult:
-    """Rank by the pool's scores [N] (larger first), keep the budget, write the selection
-    contract. ``compute_scores`` runs only when no finished folder for these inputs exists;
-    otherwise the scores are read back from it (a SemDeDup or classifier rerun costs nothing).
+    """The selection contract of every method: rank the pool by its scores [N] (larger
+    first) and keep the budget; write the scores, the ranked selection and its training
+    shards; record the selections rows; report. ``compute_scores`` runs only when no
+    finished folder for these inputs exists (a SemDeDup or classifier rerun costs nothing).
+    ``extra_shares``: more score vectors whose selections' source shares are shown;
     ``extra_metadata(selection_id, scores)`` adds a method's own metadata (and rows)."""
     asset = context.asset_key.to_user_string()
-    keys = pool["example_id"].to_numpy()
-    scored_tokens = (pool["n_tokens"] - 1).to_numpy()
-    doc_ids = pool["doc_id"].to_numpy()
 
     def chosen_by(scores: np.ndarray) -> Selection:
         try:
-            return select(scores, keys, scored_tokens, doc_ids=doc_ids, **budget)
+            return select_from_pool(pool, scores, budget)
         except ValueError as error:
             raise dg.Failure(f"{asset}: {error}") from error
 
     def compute(writer: AssetWriter) -> dict:
         scores = compute_scores()
         chosen = chosen_by(scores)
-        selection = _selection_frame(pool, chosen)
-        writer.write_parquet("scores.parquet", pa.table({
-            "example_id": pool["example_id"].to_arrow(), "score": pa.array(scores, pa.float64())}),
-            kind="scores")
-        writer.write_parquet("manifest.parquet", selection.select(
-            "rank", "example_id", "doc_id", "source", "score", "unit").to_arrow(), kind="selection")
-        _write_training_shards(writer, artifacts, corpus_up, tok_up, selection, output_shard_size)
-        return {"selected": selection.height, "pool": pool.height,
-                "tokens": int(scored_tokens[chosen.order].sum()), "method": method,
-                "unit": chosen.unit, "documents": selection["doc_id"].n_unique()}
+        selection = selection_frame(pool, chosen)
+        writer.write_parquet(SCORES, pa.table({"example_id": pool["example_id"].to_arrow(),
+                                               "score": pa.array(scores, pa.float64())}), kind="scores")
+        writer.write_parquet(SELECTION, selection.select(SELECTION_COLUMNS).to_arrow(), kind="selection")
+        for k, shard in enumerate(training_shards(read_examples(artifacts, corpus), load_tokenizer(
+                artifacts, tokenizer), selection, output_shard_size)):
+            writer.write_parquet(selection_shard(k), shard, kind="examples")
+        return selection_summary(pool, selection, chosen, method)
 
     chosen_by(np.zeros(pool.height))  # an impossible budget fails before any scoring work
     made = produce(context, artifacts, db,
                    {"method": method, **config, **budget, "output_shard_size": output_shard_size},
                    inputs, compute)
-    stored = artifacts.read_parquet(f"{made.folder}/scores.parquet")
+    stored = artifacts.read_parquet(f"{made.folder}/{SCORES}")
     if stored.column("example_id").to_pylist() != pool["example_id"].to_list():
-        raise dg.Failure(f"{made.folder}/scores.parquet does not match the pool; delete the folder")
+        raise dg.Failure(f"{made.folder}/{SCORES} does not match the pool; delete the folder")
     scores = stored.column("score").to_numpy()
     chosen = chosen_by(scores)
-    selection = _selection_frame(pool, chosen)
-    selection_id = made.writer.config_hash
-    record_rows(db, "selections", {"crawl": made.writer.crawl, "run_id": context.run.run_id,
-                                   "selection_id": selection_id, "method": method},
-                selection.select("rank", "example_id", "doc_id", "source", "score", "unit").to_arrow(),
-                key=["crawl", "selection_id"])
-    shares = _shares(pool, "pool").join(_shares(selection, "selected"), on="source", how="left")
-    for name, task_scores in (extra_shares or {}).items():
-        shares = shares.join(_shares(pool[chosen_by(task_scores).order], name), on="source", how="left")
+    selection = selection_frame(pool, chosen)
+    record_rows(db, "selections", {"crawl": made.writer.crawl, "run_id": run_id(context),
+                                   "selection_id": made.writer.config_hash, "method": method},
+                selection.select(SELECTION_COLUMNS).to_arrow(), key=["crawl", "selection_id"])
+    shares = source_shares(pool, {"selected": selection, **{
+        name: pool[chosen_by(task_scores).order] for name, task_scores in (extra_shares or {}).items()}})
+    passed, figures = budget_check(pool, scores, chosen.order, budget)
     return made.result({
-        "method": method, "selection_id": selection_id, "selected": selection.height,
+        "method": method, "selection_id": made.writer.config_hash, "selected": selection.height,
         "pool": pool.height, "selected_tokens": made.summary["tokens"],
-        **_selection_metadata(pool, selection, scores, chosen.order, shares.fill_null(0.0).sort("source")),
-        **(extra_metadata(selection_id, scores) if extra_metadata else {}),
-    }, [_budget_check(pool, scores, chosen.order, budget), _source_mix_check(pool, selection)])
-
-
-def _selection_frame(pool: pl.DataFrame, chosen: Selection) -> pl.DataFrame:
-    """example_id, doc_id, source, rank, score (of the unit that kept it), unit: the kept
-    examples in rank order."""
-    order = chosen.order
-    return pool[order].select("example_id", "doc_id", "source").with_columns(
-        pl.Series("rank", np.arange(1, len(order) + 1)), pl.Series("score", chosen.unit_scores),
-        pl.lit(chosen.unit).alias("unit"))
+        **_selection_metadata(pool, selection, scores, chosen.order, shares),
+        **(extra_metadata(made.writer.config_hash, scores) if extra_metadata else {}),
+    }, [dg.AssetCheckResult(check_name="size_matches_budget", passed=passed, metadata=figures),
+        _source_mix_check(pool, selection)])
 
 
 def _selection_metadata(pool: pl.DataFrame, selection: pl.DataFrame, scores: np.ndarray,
                         order: np.ndarray, shares: pl.DataFrame) -> dict[str, Any]:
     """What a reader wants to see: source mix vs the pool (also per single task), the score
     distribution, and the best and worst examples."""
-    counts, edges = np.histogram(scores, bins=12)
-    histogram = pl.DataFrame({"from": edges[:-1], "to": edges[1:], "examples": counts,
-                              "selected": np.histogram(scores[order], bins=edges)[0]})
     return {
         "source_shares": dg.MetadataValue.md(markdown_table(shares)),
-        "score_histogram": dg.MetadataValue.md(markdown_table(histogram, float_digits=5)),
+        "score_histogram": dg.MetadataValue.md(markdown_table(score_histogram(scores, order),
+                                                              float_digits=5)),
         "top_examples": dg.MetadataValue.md(markdown_table(selection.head(5))),
         "bottom_of_pool": dg.MetadataValue.md(markdown_table(
             pool.with_columns(pl.Series("score", scores)).sort("score").head(5)
@@ -267,38 +265,43 @@ def selected_subset(
     lineage: LineageResource,
 ) -> dg.MaterializeResult:
     artifacts, db = store.get_store(), lineage.get_db()
-    scores = pl.from_arrow(artifacts.read_parquet(datamodel_weights.path_of("scores.parquet")))
+    scores = pl.from_arrow(artifacts.read_parquet(datamodel_weights.path_of(SCORES)))
     pool = _pool(artifacts, tokenized_corpus)
     if pool["example_id"].to_list() != scores["example_id"].to_list():
         raise dg.Failure("scores and corpus disagree on the examples; re-materialise datamodel_weights")
     task_scores = {t: scores[t].to_numpy() for t in scores.columns if t != "example_id"}
-    weights = config.task_weights or None
     try:
-        combined = combine_task_scores(task_scores, weights, standardise=config.standardise_tasks)
+        combined = combine_task_scores(task_scores, config.task_weights or None,
+                                       standardise=config.standardise_tasks)
     except ValueError as error:
         raise dg.Failure(f"selected_subset config: {error}") from error
-    normalised = normalised_weights(task_scores, weights)
-    coefficients = mixing_coefficients(task_scores, weights, standardise=config.standardise_tasks)
-    mixing = pa.table({"task": list(task_scores),
-                       "weight": [normalised.get(t, 0.0) for t in task_scores],
-                       "coefficient": [coefficients[t] for t in task_scores]})
     scores_id = datamodel_weights.manifest["config_hash"]
 
     def explain(selection_id: str, mixed: np.ndarray) -> dict[str, Any]:
         record_rows(db, "selection_weights", {
-            "crawl": context.partition_key, "run_id": context.run.run_id,
-            "selection_id": selection_id, "scores_id": scores_id}, mixing,
-            key=["crawl", "selection_id"])
+            "crawl": context.partition_key, "run_id": run_id(context),
+            "selection_id": selection_id, "scores_id": scores_id},
+            _mixing_table(task_scores, config), key=["crawl", "selection_id"])
         return _explained_examples(db, scores_id, pool, mixed)
 
     return _write_selection(
         context, artifacts, db, method="dsdm",
         config={"task_weights": config.task_weights, "standardise_tasks": config.standardise_tasks},
-        inputs=[datamodel_weights, tokenized_corpus, tokenizer], corpus_up=tokenized_corpus,
-        tok_up=tokenizer, pool=pool, compute_scores=lambda: combined, budget=config.budget(),
+        inputs=[datamodel_weights, tokenized_corpus, tokenizer], corpus=tokenized_corpus,
+        tokenizer=tokenizer, pool=pool, compute_scores=lambda: combined, budget=config.budget(),
         output_shard_size=config.output_shard_size, extra_shares={
             f"only_{t}": values for t, values in task_scores.items()}, extra_metadata=explain,
     )
+
+
+def _mixing_table(task_scores: dict[str, np.ndarray], config: SelectionConfig) -> pa.Table:
+    """task, weight, coefficient: how the DsDm selection mixed its task scores."""
+    weights = normalised_weights(task_scores, config.task_weights or None)
+    coefficients = mixing_coefficients(task_scores, config.task_weights or None,
+                                       standardise=config.standardise_tasks)
+    return pa.table({"task": list(task_scores),
+                     "weight": [weights.get(t, 0.0) for t in task_scores],
+                     "coefficient": [coefficients[t] for t in task_scores]})
 
 
 def _explained_examples(db: LineageDB, scores_id: str, pool: pl.DataFrame, mixed: np.ndarray,
@@ -325,88 +328,22 @@ def _explained_examples(db: LineageDB, scores_id: str, pool: pl.DataFrame, mixed
     return tables
 
 
-def _write_training_shards(
-    writer: AssetWriter, artifacts: ArtifactStore, corpus_up: Upstream, tok_up: Upstream,
-    selection: pl.DataFrame, output_shard_size: int,
-) -> None:
-    """The selected examples (token ids + decoded text), in corpus order, as Parquet shards
-    whose schema metadata names the selection unit (``dsdm.unit``)."""
-    tok = tokenizer_from_bytes(artifacts.read_bytes(tok_up.files("tokenizer")[0]["path"]))
-    chosen = set(selection["example_id"].to_list())
-    shard_rows: list[pa.Table] = []
-    for f in corpus_up.files("examples"):
-        table = artifacts.read_parquet(f["path"])
-        mask = pa.array([e in chosen for e in table.column("example_id").to_pylist()])
-        shard_rows.append(table.filter(mask))
-    examples = pa.concat_tables(shard_rows)
-    text = [tok.decode(ids[:n]) for ids, n in zip(
-        examples.column("input_ids").to_pylist(), examples.column("n_tokens").to_pylist(), strict=True)]
-    examples = examples.append_column("text", pa.array(text, pa.string()))
-    examples = examples.replace_schema_metadata(
-        {**(examples.schema.metadata or {}), b"dsdm.unit": selection["unit"][0].encode()})
-    for index, start in enumerate(range(0, examples.num_rows, output_shard_size)):
-        writer.write_parquet(f"examples-{index:05d}.parquet",
-                             examples.slice(start, output_shard_size), kind="examples")
-
-
-def _budget_check(pool: pl.DataFrame, scores: np.ndarray, order: np.ndarray,
-                  budget: dict) -> dg.AssetCheckResult:
-    """``size_matches_budget``, computed independently of `dsdm.selection.select`: examples,
-    as many as the budget allows; documents, whole ones within the tokens, and no left-out
-    document that would still fit."""
-    tokens = (pool["n_tokens"] - 1).to_numpy()
-    n = len(order)
-    if budget.get("unit") != "document":
-        if "fraction" in budget:
-            expected = int(np.floor(budget["fraction"] * len(scores)))
-        else:
-            ranked = np.lexsort((pool["example_id"].to_numpy(), -scores))
-            expected = int((np.cumsum(tokens[ranked]) <= budget["token_budget"]).sum())
-        return dg.AssetCheckResult(check_name="size_matches_budget", passed=n == expected,
-                                   metadata={"selected": n, "expected": expected})
-    limit = budget.get("token_budget") or int(np.floor(budget["fraction"] * tokens.sum()))
-    kept = pool["doc_id"].is_in(pool["doc_id"][order].implode()).to_numpy()
-    used = int(tokens[order].sum())
-    left_out = (pool.filter(~kept).group_by("doc_id").agg((pl.col("n_tokens") - 1).sum())
-                ["n_tokens"])
-    smallest_left_out = int(left_out.min()) if len(left_out) else None
-    whole = int(kept.sum()) == n
-    fits = smallest_left_out is not None and smallest_left_out <= limit - used
-    return dg.AssetCheckResult(
-        check_name="size_matches_budget", passed=whole and used <= limit and not fits,
-        metadata={"selected": n, "selected_tokens": used, "token_budget": int(limit),
-                  "whole_documents": whole, "smallest_left_out_document": smallest_left_out})
-
-
-def _pool_texts(artifacts: ArtifactStore, corpus_up: Upstream, tok_up: Upstream) -> list[str]:
+def _pool_texts(artifacts: ArtifactStore, corpus: Upstream, tokenizer: Upstream) -> list[str]:
     """Decoded text of every pool example, in corpus order."""
-    tok = tokenizer_from_bytes(artifacts.read_bytes(tok_up.files("tokenizer")[0]["path"]))
-    texts: list[str] = []
-    for f in corpus_up.files("examples"):
-        table = artifacts.read_parquet(f["path"], columns=["input_ids", "n_tokens"])
-        ids = table.column("input_ids").to_pylist()
-        texts.extend(tok.decode_batch([row[:n] for row, n in zip(
-            ids, table.column("n_tokens").to_pylist(), strict=True)]))
-    return texts
-
-
-def _target_texts(
-    artifacts: ArtifactStore, targets_up: Upstream, tok_up: Upstream, tasks: list[str]
-) -> list[str]:
-    """Decoded prompt + continuation of the select-split targets of ``tasks`` (all if empty)."""
-    table = pl.from_arrow(artifacts.read_parquet(targets_up.files("targets")[0]["path"]))
-    known = sorted(set(table["task"].to_list()))
-    if unknown := sorted(set(tasks) - set(known)):
-        raise dg.Failure(f"tasks {unknown} are not among the target tasks {known}")
-    chosen = table.filter((pl.col("split") == "select") & pl.col("task").is_in(tasks or known))
-    tok = tokenizer_from_bytes(artifacts.read_bytes(tok_up.files("tokenizer")[0]["path"]))
-    return tok.decode_batch([row[:n] for row, n in zip(
-        chosen["input_ids"].to_list(), chosen["n_tokens"].to_list(), strict=True)])
+    return decode_examples(load_tokenizer(artifacts, tokenizer),
+                           read_examples(artifacts, corpus, columns=["input_ids", "n_tokens"]))
 
 
 def _engine(config: dg.Config, cls: type) -> Any:
     """The engine's method object from an asset config that extends it."""
     return cls.model_validate(config.model_dump(include=set(cls.model_fields)))
+
+
+def _scores(context: dg.AssetExecutionContext, method: BaselineMethod, data: PoolData) -> np.ndarray:
+    try:
+        return method.scores(data)
+    except ValueError as error:
+        raise dg.Failure(f"{context.asset_key.to_user_string()}: {error}") from error
 
 
 @crawl_asset(
@@ -424,43 +361,38 @@ def random_subset(
     method = _engine(config, RandomSelection)
     return _write_selection(
         context, artifacts, db, method=method.name, config=method.model_dump(mode="json"),
-        inputs=[tokenized_corpus, tokenizer], corpus_up=tokenized_corpus, tok_up=tokenizer,
-        pool=pool, budget=config.budget(),
+        inputs=[tokenized_corpus, tokenizer], corpus=tokenized_corpus, tokenizer=tokenizer,
+        pool=pool, budget=config.budget(), output_shard_size=config.output_shard_size,
         compute_scores=lambda: (
             document_keys(pool["doc_id"].to_numpy(), method.seed) if config.unit == "document"
-            else _scores("random_subset", method, PoolData(pool["example_id"].to_list()))),
-        output_shard_size=config.output_shard_size,
+            else _scores(context, method, PoolData(pool["example_id"].to_list()))),
     )
 
 
 def _text_baseline(
-    context: dg.AssetExecutionContext, config: TargetTextConfig, cls: type, asset: str,
-    inputs: tuple[Upstream, Upstream, Upstream],
+    context: dg.AssetExecutionContext, config: TargetTextConfig, cls: type,
+    corpus: Upstream, tokenizer: Upstream, targets: Upstream,
     store: ArtifactStoreResource, lineage: LineageResource,
 ) -> dg.MaterializeResult:
+    """A baseline that scores the pool's text against the target tasks' select-split text."""
     artifacts, db = store.get_store(), lineage.get_db()
-    corpus_up, tok_up, targets_up = inputs
     method = _engine(config, cls)
 
     def compute_scores() -> np.ndarray:
-        data = PoolData(_pool_texts(artifacts, corpus_up, tok_up),
-                        _target_texts(artifacts, targets_up, tok_up, config.tasks))
-        return _scores(asset, method, data)
+        try:
+            target_texts = select_texts(load_tokenizer(artifacts, tokenizer), artifacts.read_parquet(
+                targets.only("targets")["path"]), config.tasks)
+        except ValueError as error:
+            raise dg.Failure(str(error)) from error
+        return _scores(context, method, PoolData(_pool_texts(artifacts, corpus, tokenizer), target_texts))
 
     return _write_selection(
         context, artifacts, db, method=method.name,
         config={**method.model_dump(mode="json"), "tasks": sorted(config.tasks)},
-        inputs=[corpus_up, tok_up, targets_up], corpus_up=corpus_up, tok_up=tok_up,
-        pool=_pool(artifacts, corpus_up), compute_scores=compute_scores,
+        inputs=[corpus, tokenizer, targets], corpus=corpus, tokenizer=tokenizer,
+        pool=_pool(artifacts, corpus), compute_scores=compute_scores,
         budget=config.budget(), output_shard_size=config.output_shard_size,
     )
-
-
-def _scores(asset: str, method: BaselineMethod, data: PoolData) -> np.ndarray:
-    try:
-        return method.scores(data)
-    except ValueError as error:
-        raise dg.Failure(f"{asset}: {error}") from error
 
 
 @crawl_asset(
@@ -473,8 +405,8 @@ def dsir_subset(
     tokenized_corpus: Upstream, tokenizer: Upstream, target_tasks: Upstream,
     store: ArtifactStoreResource, lineage: LineageResource,
 ) -> dg.MaterializeResult:
-    return _text_baseline(context, config, DsirSelection, "dsir_subset",
-                          (tokenized_corpus, tokenizer, target_tasks), store, lineage)
+    return _text_baseline(context, config, DsirSelection, tokenized_corpus, tokenizer,
+                          target_tasks, store, lineage)
 
 
 @crawl_asset(
@@ -487,8 +419,8 @@ def classifier_subset(
     tokenized_corpus: Upstream, tokenizer: Upstream, target_tasks: Upstream,
     store: ArtifactStoreResource, lineage: LineageResource,
 ) -> dg.MaterializeResult:
-    return _text_baseline(context, config, ClassifierSelection, "classifier_subset",
-                          (tokenized_corpus, tokenizer, target_tasks), store, lineage)
+    return _text_baseline(context, config, ClassifierSelection, tokenized_corpus, tokenizer,
+                          target_tasks, store, lineage)
 
 
 @crawl_asset(
@@ -503,44 +435,29 @@ def semdedup_subset(
     compute: ComputeResource, store: ArtifactStoreResource, lineage: LineageResource,
 ) -> dg.MaterializeResult:
     artifacts, db = store.get_store(), lineage.get_db()
-    corpus_up, tok_up = tokenized_corpus, tokenizer
-    inputs = [corpus_up, tok_up]
     method = _engine(config, SemDedupSelection)
-    proxies_up = None
+    inputs, proxies = [tokenized_corpus, tokenizer], None
     if method.embedder == "proxy":
         if proxy_checkpoints is None:
             raise dg.Failure("semdedup_subset embeds with the proxies (embedder: proxy); "
                              "proxy_checkpoints has not been materialised for this crawl")
-        proxies_up = proxy_checkpoints
-        require_made_from(proxies_up, "proxy_checkpoints", corpus_up, "tokenized_corpus")
-        inputs.append(proxies_up)
-    pool = _pool(artifacts, corpus_up)
+        require_made_from(proxy_checkpoints, "proxy_checkpoints", tokenized_corpus, "tokenized_corpus")
+        inputs, proxies = [*inputs, proxy_checkpoints], proxy_checkpoints
+    pool = _pool(artifacts, tokenized_corpus)
 
     def compute_scores() -> np.ndarray:
-        if proxies_up is not None:
+        if proxies is not None:
             device = compute.setup()
-            entry = proxies_up.files("checkpoint")[0]
-            model = load_proxy(
-                artifacts.read_json(entry["path"].replace("model.safetensors", "config.json")),
-                artifacts.read_bytes(entry["path"]), device=device,
-                source=artifacts.uri(entry["path"]))
-            parts = []
-            for f in corpus_up.files("examples"):
-                table = artifacts.read_parquet(f["path"])
-                ids, _ = to_tensors(table)
-                n_tokens = torch.from_numpy(table.column("n_tokens").to_numpy().astype(np.int64))
-                attention = torch.arange(ids.shape[1])[None, :] < n_tokens[:, None]
-                parts.append(proxy_embeddings(model, ids, attention, device=device))
-            embeddings = np.concatenate(parts)
+            model = load_proxy_checkpoint(artifacts, checkpoint_paths(proxies)[0], device)
+            embeddings = pool_embeddings(model, read_examples(artifacts, tokenized_corpus), device)
         else:
-            embeddings = minilm_embeddings(_pool_texts(artifacts, corpus_up, tok_up))
-        return _scores("semdedup_subset", method,
-                       PoolData(pool["example_id"].to_list(), embeddings=embeddings))
+            embeddings = minilm_embeddings(_pool_texts(artifacts, tokenized_corpus, tokenizer))
+        return _scores(context, method, PoolData(pool["example_id"].to_list(), embeddings=embeddings))
 
     return _write_selection(
-        context, artifacts, db, method=method.name,
-        config=method.model_dump(mode="json"), inputs=inputs, corpus_up=corpus_up, tok_up=tok_up,
-        pool=pool, compute_scores=compute_scores, budget=config.budget(),
+        context, artifacts, db, method=method.name, config=method.model_dump(mode="json"),
+        inputs=inputs, corpus=tokenized_corpus, tokenizer=tokenizer, pool=pool,
+        compute_scores=compute_scores, budget=config.budget(),
         output_shard_size=config.output_shard_size,
         extra_metadata=lambda _, scores: {"near_duplicates": int((scores < 0).sum())},
     )

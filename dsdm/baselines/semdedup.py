@@ -13,15 +13,17 @@ survivors.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import ClassVar, Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from dsdm.baselines.base import BaselineMethod, PoolData
 from dsdm.baselines.random import uniform_keys
+from dsdm.tokenization import attention_mask, to_tensors
 
 logger = logging.getLogger(__name__)
 DUPLICATE_SCORE = -1.0
@@ -150,3 +152,14 @@ def minilm_embeddings(texts: Sequence[str], batch_size: int = 64, max_tokens: in
         pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
         out.append(torch.nn.functional.normalize(pooled, dim=1))
     return torch.cat(out).numpy()
+
+
+def pool_embeddings(model: torch.nn.Module, shards: Iterable[pa.Table],
+                    device: torch.device | str = "cpu") -> np.ndarray:
+    """[N, H] `proxy_embeddings` of every example of a tokenized corpus, shard by shard in
+    corpus order."""
+    parts = []
+    for table in shards:
+        ids, _ = to_tensors(table)
+        parts.append(proxy_embeddings(model, ids, attention_mask(table), device=device))
+    return np.concatenate(parts)

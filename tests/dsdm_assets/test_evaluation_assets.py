@@ -117,7 +117,7 @@ def test_unchanged_selections_are_reused_without_rescoring(evaluated, monkeypatc
     def not_called(*args, **kwargs):
         raise AssertionError("a reused selection recomputed its scores")
 
-    for name in ("proxy_embeddings", "minilm_embeddings", "_pool_texts"):
+    for name in ("pool_embeddings", "minilm_embeddings", "_pool_texts"):
         monkeypatch.setattr(selection, name, not_called)
     again = dg.materialize(assets, selection=list(SELECTION_ASSETS.values()), partition_key="small", instance=instance, resources=resources,
                            run_config={"ops": {k: v for k, v in config["ops"].items()

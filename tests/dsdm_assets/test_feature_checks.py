@@ -2,9 +2,9 @@
 
 import torch
 
-from dsdm.datamodels import features_to_bytes
+from dsdm.datamodels import feature_stats, features_to_bytes
 from dsdm.features import Features
-from dsdm_assets.datamodels import _feature_stats, _features_finite_check
+from dsdm_assets.datamodels import _features_finite_check
 
 
 def _file(phi: torch.Tensor) -> bytes:
@@ -20,7 +20,7 @@ def test_zero_constant_and_nonfinite_feature_files_fail_the_check() -> None:
     nan[2, 1] = float("nan")
     cases = {"varied": varied, "zeros": torch.zeros(5, 4), "constant": varied[:1].repeat(5, 1),
              "nan": nan, "one_row": torch.zeros(1, 4)}
-    stats = {name: _feature_stats(_file(phi), name) for name, phi in cases.items()}
+    stats = {name: feature_stats(_file(phi), name) for name, phi in cases.items()}
     assert stats == {"varied": (0, 4, False), "zeros": (0, 4, True), "constant": (0, 4, True),
                      "nan": (1, 4, False), "one_row": (0, 4, False)}
     summary = {"nonfinite": 0, "degenerate_files": ["proxy-00/shard-00002.safetensors"]}

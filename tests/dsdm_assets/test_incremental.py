@@ -24,8 +24,8 @@ def _with_tasks(config: dict, tasks: list[str]) -> dict:
 
 
 def _materialise(keys: list[str], run_config: dict, resources: dict, instance, **kwargs):
-    assets = [a for a in defs.assets if a.key.to_user_string() in keys]
-    return dg.materialize(assets, partition_key="small", instance=instance, resources=resources,
+    return dg.materialize(list(defs.assets), selection=keys, partition_key="small",
+                          instance=instance, resources=resources,
                           run_config={"ops": {k: v for k, v in run_config["ops"].items() if k in keys}},
                           **kwargs)
 

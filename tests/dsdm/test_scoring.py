@@ -1,0 +1,52 @@
+"""Scoring a pool shard by shard gives what the estimator gives on the whole pool at once,
+with each candidate's task means and its most helped and hurt targets."""
+
+import numpy as np
+import pytest
+import torch
+
+from dsdm import trak
+from dsdm.features import Features
+from dsdm.scoring import STORED_CONTRIBUTION_SCHEMA, score_pool
+
+
+def _features(generator: torch.Generator, rows: int, dim: int = 6) -> Features:
+    return Features(phi=torch.randn(rows, dim, generator=generator),
+                    q=torch.rand(rows, generator=generator), margin=torch.zeros(rows))
+
+
+def test_shards_score_as_the_whole_pool() -> None:
+    gen = torch.Generator().manual_seed(0)
+    shards = {(m, k): _features(gen, rows) for m in range(2) for k, rows in enumerate((5, 4))}
+    target_phi = [torch.randn(3, 6, generator=gen) for _ in range(2)]
+    ids = [[f"a{i}" for i in range(5)], [f"b{i}" for i in range(4)]]
+    parts = list(score_pool(lambda m, k: shards[m, k], [lambda k=k: ids[k] for k in range(2)],
+                            target_phi, ["t0", "t1", "t2"], ["qa", "qa", "cloze"],
+                            lambda_relative=0.1, explain_targets=1))
+    # the whole pool at once
+    per_proxy = []
+    for m in range(2):
+        phi = torch.cat([shards[m, 0].phi, shards[m, 1].phi])
+        kernel = trak.kernel([phi])
+        inverse = trak.regularised_inverse(kernel, trak.default_lambda(kernel, 0.1))
+        (block,) = trak.scores([phi], inverse, target_phi[m])
+        per_proxy.append(block)
+    q = [torch.cat([shards[m, 0].q, shards[m, 1].q]) for m in range(2)]
+    whole = trak.ensemble(per_proxy, q)
+    tau = torch.cat([p.tau for p in parts])
+    assert torch.allclose(tau, whole.float(), atol=1e-5)
+    assert [p.example_ids for p in parts] == ids
+    means = np.concatenate([p.means["qa"] for p in parts])
+    np.testing.assert_allclose(means, whole[:, :2].double().mean(1).numpy(), rtol=1e-5)
+    top = parts[1].contributions
+    assert top.schema == STORED_CONTRIBUTION_SCHEMA and set(top.column("shard").to_pylist()) == {1}
+    # per candidate at most the one target it helps most and the one it hurts most
+    assert 0 < top.num_rows <= 4 * 2 and set(top.column("example_id").to_pylist()) <= set(ids[1])
+
+
+def test_a_feature_shard_of_other_examples_is_refused() -> None:
+    gen = torch.Generator().manual_seed(1)
+    shard = _features(gen, 5)
+    with pytest.raises(ValueError, match="feature shard 0 has 5 rows, corpus 4"):
+        list(score_pool(lambda m, k: shard, [lambda: ["a", "b", "c", "d"]],
+                        [torch.randn(2, 6, generator=gen)], ["t0", "t1"], ["x", "x"], 0.1))
