@@ -256,16 +256,6 @@ class LineageDB:
             con.execute("COMMIT")
         return int(inserted)
 
-    def find_artifact(self, asset: str, config_hash: str, crawl: str | None) -> list[dict]:
-        """Artifacts an earlier run wrote for the same asset, crawl and config (for reuse)."""
-        table = self.query(
-            "SELECT uri, sha256, row_count, run_id FROM artifacts "
-            "WHERE asset = ? AND config_hash = ? AND crawl IS NOT DISTINCT FROM ? "
-            "ORDER BY recorded_at DESC",
-            [asset, config_hash, crawl],
-        )
-        return table.to_pylist()
-
 
 def result_rows(constants: dict[str, str], batches: Iterable[pa.RecordBatch | pa.Table],
                 schema: pa.Schema) -> pa.RecordBatchReader:

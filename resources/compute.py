@@ -1,23 +1,32 @@
-"""Which device, dtype, batch size and thread count the torch steps use."""
+"""Which device, dtype and thread count the torch steps use."""
 
 from typing import Literal
 
 import dagster as dg
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from dsdm.memory import fix_mmap_threshold
+
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class ComputeResource(dg.ConfigurableResource):
     """CPU or CUDA. ``auto`` picks CUDA when one is visible."""
 
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Compute device.")
+    device: str = Field("auto", description="Compute device: auto, cpu or cuda.")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Autocast dtype on CUDA (bfloat16 is the fast path there)."
     )
-    batch_size: int = Field(32, ge=1, description="Examples per forward/backward.")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        # a dg.EnvVar (DSDM_DEVICE) is checked once Dagster has resolved it
+        if not isinstance(device, dg.EnvVar) and device not in DEVICES:
+            raise ValueError(f"device {device!r}: choose one of {', '.join(DEVICES)}")
+        return device
 
     def torch_device(self) -> torch.device:
         if self.device == "cuda" and not torch.cuda.is_available():
