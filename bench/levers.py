@@ -279,6 +279,37 @@ def features(args: argparse.Namespace) -> None:
     log(f"features in {feats}")
 
 
+def target_features(args: argparse.Namespace) -> None:
+    """Target features of an existing features folder with other target tokens scored:
+    ``--tokens text`` scores every token of prompt + continuation (the task's text), not only
+    the continuation. Written to ``<features>/targets-<tokens>/``; a variant selects them with
+    ``"targets": "<tokens>"`` (the pool features and their kernels are shared)."""
+    from dsdm.features import FeatureConfig, featurize
+
+    out, data = Path(args.out), Data(Path(args.out))
+    feats = out / "features" / args.features
+    config = FeatureConfig.model_validate(json.loads((feats / "config.json").read_text()))
+    folder = out / "proxies" / args.features.split("-")[0]
+    base = json.loads((folder / "config.json").read_text())
+    if args.tokens != "text":
+        raise SystemExit(f"unknown --tokens {args.tokens!r}")
+    positions = torch.arange(data.t_ids.shape[1])[None, :]
+    mask = data.t_attention & (positions >= 1)
+    dest = feats / f"targets-{args.tokens}"
+    dest.mkdir(exist_ok=True)
+    for m in range(args.proxies):
+        ckpt = checkpoint_files(folder, m, "last")[0]
+        if (dest / ckpt.name).exists():
+            continue
+        model = build_proxy(ProxyConfig.model_validate({**base, "seed": base["seed"] + m}))
+        model.load_state_dict(load_file(str(ckpt)), strict=True)
+        per_proxy = config.model_copy(update={"seed": config.seed + m})
+        targ = featurize(model, data.t_ids, mask, per_proxy, attention_mask=data.t_attention)
+        save_file({"target_phi": targ.phi.contiguous(), "target_q": targ.q.contiguous()},
+                  str(dest / ckpt.name))
+        log(f"target features {dest.name}/{ckpt.name}")
+
+
 # --- scoring and LDS ---------------------------------------------------------------------
 
 
@@ -295,6 +326,8 @@ def measured_losses(args: argparse.Namespace, data: Data) -> tuple[np.ndarray, n
     """Subset indicator [K, N], measured select-target losses [K, T] and the seed-noise check."""
     lds = Path(args.out) / "lds"
     (folder,) = [f for f in lds.iterdir() if f.is_dir()] if args.lds is None else [lds / args.lds]
+    if not any(folder.glob("model-*.json")):
+        raise FileNotFoundError(f"no LDS models in {folder}")
     files = sorted(folder.glob("model-*.json"))
     fraction = json.loads((folder / "config.json").read_text())["fraction"]
     subsets_ = subsets(data.n, len(files), fraction, 1000)
@@ -353,6 +386,9 @@ def variant_tau_parts(variant: dict, files: list[FeatureFile], indicator: np.nda
     sums, task_scores = 0.0, 0.0
     for f in files:
         g = f.tensors["target_phi"].double()
+        if "targets" in variant:  # other target tokens (`target-features`)
+            g = load_file(str(f.path.parent / f"targets-{variant['targets']}" / f.path.name))[
+                "target_phi"].double()
         if variant.get("common") == "subtract_mean":
             g = g - g.mean(0, keepdim=True)
         if variant.get("target_norm") == "unit":
@@ -372,8 +408,12 @@ def variant_tau_parts(variant: dict, files: list[FeatureFile], indicator: np.nda
 def score(args: argparse.Namespace) -> None:
     """LDS (per target and task level) and cross-task correlation of each variant."""
     out, data = Path(args.out), Data(Path(args.out))
-    indicator, losses, noise = measured_losses(args, data)
-    log(f"{len(losses)} LDS models; training noise {noise}")
+    try:
+        indicator, losses, noise = measured_losses(args, data)
+        log(f"{len(losses)} LDS models; training noise {noise}")
+    except (FileNotFoundError, ValueError) as missing:  # scores (to select) without LDS
+        log(f"no LDS ({missing}): task scores and cross-task correlation only")
+        indicator, losses, noise = np.zeros((1, data.n)), None, {}
     variants = json.loads(Path(args.grid).read_text())
     results = []
     task_names = sorted(set(data.t_tasks.tolist()))
@@ -381,27 +421,29 @@ def score(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         files = feature_files(out, variant)
         sums, task_scores = variant_tau_parts(variant, files, indicator, data)
-        predicted = -sums
-        per_target = spearman_columns(predicted, losses)
-        report = {}
-        for name in task_names:
-            cols = data.t_tasks == name
-            level = spearman_columns(predicted[:, cols].mean(1, keepdims=True),
-                                     losses[:, cols].mean(1, keepdims=True))[0]
-            report[name] = {"lds": round(float(np.nanmean(per_target[cols])), 4),
-                            "task_level": round(float(level), 4)}
+        report, per_target = {}, np.full(data.t_tasks.size, np.nan)
+        if losses is not None:
+            predicted = -sums
+            per_target = spearman_columns(predicted, losses)
+            for name in task_names:
+                cols = data.t_tasks == name
+                level = spearman_columns(predicted[:, cols].mean(1, keepdims=True),
+                                         losses[:, cols].mean(1, keepdims=True))[0]
+                report[name] = {"lds": round(float(np.nanmean(per_target[cols])), 4),
+                                "task_level": round(float(level), 4)}
         from bench.common import spearman
 
         corr = {f"{a}~{b}": round(spearman(task_scores[:, i], task_scores[:, j]), 3)
                 for i, a in enumerate(task_names) for j, b in enumerate(task_names) if j > i}
-        row = {"variant": variant, "files": len(files), "lds_mean": round(float(np.nanmean(per_target)), 4),
+        row = {"variant": variant, "files": len(files), "lds_mean": None if losses is None else round(float(np.nanmean(per_target)), 4),
                "per_task": report, "cross_task_spearman": corr,
                "seconds": round(time.perf_counter() - start, 1)}
         results.append(row)
         log(json.dumps(row))
         np.save(out / f"task_scores-{digest(variant)}.npy", task_scores)
     path = Path(args.result or out / f"score-{Path(args.grid).stem}.json")
-    path.write_text(json.dumps({"noise": noise, "lds_models": len(losses), "results": results}, indent=2))
+    path.write_text(json.dumps({"noise": noise, "lds_models": 0 if losses is None else len(losses),
+                                "results": results}, indent=2))
     log(f"wrote {path}")
 
 
@@ -478,6 +520,9 @@ def selection_scores(out: Path, data: Data, method: str) -> np.ndarray:
 
     if method == "random":
         return uniform_keys(data.n, 0)
+    if method.startswith("sources:"):  # a hand-picked domain filter: the ceiling of domain choice
+        wanted = method.removeprefix("sources:").split(",")
+        return uniform_keys(data.n, 0) + np.isin(data.pool["source"].to_numpy(), wanted)
     if method == "dsir":
         from tokenizers import Tokenizer
 
@@ -685,6 +730,11 @@ def main() -> None:
     p.add_argument("--model-output", choices=("margin", "log_prob"), default="margin")
     add_previous_args(p)
     p.add_argument("--batch-size", type=int, default=64)
+    p = sub.add_parser("target-features")
+    p.set_defaults(func=target_features)
+    p.add_argument("--features", required=True, help="a features folder name")
+    p.add_argument("--proxies", type=int, default=8)
+    p.add_argument("--tokens", default="text", help="text: prompt + continuation")
     p = sub.add_parser("score")
     p.set_defaults(func=score)
     p.add_argument("--grid", required=True, help="JSON list of variants")
@@ -693,7 +743,8 @@ def main() -> None:
     p = sub.add_parser("evaluate")
     p.set_defaults(func=evaluate)
     p.add_argument("--methods", nargs="+", required=True,
-                   help="random, dsir, or a DsDm variant as JSON (its scores from `score`)")
+                   help="random, dsir, sources:A,B (uniform within those pool sources "
+                   "first), or a DsDm variant as JSON (its scores from `score`)")
     p.add_argument("--multiples", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--fraction", type=float, default=0.2)
