@@ -56,7 +56,7 @@ RUN_CONFIG = {
         "hidden_size": 32, "num_layers": 1, "num_heads": 2, "epochs": 1, "max_steps": 100,
         "batch_size": 32}},
     "gradient_shards": {"target_dim": 512, "batch_size": 64},
-    "target_gradients": {"target_dim": 512, "batch_size": 64},
+    "target_gradients": {"batch_size": 64},
     "datamodel_weights": {"lambda_relative": 0.1, "explain_targets": 3},
     "selected_subset": {"fraction": 0.2},
 }

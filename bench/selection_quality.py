@@ -48,7 +48,6 @@ from resources import (  # noqa: E402
 
 OUT = REPO / "bench" / "out"
 ASSETS = dg.load_assets_from_modules([ingest, datamodels, selection, evaluation])
-ASSET_NAMES = {key.to_user_string() for a in ASSETS for key in a.keys}
 FEATURES = FeatureConfig()  # the pipeline's feature defaults
 BENCH_TASKS = ("wiki_qa", "lambada_cloze", "tech_faq", "mixed_cloze", "mixed_continuation")
 
@@ -64,9 +63,8 @@ def run_config(args: argparse.Namespace) -> dict:
         "tokenizer": {"config": {"vocab_size": args.vocab}},
         "target_tasks": {"config": {"tasks": args.tasks_list}},
         "proxy_checkpoints": {"config": {"num_proxies": args.proxies, "model": proxy}},
-        # gradient features of candidates and targets must share the projection
-        **{asset: {"config": features}
-           for asset in ("gradient_shards", "target_gradients") if asset in ASSET_NAMES},
+        # the projection of candidates and targets alike (target_gradients takes it from here)
+        "gradient_shards": {"config": features},
         "datamodel_weights": {"config": {"lambda_relative": args.lambda_relative}},
         "selected_subset": {"config": {"fraction": args.fraction,
                                        "standardise_tasks": args.standardise}},

@@ -112,6 +112,17 @@ class FeatureConfig(BaseModel):
     with q the mean out-to-loss weight) or 'log_prob' (sum of log p: the tokens' weights
     inside the gradient, q = 1)."""
 
+    def identity(self) -> dict:
+        """The settings that determine phi and q, i.e. everything but `SPEED_ONLY_SETTINGS`:
+        what names a feature folder, and what candidate and target features must share."""
+        return self.model_dump(exclude=set(SPEED_ONLY_SETTINGS))
+
+
+#: FeatureConfig fields that change how fast features are computed, not the features (up to
+#: float rounding): left out of `FeatureConfig.identity`, so changing them re-uses finished
+#: features.
+SPEED_ONLY_SETTINGS = ("batch_size",)
+
 
 @dataclass(frozen=True)
 class Features:

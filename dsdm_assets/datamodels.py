@@ -53,7 +53,7 @@ from dsdm.datamodels import (
     round_subsets,
 )
 from dsdm.explain import target_text
-from dsdm.features import FeatureConfig
+from dsdm.features import SPEED_ONLY_SETTINGS, FeatureConfig
 from dsdm.lineage import LineageDB
 from dsdm.proxy import (
     ProxyConfig,
@@ -86,8 +86,10 @@ from resources import ArtifactStoreResource, ComputeResource, LineageResource
 from resources.storage import step_json_io_manager, step_values_folder
 
 GROUP = "datamodels"
-GRADIENTS_VERSION = "2"  # 2: target features moved to target_gradients
-TARGET_GRADIENTS_VERSION = "2"  # 2: select-split targets only
+# 2: target features moved to target_gradients; 3: speed-only settings out of the fingerprint
+GRADIENTS_VERSION = "3"
+# 2: select-split targets only; 3: the projection comes from gradient_shards
+TARGET_GRADIENTS_VERSION = "3"
 STEP_IO = "step_json_io"
 
 
@@ -124,7 +126,16 @@ class ProxyEnsembleConfig(StepConfig):
 
 
 class GradientConfig(StepConfig, FeatureConfig):
-    """Projected per-example gradients: method, projection and dimension."""
+    """Projected per-example gradients: method, projection and dimension. Declared once, on
+    gradient_shards: target_gradients featurises the targets with the same settings."""
+
+
+class TargetGradientConfig(StepConfig):
+    """target_gradients takes its projection from gradient_shards' manifest, so candidate and
+    target features cannot differ; only settings that leave the features unchanged are here."""
+
+    batch_size: int = Field(16, gt=0, description="Target examples per forward/backward "
+                            "(speed and memory only; not part of the fingerprint).")
 
 
 class DatamodelConfig(StepConfig):
@@ -281,13 +292,13 @@ def plan_gradient_shards(context: dg.OpExecutionContext, config: GradientConfig,
                          proxy_checkpoints: Upstream, tokenized_corpus: Upstream,
                          store: ArtifactStoreResource, lineage: LineageResource):
     require_made_from(proxy_checkpoints, "proxy_checkpoints", tokenized_corpus, "tokenized_corpus")
-    writer = AssetWriter(context, store.get_store(), lineage.get_db(), config.model_dump(),
+    writer = AssetWriter(context, store.get_store(), lineage.get_db(), config.identity(),
                          [proxy_checkpoints, tokenized_corpus])
     reused = writer.existing() is not None
     writer.release()  # the featurise steps run elsewhere; collect claims the folder again
     checkpoints = checkpoint_paths(proxy_checkpoints)
     shards = [f["path"] for f in tokenized_corpus.files("examples")]
-    yield dg.Output({"config": config.model_dump(), "inputs": writer.inputs,
+    yield dg.Output({"config": config.identity(), "inputs": writer.inputs,
                      "folder": writer.folder, "reused": reused, "replaced": writer.replaced,
                      "proxies": len(checkpoints), "shards": len(shards),
                      "proxy_checkpoints_sha256": proxy_checkpoints.sha256}, "plan")
@@ -412,14 +423,15 @@ with warnings.catch_warnings():
     check_specs=[dg.AssetCheckSpec("features_finite", asset="target_gradients", blocking=True,
                                    description="No NaN/inf in any target gradient or q, "
                                    "and no proxy's target features all alike.")],
-    description="Per proxy: the target examples' projected gradients, with the same projection "
-    "as gradient_shards (give both the same config). Apart from the candidates, so a new "
-    "target-task set recomputes only these.",
+    description="Per proxy: the target examples' projected gradients, with the projection "
+    "gradient_shards' manifest records (it is configured there only). Apart from the "
+    "candidates, so a new target-task set recomputes only these.",
 )
 def target_gradients(
     context: dg.AssetExecutionContext,
-    config: GradientConfig,
+    config: TargetGradientConfig,
     proxy_checkpoints: Upstream,
+    gradient_shards: Upstream,
     target_tasks: Upstream,
     tokenizer: Upstream,
     compute: ComputeResource,
@@ -428,15 +440,19 @@ def target_gradients(
 ) -> dg.MaterializeResult:
     require_made_from(proxy_checkpoints, "proxy_checkpoints", tokenizer, "tokenizer")
     require_made_from(target_tasks, "target_tasks", tokenizer, "tokenizer")
-    made = produce(context, store.get_store(), lineage.get_db(), config.model_dump(),
+    require_made_from(gradient_shards, "gradient_shards", proxy_checkpoints, "proxy_checkpoints")
+    features = FeatureConfig.model_validate(
+        {**gradient_shards.manifest["config"], "batch_size": config.batch_size})
+    # named by the projection and the inputs it featurises, not by the candidates' files
+    made = produce(context, store.get_store(), lineage.get_db(), features.identity(),
                    [proxy_checkpoints, target_tasks], lambda writer: _featurise_targets(
-                       context, writer, config, proxy_checkpoints, target_tasks, compute))
+                       context, writer, features, proxy_checkpoints, target_tasks, compute))
     return made.result(_feature_metadata(made.summary, len(made.manifest["files"]), made.reused),
                        [_features_finite_check(made.summary)])
 
 
 def _featurise_targets(context: dg.AssetExecutionContext, writer: AssetWriter,
-                       config: GradientConfig, proxies: Upstream, targets: Upstream,
+                       feature_config: FeatureConfig, proxies: Upstream, targets: Upstream,
                        compute: ComputeResource) -> dict:
     """Every proxy's features of the select-split targets into ``writer``'s folder (a file an
     interrupted attempt finished is adopted); their summary."""
@@ -445,7 +461,6 @@ def _featurise_targets(context: dg.AssetExecutionContext, writer: AssetWriter,
     table = artifacts.read_parquet(targets_file["path"])
     # Only select-split targets become datamodel columns; the eval split stays unseen.
     table = table.filter(pc.equal(table.column("split"), "select"))
-    feature_config = FeatureConfig.model_validate(config.model_dump())
     nonfinite, degenerate, computed, rows, seconds = 0, [], 0, 0, 0.0
     for m, checkpoint in enumerate(checkpoint_paths(proxies)):
         name = target_features(m)
@@ -482,27 +497,31 @@ def _record_explanations(db: LineageDB, writer: AssetWriter, run_id: str) -> Non
                 text, key=key)
 
 
-# Settings that change how fast features are computed but not the features.
-_SPEED_ONLY = {"batch_size"}
-
-
 def _check_same_features(grads: Upstream, targets: Upstream, target_tasks_up: Upstream) -> None:
     """Candidate and target features must share proxies and projection, and the target
-    features must be of the current target tasks; otherwise scores would be meaningless."""
-    given = {k: v for k, v in grads.manifest["config"].items() if k not in _SPEED_ONLY}
-    other = {k: v for k, v in targets.manifest["config"].items() if k not in _SPEED_ONLY}
+    features must be of the current target tasks; otherwise scores would be meaningless.
+    target_gradients takes its projection from gradient_shards, so they differ only when
+    gradient_shards was re-materialised with other settings after target_gradients."""
+    given, other = _feature_identity(grads), _feature_identity(targets)
     if given != other:
         differ = sorted(k for k in given.keys() | other.keys() if given.get(k) != other.get(k))
         raise dg.Failure(
             "gradient_shards and target_gradients were featurised with different settings ("
             + ", ".join(f"{k}: {given.get(k)!r} vs {other.get(k)!r}" for k in differ)
-            + "); give both assets the same config and re-materialise")
+            + "); materialise target_gradients again (it takes gradient_shards' settings)")
     if grads.manifest["summary"]["proxy_checkpoints_sha256"] != targets.manifest["summary"][
             "proxy_checkpoints_sha256"]:
         raise dg.Failure("gradient_shards and target_gradients come from different "
                          "proxy_checkpoints; re-materialise the older of the two")
     if {"uri": target_tasks_up.uri, "sha256": target_tasks_up.sha256} not in targets.manifest["inputs"]:
         raise dg.Failure("target_gradients is not of the latest target_tasks; re-materialise it")
+
+
+def _feature_identity(features: Upstream) -> dict:
+    """The projection settings a feature manifest records (manifests written before speed-only
+    settings left the fingerprint also hold those)."""
+    recorded = features.manifest["config"]
+    return {k: v for k, v in recorded.items() if k not in SPEED_ONLY_SETTINGS}
 
 
 #: bump when the datamodel folder's contents change (3: contributions.parquet, target_text.parquet)

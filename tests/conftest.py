@@ -73,7 +73,7 @@ FAST_RUN_CONFIG = {
         "proxy_checkpoints": {"config": {"num_proxies": 2, "model": {
             "hidden_size": 32, "num_layers": 1, "num_heads": 2, "epochs": 2, "batch_size": 16}}},
         "gradient_shards": {"config": {"target_dim": 256, "batch_size": 32}},
-        "target_gradients": {"config": {"target_dim": 256, "batch_size": 32}},
+        "target_gradients": {"config": {"batch_size": 32}},
     }
 }
 

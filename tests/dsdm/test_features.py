@@ -55,6 +55,21 @@ def test_factored_equals_exact_with_same_projection(
     torch.testing.assert_close(fast.margin, ref.margin, rtol=1e-5, atol=1e-4)
 
 
+def test_batch_size_is_speed_only(
+    trained_tiny: TrainResult, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """The settings left out of a feature folder's fingerprint leave phi and q unchanged (to
+    float rounding): batches of 3 and of 12 give the same features, the same identity."""
+    model, (ids, mask) = trained_tiny.model, batch
+    small, whole = FeatureConfig(target_dim=256, batch_size=3), FeatureConfig(target_dim=256, batch_size=12)
+    assert small.identity() == whole.identity() and "batch_size" not in small.identity()
+    assert small.identity() != FeatureConfig(target_dim=128, batch_size=3).identity()
+    a, b = featurize(model, ids, mask, small), featurize(model, ids, mask, whole)
+    scale = b.phi.abs().max()
+    torch.testing.assert_close(a.phi / scale, b.phi / scale, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.q, b.q)
+
+
 def test_factored_inner_products_track_full_gradients(
     trained_tiny: TrainResult, demo_docs: list[dict], encode_bytes
 ) -> None:

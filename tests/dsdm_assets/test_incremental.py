@@ -1,6 +1,6 @@
 """Adding a target task reuses every candidate gradient shard: only the target features and
 the scores are recomputed, the lineage says what was reused, and scores of the tasks that
-were already there do not change. Target features that do not match the candidates' are
+were already there do not change. Target features that no longer match the candidates' are
 refused with the reason."""
 
 import copy
@@ -92,13 +92,21 @@ def test_scores_of_the_existing_task_do_not_change(two_runs) -> None:
 
 
 @pytest.mark.slow
-def test_target_features_with_another_projection_are_refused(two_runs, fast_run_config) -> None:
+def test_stale_target_features_are_refused_then_follow_the_new_projection(
+    two_runs, fast_run_config
+) -> None:
+    """The projection is configured on gradient_shards only. Re-featurising the candidates
+    with another one leaves the target features stale: datamodel_weights refuses them, naming
+    the setting; materialised again, target_gradients takes the new projection."""
     _, resources, instance, *_ = two_runs
     config = _with_tasks(fast_run_config, ["wiki_qa", "tech_faq"])
-    config["ops"]["target_gradients"] = {"config": {"target_dim": 128, "batch_size": 32}}
-    result = _materialise(["target_gradients", "datamodel_weights"], config, resources, instance,
+    config["ops"]["gradient_shards"] = {"config": {"target_dim": 128, "batch_size": 32}}
+    result = _materialise(["gradient_shards", "datamodel_weights"], config, resources, instance,
                           raise_on_error=False)
     assert not result.success
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     message = failure.step_failure_data.error.message
-    assert "different settings (target_dim: 256 vs 128)" in message
+    assert "different settings (target_dim: 128 vs 256)" in message
+    assert "materialise target_gradients again" in message
+    again = _materialise(["target_gradients", "datamodel_weights"], config, resources, instance)
+    assert _meta(again, "target_gradients")["dim"] == 128

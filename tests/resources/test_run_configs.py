@@ -1,6 +1,6 @@
-"""Every committed run config is valid for selection_job before anything runs, and gives
-candidate and target features the same projection (datamodel_weights refuses otherwise); a
-value its step would refuse (infinite, out of range) is named before the first step."""
+"""Every committed run config is valid for selection_job before anything runs; the
+projection is configured once (target_gradients has no projection settings); a value its
+step would refuse (infinite, out of range) is named before the first step."""
 
 from pathlib import Path
 
@@ -14,7 +14,6 @@ from dsdm_assets.config import (
     run_config_problems,
     step_config_validators,
 )
-from dsdm_assets.datamodels import GradientConfig
 from dsdm_assets.definitions import ASSETS, defs
 from dsdm_assets.ingest import TargetTasksConfig
 
@@ -31,18 +30,18 @@ def test_config_is_valid_for_the_job(path: Path) -> None:
     dg.validate_run_config(defs.resolve_job_def("selection_job"), config)
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_candidates_and_targets_share_the_projection(path: Path) -> None:
-    ops = yaml.safe_load(path.read_text()).get("ops", {})
-    settings = [GradientConfig(**ops.get(name, {}).get("config", {})).model_dump()
-                for name in ("gradient_shards", "target_gradients")]
-    for s in settings:
-        s.pop("batch_size")
-    assert settings[0] == settings[1]
+def test_a_target_projection_cannot_be_configured() -> None:
+    """Only speed settings are target_gradients' own: a projection setting there is refused
+    before the run, naming it, instead of yielding targets featurised unlike the candidates."""
+    config = {"ops": {"target_gradients": {"config": {"target_dim": 256, "batch_size": 8}}}}
+    with pytest.raises(dg.DagsterInvalidConfigError, match="target_dim"):
+        dg.validate_run_config(defs.resolve_job_def("selection_job"), config)
+    dg.validate_run_config(defs.resolve_job_def("selection_job"),
+                           {"ops": {"target_gradients": {"config": {"batch_size": 8}}}})
 
 
 def test_an_unknown_key_is_named_before_the_run() -> None:
-    config = {"ops": {"target_gradients": {"config": {"target_dims": 256}}}}
+    config = {"ops": {"gradient_shards": {"config": {"target_dims": 256}}}}
     with pytest.raises(dg.DagsterInvalidConfigError, match="target_dims"):
         dg.validate_run_config(defs.resolve_job_def("selection_job"), config)
 
