@@ -264,8 +264,7 @@ def features(args: argparse.Namespace) -> None:
             target = feats / ckpt.name
             if target.exists():
                 continue
-            model = build_proxy(ProxyConfig.model_validate({**base, "seed": base["seed"] + m}))
-            model.load_state_dict(load_file(str(ckpt)), strict=True)
+            model = proxy_model(base, m, ckpt)
             per_proxy = config.model_copy(update={"seed": config.seed + m})
             start = time.perf_counter()
             pool = featurize(model, data.ids, data.mask, per_proxy, attention_mask=data.attention)
@@ -277,6 +276,13 @@ def features(args: argparse.Namespace) -> None:
                       str(target), metadata={"pool_seconds": f"{seconds:.1f}"})
             log(f"features {feats.name}/{ckpt.name}: {data.n / seconds:.0f} examples/s")
     log(f"features in {feats}")
+
+
+def proxy_model(base: dict, m: int, checkpoint: Path) -> torch.nn.Module:
+    """Proxy m of a proxies folder whose recipe is ``base``, at ``checkpoint``."""
+    model = build_proxy(ProxyConfig.model_validate({**base, "seed": base["seed"] + m}))
+    model.load_state_dict(load_file(str(checkpoint)), strict=True)
+    return model
 
 
 def target_features(args: argparse.Namespace) -> None:
@@ -301,8 +307,7 @@ def target_features(args: argparse.Namespace) -> None:
         ckpt = checkpoint_files(folder, m, "last")[0]
         if (dest / ckpt.name).exists():
             continue
-        model = build_proxy(ProxyConfig.model_validate({**base, "seed": base["seed"] + m}))
-        model.load_state_dict(load_file(str(ckpt)), strict=True)
+        model = proxy_model(base, m, ckpt)
         per_proxy = config.model_copy(update={"seed": config.seed + m})
         targ = featurize(model, data.t_ids, mask, per_proxy, attention_mask=data.t_attention)
         save_file({"target_phi": targ.phi.contiguous(), "target_q": targ.q.contiguous()},
@@ -326,9 +331,9 @@ def measured_losses(args: argparse.Namespace, data: Data) -> tuple[np.ndarray, n
     """Subset indicator [K, N], measured select-target losses [K, T] and the seed-noise check."""
     lds = Path(args.out) / "lds"
     (folder,) = [f for f in lds.iterdir() if f.is_dir()] if args.lds is None else [lds / args.lds]
-    if not any(folder.glob("model-*.json")):
-        raise FileNotFoundError(f"no LDS models in {folder}")
     files = sorted(folder.glob("model-*.json"))
+    if not files:
+        raise FileNotFoundError(f"no LDS models in {folder}")
     fraction = json.loads((folder / "config.json").read_text())["fraction"]
     subsets_ = subsets(data.n, len(files), fraction, 1000)
     indicator = np.zeros((len(files), data.n), dtype=np.float64)

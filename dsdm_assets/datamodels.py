@@ -53,7 +53,7 @@ from dsdm.datamodels import (
     round_subsets,
 )
 from dsdm.explain import target_text
-from dsdm.features import SPEED_ONLY_SETTINGS, FeatureConfig
+from dsdm.features import FeatureConfig
 from dsdm.lineage import LineageDB
 from dsdm.proxy import (
     ProxyConfig,
@@ -134,8 +134,11 @@ class TargetGradientConfig(StepConfig):
     """target_gradients takes its projection from gradient_shards' manifest, so candidate and
     target features cannot differ; only settings that leave the features unchanged are here."""
 
-    batch_size: int = Field(16, gt=0, description="Target examples per forward/backward "
-                            "(speed and memory only; not part of the fingerprint).")
+    batch_size: int = Field(
+        FeatureConfig.model_fields["batch_size"].default, gt=0,
+        description="Target examples per forward/backward (speed and memory only; not part "
+        "of the fingerprint).",
+    )
 
 
 class DatamodelConfig(StepConfig):
@@ -520,8 +523,7 @@ def _check_same_features(grads: Upstream, targets: Upstream, target_tasks_up: Up
 def _feature_identity(features: Upstream) -> dict:
     """The projection settings a feature manifest records (manifests written before speed-only
     settings left the fingerprint also hold those)."""
-    recorded = features.manifest["config"]
-    return {k: v for k, v in recorded.items() if k not in SPEED_ONLY_SETTINGS}
+    return FeatureConfig.model_validate(features.manifest["config"]).identity()
 
 
 #: bump when the datamodel folder's contents change (3: contributions.parquet, target_text.parquet)
