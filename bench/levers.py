@@ -58,7 +58,6 @@ def digest(obj: object) -> str:
 def prepare(args: argparse.Namespace) -> None:
     """Pool windows and target rows, tokenised as the pipeline does, saved as tensors."""
     from dsdm.ingest import ingest_crawl
-    from dsdm.tasks import read_tasks, tokenize_tasks
     from dsdm.tokenization import TokenizerConfig, chunk_documents, to_tensors, train_bpe
 
     out = Path(args.out)
@@ -85,8 +84,18 @@ def prepare(args: argparse.Namespace) -> None:
     pl.DataFrame({"example_id": table.column("example_id").to_pylist(),
                   "doc_id": table.column("doc_id").to_pylist(),
                   "source": table.column("source").to_pylist()}).write_parquet(out / "pool.parquet")
-    frame = read_tasks(str(args.tasks), args.task_names)
-    targets, _ = tokenize_tasks(tokenizer, frame, args.seq_len)
+    n_targets = write_targets(out, tokenizer, args.tasks, args.task_names, args.seq_len)
+    sources = pl.read_parquet(out / "pool.parquet")["source"].value_counts().sort("source")
+    log(f"pool: {table.num_rows} examples from {len(rows)} documents ({stats}); "
+        f"sources {dict(sources.iter_rows())}; targets {n_targets}")
+
+
+def write_targets(out: Path, tokenizer, tasks: str, task_names: list[str], seq_len: int) -> int:
+    """The target rows of ``task_names`` (both splits), tokenised as the pipeline does."""
+    from dsdm.tasks import read_tasks, tokenize_tasks
+    from dsdm.tokenization import to_tensors
+
+    targets, _ = tokenize_tasks(tokenizer, read_tasks(tasks, task_names), seq_len)
     pq.write_table(targets, out / "targets_table.parquet")
     t_ids, t_mask = to_tensors(targets)
     t_tokens = torch.from_numpy(targets.column("n_tokens").to_numpy().astype(np.int64))
@@ -95,9 +104,32 @@ def prepare(args: argparse.Namespace) -> None:
     pl.DataFrame({"example_id": targets.column("example_id").to_pylist(),
                   "task": targets.column("task").to_pylist(),
                   "split": targets.column("split").to_pylist()}).write_parquet(out / "targets.parquet")
-    sources = pl.read_parquet(out / "pool.parquet")["source"].value_counts().sort("source")
-    log(f"pool: {table.num_rows} examples from {len(rows)} documents ({stats}); "
-        f"sources {dict(sources.iter_rows())}; targets {targets.num_rows}")
+    return targets.num_rows
+
+
+def retarget(args: argparse.Namespace) -> None:
+    """Another target set on a prepared pool: the pool, tokenizer, proxies and pool features
+    of ``--pool`` are linked (never copied or changed), the targets written anew. Score with
+    ``"targets": "continuation"`` after ``target-features --tokens continuation``: the linked
+    feature files hold the old targets' features."""
+    from tokenizers import Tokenizer
+
+    out, source = Path(args.out), Path(args.pool).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("crawl", "pool.safetensors", "pool.parquet", "tokenizer.json", "proxies"):
+        if not (out / name).exists():
+            (out / name).symlink_to(source / name)
+    for feats in sorted((source / "features").iterdir()):
+        dest = out / "features" / feats.name
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in feats.glob("*.safetensors"):  # pool features and their kernels' eigh caches
+            if not (dest / f.name).exists():
+                (dest / f.name).symlink_to(f)
+        (dest / "config.json").write_text((feats / "config.json").read_text())
+    seq_len = load_file(str(source / "pool.safetensors"))["input_ids"].shape[1]
+    tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+    n = write_targets(out, tokenizer, args.tasks, args.task_names, seq_len)
+    log(f"{out}: the pool of {source}, {n} targets of {args.task_names}")
 
 
 class Data:
@@ -297,10 +329,13 @@ def target_features(args: argparse.Namespace) -> None:
     config = FeatureConfig.model_validate(json.loads((feats / "config.json").read_text()))
     folder = out / "proxies" / args.features.split("-")[0]
     base = json.loads((folder / "config.json").read_text())
-    if args.tokens != "text":
+    if args.tokens == "text":
+        positions = torch.arange(data.t_ids.shape[1])[None, :]
+        mask = data.t_attention & (positions >= 1)
+    elif args.tokens == "continuation":  # as `features`, for targets set by `retarget`
+        mask = data.t_mask
+    else:
         raise SystemExit(f"unknown --tokens {args.tokens!r}")
-    positions = torch.arange(data.t_ids.shape[1])[None, :]
-    mask = data.t_attention & (positions >= 1)
     dest = feats / f"targets-{args.tokens}"
     dest.mkdir(exist_ok=True)
     for m in range(args.proxies):
@@ -394,6 +429,9 @@ def variant_tau_parts(variant: dict, files: list[FeatureFile], indicator: np.nda
         if "targets" in variant:  # other target tokens (`target-features`)
             g = load_file(str(f.path.parent / f"targets-{variant['targets']}" / f.path.name))[
                 "target_phi"].double()
+        if g.shape[0] != len(data.t_tasks):
+            raise SystemExit(f"{f.path}: target features of {g.shape[0]} targets, but this "
+                             f"folder has {len(data.t_tasks)}; run target-features for them")
         if variant.get("common") == "subtract_mean":
             g = g - g.mean(0, keepdim=True)
         if variant.get("target_norm") == "unit":
@@ -540,19 +578,31 @@ def selection_scores(out: Path, data: Data, method: str) -> np.ndarray:
         return DsirSelection().scores(PoolData(pool_texts(out, data), tokenizer.decode_batch(ids)))
     variant = json.loads(method)
     # keys that change the selection, not the scores
-    selection_only = ("standardise", "weights", "unit", "smooth")
+    selection_only = ("standardise", "weights", "unit", "smooth", "temperature", "rule",
+                      "mixing")
     scoring = {k: v for k, v in variant.items() if k not in selection_only}
     task_scores = np.load(out / f"task_scores-{digest(scoring)}.npy")
     names = sorted(set(data.t_tasks.tolist()))
+    if variant.get("rule") == "round_robin":
+        # each task's ranking in turn: an example's key is its best rank over the tasks
+        ranks = np.argsort(np.argsort(-task_scores, axis=0, kind="stable"), axis=0, kind="stable")
+        return -ranks.min(1).astype(np.float64)
     combined = combine_task_scores({t: task_scores[:, i] for i, t in enumerate(names)},
                                    variant.get("weights"),
-                                   standardise=variant.get("standardise", True))
+                                   standardise=variant.get("standardise", True),
+                                   mixing=variant.get("mixing", "sum"))
     for group, alpha in variant.get("smooth", {}).items():
         # shrink each example's score towards its document's (or source's) mean
         column = {"doc": "doc_id", "source": "source"}[group]
         means = pl.DataFrame({"g": data.pool[column], "v": combined}).select(
             pl.col("v").mean().over("g"))["v"].to_numpy()
         combined = (1 - alpha) * combined + alpha * means
+    if "temperature" in variant:
+        # sample without replacement with probability ~ exp(z / T) (Gumbel top-k) instead of
+        # the top share: spreads the budget over more of the pool's well-scored examples
+        z = combined / combined.std()
+        gumbel = np.random.default_rng(0).gumbel(size=len(z))
+        combined = z / variant["temperature"] + gumbel
     return combined
 
 
@@ -739,7 +789,13 @@ def main() -> None:
     p.set_defaults(func=target_features)
     p.add_argument("--features", required=True, help="a features folder name")
     p.add_argument("--proxies", type=int, default=8)
-    p.add_argument("--tokens", default="text", help="text: prompt + continuation")
+    p.add_argument("--tokens", choices=("text", "continuation"), default="text",
+                   help="text: prompt + continuation; continuation: as `features`")
+    p = sub.add_parser("retarget")
+    p.set_defaults(func=retarget)
+    p.add_argument("--pool", required=True, help="a prepared folder whose pool to use")
+    p.add_argument("--tasks", default=str(REPO / ".dsdm" / "bench" / "tasks"))
+    p.add_argument("--task-names", nargs="+", required=True)
     p = sub.add_parser("score")
     p.set_defaults(func=score)
     p.add_argument("--grid", required=True, help="JSON list of variants")

@@ -67,7 +67,8 @@ def run_config(args: argparse.Namespace) -> dict:
         "gradient_shards": {"config": features},
         "datamodel_weights": {"config": {"lambda_relative": args.lambda_relative}},
         "selected_subset": {"config": {"fraction": args.fraction,
-                                       "standardise_tasks": args.standardise}},
+                                       "standardise_tasks": args.standardise,
+                                       "task_mixing": args.task_mixing}},
         **{asset: {"config": {"fraction": args.fraction}} for asset in (
             "random_subset", "dsir_subset", "classifier_subset", "semdedup_subset")},
         "evaluations": {"config": {"seeds": args.seeds, "random_multiples": args.multiples,
@@ -99,6 +100,9 @@ def main() -> None:
                         default=FEATURES.include_embeddings)
     parser.add_argument("--standardise", action=argparse.BooleanOptionalAction, default=True,
                         help="standardise each task's scores before mixing (selected_subset)")
+    parser.add_argument("--task-mixing", choices=("sum", "max"),
+                        default=selection.SelectionConfig.model_fields["task_mixing"].default,
+                        help="how selected_subset mixes the task scores")
     parser.add_argument("--lambda-relative", type=float, default=LAMBDA_RELATIVE)
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument("--eval-hidden", type=int, default=160)

@@ -102,8 +102,11 @@ CREATE TABLE IF NOT EXISTS selection_weights (
     scores_id     VARCHAR NOT NULL,      -- the task scores it mixed
     task          VARCHAR NOT NULL,
     weight        DOUBLE NOT NULL,       -- normalised weight (negative: a task to avoid)
-    coefficient   DOUBLE NOT NULL        -- mixed score = sum over tasks of coefficient x score
+    coefficient   DOUBLE NOT NULL,       -- part = coefficient x score (see the explanations view)
+    mixing        VARCHAR DEFAULT 'sum'  -- sum, or max (dsdm.selection.combine_task_scores)
 );
+-- files made before the max rule existed gain the column (rows: 'sum')
+ALTER TABLE selection_weights ADD COLUMN IF NOT EXISTS mixing VARCHAR DEFAULT 'sum';
 CREATE TABLE IF NOT EXISTS evaluations (
     crawl         VARCHAR NOT NULL,
     run_id        VARCHAR,
@@ -116,13 +119,19 @@ CREATE TABLE IF NOT EXISTS evaluations (
     metric        VARCHAR NOT NULL,      -- loss (nats/token), multiplier, lds, lds_task_level
     value         DOUBLE
 );
--- why an example ranks where it does: one row per (selection, example, task), the parts sum
--- to its mixed score (the DsDm selection's score)
+-- why an example ranks where it does: one row per (selection, example, task); the counted
+-- parts sum to its mixed score (the DsDm selection's score): every part under the sum rule;
+-- under max, the largest part of the tasks to select for and the parts of the tasks to avoid
 CREATE OR REPLACE VIEW explanations AS
-SELECT w.crawl, w.selection_id, s.example_id, s.task, w.weight, w.coefficient,
-       s.score AS task_score, w.coefficient * s.score AS part
-FROM selection_weights w
-JOIN scores s ON s.crawl = w.crawl AND s.scores_id = w.scores_id AND s.task = w.task;
+WITH parts AS (
+    SELECT w.crawl, w.selection_id, s.example_id, s.task, w.weight, w.coefficient, w.mixing,
+           s.score AS task_score, w.coefficient * s.score AS part
+    FROM selection_weights w
+    JOIN scores s ON s.crawl = w.crawl AND s.scores_id = w.scores_id AND s.task = w.task)
+SELECT *, CASE WHEN mixing = 'max' AND weight > 0 AND row_number() OVER (
+                   PARTITION BY selection_id, example_id, weight > 0 ORDER BY part DESC, task) > 1
+               THEN 0.0 ELSE part END AS counted
+FROM parts;
 -- the target examples each candidate moves most, with their text
 CREATE OR REPLACE VIEW explained_targets AS
 SELECT c.crawl, c.scores_id, c.example_id, c.effect, c."rank", c.task, c.target_id, c.tau,

@@ -22,13 +22,18 @@ DEGENERATE_SHARE = 0.9
 Unit = Literal["example", "document"]
 #: how a document's score is made from its examples' scores (`document_ranking`)
 DocumentScore = Literal["mean", "token_sum"]
+#: how several tasks' scores become one (`combine_task_scores`)
+TaskMixing = Literal["sum", "max"]
 
 
 def combine_task_scores(
     task_scores: Mapping[str, ArrayLike], weights: Mapping[str, float] | None = None,
-    *, standardise: bool = False,
+    *, standardise: bool = False, mixing: TaskMixing = "sum",
 ) -> np.ndarray:
-    """One score per candidate [N] (float64): sum_task w_task * score_task, weights normalised.
+    """One score per candidate [N] (float64) from its task scores, weights normalised:
+    ``sum``: sum_task w_task * score_task;
+    ``max``: max over the tasks of positive weight of w_task * score_task, plus
+    w_task * score_task of each task to avoid (negative weight).
 
     task_scores: task name -> [N] (e.g. the mean of tau over the task's targets).
     weights: task name -> weight; None means equal weights; tasks left out of `weights` get
@@ -40,21 +45,31 @@ def combine_task_scores(
     Raw scores are predicted loss changes, so a task whose loss the pool moves more dominates
     the sum (10x between the demo tasks); standardised, each task's ranking counts as its
     weight says. A task whose scores are all equal adds nothing.
+    mixing: in a sum, tasks whose rankings agree outvote a task that ranks the pool
+    differently, so that task's best examples are left out; with ``max`` a candidate counts
+    for the task it serves best, so every task brings its own top examples in proportion to
+    its weight (a round robin over the tasks' rankings when their scores are standardised).
     """
     normalised = normalised_weights(task_scores, weights)
     columns = {k: np.asarray(v, dtype=np.float64) for k, v in task_scores.items()}
     shapes = {k: c.shape for k, c in columns.items()}
     if len(set(shapes.values())) != 1 or any(c.ndim != 1 for c in columns.values()):
         raise ValueError(f"task score columns must be 1-D and of equal length, got {shapes}")
+    if mixing not in ("sum", "max"):
+        raise ValueError(f"task mixing must be 'sum' or 'max', got {mixing!r}")
     combined = np.zeros_like(next(iter(columns.values())))
+    best = None  # the max rule's running max over the tasks of positive weight
     for name, w in normalised.items():
         if w != 0:
             column = columns[name]
             if standardise:
                 spread = float(column.std())
                 column = column / spread if spread > 0 else np.zeros_like(column)
-            combined += w * column
-    return combined
+            if mixing == "max" and w > 0:
+                best = w * column if best is None else np.maximum(best, w * column)
+            else:
+                combined += w * column
+    return combined if best is None else combined + best
 
 
 def normalised_weights(

@@ -330,9 +330,9 @@ def selection_diff(db: "LineageDB", selection_a: str, selection_b: str) -> dict[
 
 
 EXPLAIN_PARTS = """
-    SELECT task, round(weight, 4) AS weight, coefficient, task_score, part
+    SELECT task, round(weight, 4) AS weight, coefficient, task_score, part, counted
     FROM explanations WHERE selection_id = $selection AND example_id = $example
-    ORDER BY abs(part) DESC, task"""
+    ORDER BY abs(counted) DESC, abs(part) DESC, task"""
 
 EXPLAIN_TARGETS = """
     SELECT effect, "rank", task, target_id, tau, prompt, continuation FROM explained_targets
@@ -341,7 +341,7 @@ EXPLAIN_TARGETS = """
 #: where an example stands: its mixed score, pool rank (ties by example_id, as the selection)
 #: and selection rank, from the explanations view and the selections table
 EXAMPLE_STANDING = """
-    WITH mixed AS (SELECT example_id, sum(part) AS score FROM explanations
+    WITH mixed AS (SELECT example_id, sum(counted) AS score FROM explanations
                    WHERE selection_id = $selection GROUP BY example_id),
          mine AS (SELECT score FROM mixed WHERE example_id = $example)
     SELECT (SELECT score FROM mine) AS score,
@@ -353,6 +353,8 @@ EXAMPLE_STANDING = """
            (SELECT count(*) FROM selections WHERE selection_id = $selection) AS selected,
            (SELECT any_value(scores_id) FROM selection_weights
                WHERE selection_id = $selection) AS scores_id,
+           (SELECT any_value(mixing) FROM selection_weights
+               WHERE selection_id = $selection) AS mixing,
            (SELECT any_value(shard) FROM target_contributions c JOIN selection_weights w
                USING (crawl, scores_id) WHERE w.selection_id = $selection
                AND c.example_id = $example) AS shard"""
@@ -397,7 +399,9 @@ def print_explanation(crawl: str, example_id: str, selection: str | None = None)
           f"{where}; mixed score {standing['score']:.6g}, pool rank {standing['pool_rank']} "
           f"of {standing['pool']}")
     with db.connect() as con:
-        print("\nscore per task (the mixed score is the sum of the parts):")
+        print("\nscore per task (the mixed score is the sum of the counted parts: "
+              + ("the largest part of the tasks to select for, plus the parts of tasks to "
+                 "avoid):" if standing["mixing"] == "max" else "every part):"))
         con.sql(EXPLAIN_PARTS, params=params).show(max_width=160)
         targets = con.sql(EXPLAIN_TARGETS, params={
             "scores": standing["scores_id"], "example": example_id}).to_arrow_table().to_pylist()

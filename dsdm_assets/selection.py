@@ -39,6 +39,7 @@ from dsdm.lineage import LineageDB
 from dsdm.selection import (
     DEGENERATE_SHARE,
     Selection,
+    TaskMixing,
     combine_task_scores,
     dominant_source,
     normalised_weights,
@@ -119,6 +120,11 @@ class SelectionConfig(BudgetConfig):
         True, description="Divide each task's scores by their spread over the pool before "
         "mixing, so each task counts as its weight says (raw scores let the task whose loss "
         "moves most dominate).",
+    )
+    task_mixing: TaskMixing = Field(
+        "max", description="How several tasks' scores become one: `sum` (weighted sum) or "
+        "`max` (an example counts for the task it serves best, so each task brings its own "
+        "top examples; tasks to avoid are subtracted as in the sum).",
     )
 
 
@@ -251,7 +257,7 @@ def _source_mix_check(pool: pl.DataFrame, selection: pl.DataFrame) -> dg.AssetCh
     group=GROUP, code_version=SELECTION_VERSION,
     check_specs=_selection_checks("selected_subset"),
     description="The DsDm selection: the examples with the largest predicted target-loss "
-    "reduction (task scores mixed by weight) under a budget. A Parquet manifest (rank, "
+    "reduction (task scores mixed by weight and task_mixing) under a budget. A Parquet manifest (rank, "
     "example_id, doc_id, source, score), the selected examples as training shards (token "
     "ids + text), and rows in the DuckDB selections table.",
 )
@@ -272,7 +278,8 @@ def selected_subset(
     task_scores = {t: scores[t].to_numpy() for t in scores.columns if t != "example_id"}
     try:
         combined = combine_task_scores(task_scores, config.task_weights or None,
-                                       standardise=config.standardise_tasks)
+                                       standardise=config.standardise_tasks,
+                                       mixing=config.task_mixing)
     except ValueError as error:
         raise dg.Failure(f"selected_subset config: {error}") from error
     scores_id = datamodel_weights.manifest["config_hash"]
@@ -286,7 +293,8 @@ def selected_subset(
 
     return _write_selection(
         context, artifacts, db, method="dsdm",
-        config={"task_weights": config.task_weights, "standardise_tasks": config.standardise_tasks},
+        config={"task_weights": config.task_weights, "standardise_tasks": config.standardise_tasks,
+                **({"task_mixing": config.task_mixing} if config.task_mixing != "sum" else {})},
         inputs=[datamodel_weights, tokenized_corpus, tokenizer], corpus=tokenized_corpus,
         tokenizer=tokenizer, pool=pool, compute_scores=lambda: combined, budget=config.budget(),
         output_shard_size=config.output_shard_size, extra_shares={
@@ -295,13 +303,14 @@ def selected_subset(
 
 
 def _mixing_table(task_scores: dict[str, np.ndarray], config: SelectionConfig) -> pa.Table:
-    """task, weight, coefficient: how the DsDm selection mixed its task scores."""
+    """task, weight, coefficient, mixing: how the DsDm selection mixed its task scores."""
     weights = normalised_weights(task_scores, config.task_weights or None)
     coefficients = mixing_coefficients(task_scores, config.task_weights or None,
                                        standardise=config.standardise_tasks)
     return pa.table({"task": list(task_scores),
                      "weight": [weights.get(t, 0.0) for t in task_scores],
-                     "coefficient": [coefficients[t] for t in task_scores]})
+                     "coefficient": [coefficients[t] for t in task_scores],
+                     "mixing": [config.task_mixing] * len(task_scores)})
 
 
 def _explained_examples(db: LineageDB, scores_id: str, pool: pl.DataFrame, mixed: np.ndarray,

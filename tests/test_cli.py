@@ -61,7 +61,7 @@ def test_dsdm_explain_prints_scores_weights_and_targets(cli_selection_run) -> No
         "SELECT selection_id, example_id, score FROM selections WHERE crawl = 'small' AND "
         "method = 'dsdm' AND rank = 1").fetchall()
     # the view's parts add up to the score the selection ranked by
-    (parts,), = con.execute("SELECT sum(part) FROM explanations WHERE selection_id = ? AND "
+    (parts,), = con.execute("SELECT sum(counted) FROM explanations WHERE selection_id = ? AND "
                             "example_id = ?", [selection_id, top]).fetchall()
     assert parts == pytest.approx(top_score, rel=1e-9, abs=1e-12)
     scores_id, shard = con.execute(

@@ -141,3 +141,44 @@ def test_a_file_from_before_selection_units_gains_the_column(tmp_path: Path) -> 
     db.replace_rows("selections", {"crawl": "c", "selection_id": "t"}, rows)
     assert sorted(db.query("SELECT unit FROM selections").column("unit").to_pylist()) == [
         "document", "example"]
+
+
+@pytest.mark.parametrize("mixing", ["sum", "max"])
+def test_the_explanations_view_counts_parts_as_the_selection_mixed_them(
+        tmp_path: Path, mixing: str) -> None:
+    import numpy as np
+
+    from dsdm.explain import mixing_coefficients
+    from dsdm.selection import combine_task_scores
+
+    rng = np.random.default_rng(0)
+    tasks = {"qa": rng.normal(size=50), "code": rng.normal(size=50) * 3, "spam": rng.normal(size=50)}
+    weights = {"qa": 2.0, "code": 1.0, "spam": -1.0}
+    expected = combine_task_scores(tasks, weights, standardise=True, mixing=mixing)
+    coefficients = mixing_coefficients(tasks, weights, standardise=True)
+    db = LineageDB(str(tmp_path / "lineage.duckdb"))
+    ids = [f"e{i:02d}" for i in range(50)]
+    db.replace_rows("scores", {"crawl": "c"}, pa.table({
+        "crawl": ["c"] * 150, "run_id": ["r"] * 150, "scores_id": ["s"] * 150,
+        "example_id": ids * 3, "task": [t for t in tasks for _ in ids],
+        "score": np.concatenate(list(tasks.values()))}))
+    db.replace_rows("selection_weights", {"crawl": "c"}, pa.table({
+        "crawl": ["c"] * 3, "run_id": ["r"] * 3, "selection_id": ["sel"] * 3,
+        "scores_id": ["s"] * 3, "task": list(tasks), "weight": [0.5, 0.25, -0.25],
+        "coefficient": [coefficients[t] for t in tasks], "mixing": [mixing] * 3}))
+    mixed = db.query("SELECT example_id, sum(counted) AS score FROM explanations "
+                     "GROUP BY example_id ORDER BY example_id")
+    np.testing.assert_allclose(mixed.column("score").to_numpy(), expected, rtol=1e-12)
+
+
+def test_a_file_from_before_max_mixing_gains_the_column(tmp_path: Path) -> None:
+    import duckdb
+
+    path = tmp_path / "old.duckdb"
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE TABLE selection_weights (crawl VARCHAR NOT NULL, run_id VARCHAR, "
+                    "selection_id VARCHAR NOT NULL, scores_id VARCHAR NOT NULL, "
+                    "task VARCHAR NOT NULL, weight DOUBLE NOT NULL, coefficient DOUBLE NOT NULL)")
+        con.execute("INSERT INTO selection_weights VALUES ('c', 'r', 'sel', 's', 'qa', 1.0, 2.0)")
+    db = LineageDB(str(path))
+    assert db.query("SELECT mixing FROM selection_weights").column("mixing").to_pylist() == ["sum"]

@@ -131,6 +131,39 @@ def test_standardised_mixing_lets_each_task_count_equally() -> None:
     np.testing.assert_allclose(flat, 0.5 * np.arange(4.0) / np.arange(4.0).std())
 
 
+def test_max_mixing_counts_each_candidate_for_its_best_task() -> None:
+    scores = {"qa": np.array([1.0, 0.0, 2.0, 0.5]), "code": np.array([0.0, 4.0, 2.0, 0.5])}
+    # weights 3:1 -> 0.75, 0.25: max(0.75 qa, 0.25 code)
+    combined = combine_task_scores(scores, {"qa": 3.0, "code": 1.0}, mixing="max")
+    np.testing.assert_allclose(combined, [0.75, 1.0, 1.5, 0.375])
+    # a task to avoid is subtracted from the best part, as in the sum
+    avoid = {**scores, "spam": np.array([1.0, 0.0, 4.0, 0.0])}
+    np.testing.assert_allclose(
+        combine_task_scores(avoid, {"qa": 1.0, "code": 1.0, "spam": -2.0}, mixing="max"),
+        [0.25 - 0.5, 1.0, 0.5 - 2.0, 0.125])
+    # only tasks to avoid: the avoided parts alone
+    np.testing.assert_allclose(combine_task_scores(avoid, {"spam": -1.0}, mixing="max"),
+                               -avoid["spam"])
+    with pytest.raises(ValueError, match="'sum' or 'max', got 'mean'"):
+        combine_task_scores(scores, mixing="mean")
+
+
+def test_max_mixing_gives_a_dissenting_task_its_own_top_examples() -> None:
+    # two tasks that rank the pool alike and one that ranks it differently: the sum keeps
+    # what the two agree on, max keeps each task's own best in equal measure
+    rng = np.random.default_rng(0)
+    shared, other = rng.normal(size=2000), rng.normal(size=2000)
+    scores = {"a": shared + 0.1 * rng.normal(size=2000), "b": shared + 0.1 * rng.normal(size=2000),
+              "c": other}
+    k = 200
+    own_top = set(np.argsort(-other)[:k // 3].tolist())
+    for mixing, least in (("sum", 0.0), ("max", 0.95)):
+        kept = set(np.argsort(-combine_task_scores(scores, standardise=True, mixing=mixing))[:k].tolist())
+        assert len(kept & own_top) / len(own_top) >= least, mixing
+    kept_sum = set(np.argsort(-combine_task_scores(scores, standardise=True))[:k].tolist())
+    assert len(kept_sum & own_top) / len(own_top) < 0.5
+
+
 def test_a_negative_weight_counts_a_task_against_a_candidate() -> None:
     scores = {"qa": np.array([1.0, 0.0, 2.0]), "spam": np.array([0.0, 4.0, 2.0])}
     combined = combine_task_scores(scores, {"qa": 3.0, "spam": -1.0})

@@ -254,6 +254,44 @@ def test_a_negative_weight_lowers_the_avoided_tasks_source(first_run) -> None:
     assert selected < pool < spam["positive"][0]
 
 
+def test_max_mixing_selects_by_each_examples_best_task_and_explains_it(first_run) -> None:
+    """task_mixing max on the small crawl: the selection is the top of the engine's max rule
+    over the stored task scores, differs from the sum's, records its rule, and each selected
+    example's score is the sum of its counted parts in the explanations view."""
+    import numpy as np
+
+    from dsdm.selection import combine_task_scores, rank
+
+    folder, resources, _, instance, _ = first_run
+    kept = {}
+    for mixing in ("sum", "max"):
+        result = dg.materialize(ALL_ASSETS, selection=["selected_subset"], partition_key="small",
+                                instance=instance, resources=resources, run_config={"ops": {
+                                    "selected_subset": {"config": {"task_mixing": mixing}}}})
+        assert result.success
+        selection_id = _meta(result, "selected_subset")["selection_id"]
+        con = duckdb.connect(str(folder / "lineage.duckdb"), read_only=True)
+        parts = pl.from_arrow(con.sql(
+            "SELECT example_id, task, weight, mixing, task_score, counted FROM explanations "
+            "WHERE selection_id = ? ORDER BY example_id, task", params=[selection_id]).arrow())
+        chosen = pl.from_arrow(con.sql(
+            "SELECT example_id, score FROM selections WHERE selection_id = ? ORDER BY example_id",
+            params=[selection_id]).arrow())
+        con.close()
+        assert parts["mixing"].unique().to_list() == [mixing]
+        wide = parts.pivot("task", index="example_id", values="task_score").sort("example_id")
+        weights = dict(parts.select("task", "weight").unique().iter_rows())
+        tasks = {t: wide[t].to_numpy() for t in weights}
+        expected = combine_task_scores(tasks, weights, standardise=True, mixing=mixing)
+        ids = wide["example_id"].to_numpy()
+        assert set(ids[rank(expected, ids)[:chosen.height]]) == set(chosen["example_id"])
+        counted = parts.group_by("example_id").agg(pl.col("counted").sum()).join(
+            chosen, on="example_id")
+        np.testing.assert_allclose(counted["counted"], counted["score"], rtol=1e-9, atol=1e-12)
+        kept[mixing] = set(chosen["example_id"])
+    assert kept["max"] != kept["sum"]
+
+
 def test_proxies_of_another_tokenizer_are_refused(first_run) -> None:
     _, resources, _, instance, config = first_run
     retokenised = dg.materialize(
