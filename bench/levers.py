@@ -584,9 +584,7 @@ def selection_scores(out: Path, data: Data, method: str) -> np.ndarray:
     task_scores = np.load(out / f"task_scores-{digest(scoring)}.npy")
     names = sorted(set(data.t_tasks.tolist()))
     if variant.get("rule") == "round_robin":
-        # each task's ranking in turn: an example's key is its best rank over the tasks
-        ranks = np.argsort(np.argsort(-task_scores, axis=0, kind="stable"), axis=0, kind="stable")
-        return -ranks.min(1).astype(np.float64)
+        return round_robin_keys(task_scores)
     combined = combine_task_scores({t: task_scores[:, i] for i, t in enumerate(names)},
                                    variant.get("weights"),
                                    standardise=variant.get("standardise", True),
@@ -604,6 +602,13 @@ def selection_scores(out: Path, data: Data, method: str) -> np.ndarray:
         gumbel = np.random.default_rng(0).gumbel(size=len(z))
         combined = z / variant["temperature"] + gumbel
     return combined
+
+
+def round_robin_keys(task_scores: np.ndarray) -> np.ndarray:
+    """[N] keys (larger kept first) of a round robin over the tasks' rankings of [N, tasks]
+    scores: an example's key is minus its best rank over the tasks."""
+    ranks = np.argsort(np.argsort(-task_scores, axis=0, kind="stable"), axis=0, kind="stable")
+    return -ranks.min(1).astype(np.float64)
 
 
 def selected_indices(out: Path, data: Data, method: str, fraction: float) -> np.ndarray:
@@ -665,9 +670,8 @@ def mixing(args: argparse.Namespace) -> None:
     z = task_scores / task_scores.std(0, keepdims=True)
     k = int(args.fraction * len(z))
     own = {t: np.argsort(-z[:, i], kind="stable")[:k] for i, t in enumerate(names)}
-    ranks = np.argsort(np.argsort(-z, axis=0, kind="stable"), axis=0, kind="stable")
     rules = {"sum": np.argsort(-z.mean(1), kind="stable")[:k],
-             "round_robin": np.argsort(ranks.min(1), kind="stable")[:k]}
+             "round_robin": np.argsort(-round_robin_keys(z), kind="stable")[:k]}
     result = {"variant": variant, "budget": k, "tasks": names, "rules": {}}
     for rule, chosen in rules.items():
         result["rules"][rule] = {
