@@ -73,7 +73,12 @@ def prepare(args: argparse.Namespace) -> None:
     with gzip.open(crawl / "part-00000.jsonl.gz", "wt", encoding="utf-8") as handle:
         handle.writelines(rows)
     docs = ingest_crawl(str(crawl)).documents
-    tokenizer = train_bpe(docs["text"].to_list(), TokenizerConfig(vocab_size=args.vocab))
+    if args.tokenizer:  # another pool's: losses stay in its units, so its random curve applies
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(args.tokenizer)
+    else:
+        tokenizer = train_bpe(docs["text"].to_list(), TokenizerConfig(vocab_size=args.vocab))
     (out / "tokenizer.json").write_text(tokenizer.to_str())
     table, stats = chunk_documents(tokenizer, docs["doc_id"].to_list(), docs["text"].to_list(),
                                    docs["source"].to_list(), args.seq_len, min_tokens=16)
@@ -177,13 +182,16 @@ def subsets(n: int, count: int, fraction: float, seed: int) -> list[np.ndarray]:
 def proxy_settings(args: argparse.Namespace, data: Data) -> dict:
     """What names a proxy folder: the recipe, and for a later round the selection it follows."""
     settings = recipe(args, data).to_dict()
+    if getattr(args, "train_fraction", 0.5) != 0.5:  # the default keeps earlier folder names
+        settings["train_fraction"] = args.train_fraction
     if getattr(args, "previous", None):
         settings |= {"previous": args.previous, "previous_fraction": args.previous_fraction}
     return settings
 
 
 def proxies(args: argparse.Namespace) -> None:
-    """M proxies on seeded random halves (as `proxy_checkpoints`), checkpoints along training;
+    """M proxies on seeded random subsets (as `proxy_checkpoints`; ``--train-fraction`` of the
+    pool, a half by default), checkpoints along training;
     with --previous, a later round's: on that selection plus a random rest (`round_subsets`)."""
     from dsdm.datamodels import round_subsets
 
@@ -194,12 +202,12 @@ def proxies(args: argparse.Namespace) -> None:
     (folder / "config.json").write_text(json.dumps(base.to_dict(), indent=2))
     if args.previous:
         previous = selected_indices(out, data, args.previous, args.previous_fraction)
-        plan = round_subsets(data.n, args.num, 0.5, base.seed, previous)
+        plan = round_subsets(data.n, args.num, args.train_fraction, base.seed, previous)
         (folder / "previous.json").write_text(json.dumps(
             {"previous": args.previous, "fraction": args.previous_fraction,
              "selected": len(previous)}))
     else:
-        plan = subsets(data.n, args.num, 0.5, base.seed)
+        plan = subsets(data.n, args.num, args.train_fraction, base.seed)
     for m, subset in enumerate(plan):
         done = folder / f"proxy-{m:02d}.json"
         if done.exists():
@@ -738,6 +746,9 @@ def unigram_reference(out: Path) -> dict:
 
 
 def add_previous_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train-fraction", type=float, default=0.5,
+                        help="the share of the pool each proxy trains on (a larger pool at a "
+                        "smaller share keeps the proxies' training steps)")
     parser.add_argument("--previous", help="a scored DsDm variant (JSON): proxies of the next "
                         "round, trained on its selection plus a random rest of the pool")
     parser.add_argument("--previous-fraction", type=float, default=0.2,
@@ -757,6 +768,7 @@ def main() -> None:
     p.add_argument("--docs", type=int, default=4800)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--tokenizer", help="tokenizer.json to use instead of training one")
     p.set_defaults(func=prepare)
     for name, func in (("proxies", proxies), ("lds-models", lds_models)):
         p = sub.add_parser(name)
