@@ -587,16 +587,18 @@ def selection_scores(out: Path, data: Data, method: str) -> np.ndarray:
     variant = json.loads(method)
     # keys that change the selection, not the scores
     selection_only = ("standardise", "weights", "unit", "smooth", "temperature", "rule",
-                      "mixing")
+                      "mixing", "avoid_scale")
     scoring = {k: v for k, v in variant.items() if k not in selection_only}
     task_scores = np.load(out / f"task_scores-{digest(scoring)}.npy")
     names = sorted(set(data.t_tasks.tolist()))
     if variant.get("rule") == "round_robin":
         return round_robin_keys(task_scores)
-    combined = combine_task_scores({t: task_scores[:, i] for i, t in enumerate(names)},
-                                   variant.get("weights"),
+    columns = {t: task_scores[:, i] for i, t in enumerate(names)}
+    combined = combine_task_scores(columns, variant.get("weights"),
                                    standardise=variant.get("standardise", True),
                                    mixing=variant.get("mixing", "sum"))
+    if variant.get("avoid_scale") == "sum":
+        combined = max_at_the_sums_spread(columns, variant.get("weights"))
     for group, alpha in variant.get("smooth", {}).items():
         # shrink each example's score towards its document's (or source's) mean
         column = {"doc": "doc_id", "source": "source"}[group]
@@ -610,6 +612,23 @@ def selection_scores(out: Path, data: Data, method: str) -> np.ndarray:
         gumbel = np.random.default_rng(0).gumbel(size=len(z))
         combined = z / variant["temperature"] + gumbel
     return combined
+
+
+def max_at_the_sums_spread(columns: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    """The max rule with tasks to avoid, its positive part rescaled to the pool sd the
+    standardised sum's positive part has, so an avoided task weighs against the targets as
+    much as it does under the sum (the max of several tasks spreads less than their sum)."""
+    from dsdm.selection import combine_task_scores, normalised_weights
+
+    positive = {t: w for t, w in normalised_weights(columns, weights).items() if w > 0}
+    negative = {t: w for t, w in normalised_weights(columns, weights).items() if w < 0}
+    best = combine_task_scores(columns, positive, standardise=True, mixing="max")
+    total = combine_task_scores(columns, positive, standardise=True, mixing="sum")
+    # both are normalised over the positive weights only; the avoided part keeps its share
+    share = sum(positive.values())
+    avoided = (combine_task_scores(columns, negative, standardise=True) * -sum(negative.values())
+               if negative else 0.0)
+    return share * best * (total.std() / best.std()) + avoided
 
 
 def round_robin_keys(task_scores: np.ndarray) -> np.ndarray:
