@@ -594,11 +594,12 @@ def selection_scores(out: Path, data: Data, method: str) -> np.ndarray:
     if variant.get("rule") == "round_robin":
         return round_robin_keys(task_scores)
     columns = {t: task_scores[:, i] for i, t in enumerate(names)}
-    combined = combine_task_scores(columns, variant.get("weights"),
-                                   standardise=variant.get("standardise", True),
-                                   mixing=variant.get("mixing", "sum"))
     if variant.get("avoid_scale") == "sum":
         combined = max_at_the_sums_spread(columns, variant.get("weights"))
+    else:
+        combined = combine_task_scores(columns, variant.get("weights"),
+                                       standardise=variant.get("standardise", True),
+                                       mixing=variant.get("mixing", "sum"))
     for group, alpha in variant.get("smooth", {}).items():
         # shrink each example's score towards its document's (or source's) mean
         column = {"doc": "doc_id", "source": "source"}[group]
@@ -620,8 +621,9 @@ def max_at_the_sums_spread(columns: dict[str, np.ndarray], weights: dict[str, fl
     much as it does under the sum (the max of several tasks spreads less than their sum)."""
     from dsdm.selection import combine_task_scores, normalised_weights
 
-    positive = {t: w for t, w in normalised_weights(columns, weights).items() if w > 0}
-    negative = {t: w for t, w in normalised_weights(columns, weights).items() if w < 0}
+    normalised = normalised_weights(columns, weights)
+    positive = {t: w for t, w in normalised.items() if w > 0}
+    negative = {t: w for t, w in normalised.items() if w < 0}
     best = combine_task_scores(columns, positive, standardise=True, mixing="max")
     total = combine_task_scores(columns, positive, standardise=True, mixing="sum")
     # both are normalised over the positive weights only; the avoided part keeps its share
