@@ -727,6 +727,10 @@ def report(args: argparse.Namespace) -> None:
         pl.col("loss").mean().alias("mean"), pl.col("loss").std(ddof=0).alias("sd"),
         pl.len().alias("seeds")).sort("task", "method", "multiple")
     curve = summary.filter(pl.col("method") == "random").sort("multiple")
+    if args.random_curve:  # the same pool's committed curve: evaluation models are deterministic
+        committed = json.loads(Path(args.random_curve).read_text())["results"]
+        curve = pl.DataFrame([{k: r[k] for k in ("multiple", "task", "mean")} for r in committed
+                              if r["method"] == "random"]).sort("multiple")
     results = []
     for row in summary.iter_rows(named=True):
         points = curve.filter(pl.col("task") == row["task"])
@@ -748,7 +752,8 @@ def report(args: argparse.Namespace) -> None:
         seconds = {f"{r['method'][:100]} x{r['multiple']} seed {r['seed']}": r["seconds"] for r in rows}
         Path(args.result).write_text(json.dumps({
             "results": results, "unigram": unigram, "source_share_1x": shares,
-            "model_seconds": seconds}, indent=1))
+            "model_seconds": seconds, "random_curve": args.random_curve or "this folder's"},
+            indent=1))
         print(f"wrote {args.result}")
 
 
@@ -862,6 +867,8 @@ def main() -> None:
     p = sub.add_parser("report")
     p.set_defaults(func=report)
     p.add_argument("--result", help="also write the report as JSON here")
+    p.add_argument("--random-curve", help="an evaluation JSON of the same pool whose random "
+                   "rows are the curve (instead of this folder's random models)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.func(args)
