@@ -652,14 +652,35 @@ def selected_indices(out: Path, data: Data, method: str, fraction: float) -> np.
                           fraction=fraction).order)
 
 
+def pack_windows(data: Data, chosen: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training rows from the windows ``chosen`` (sorted pool indices): with k > 1 each run of
+    k consecutive chosen windows is concatenated (padding dropped) into one row of k x the
+    window length, so a selection of short windows trains a model of a longer context; a
+    document's adjacent chosen windows stay in order. Returns ids and loss mask [rows, k x L]."""
+    index = torch.from_numpy(chosen)
+    if k == 1:
+        return data.ids[index], data.mask[index]
+    rows = -(-len(chosen) // k)
+    ids = torch.zeros(rows, k * data.seq_len, dtype=data.ids.dtype)
+    mask = torch.zeros(rows, k * data.seq_len, dtype=data.mask.dtype)
+    for row in range(rows):
+        at = 0
+        for i in chosen[row * k:(row + 1) * k]:
+            n = int(data.n_tokens[i])
+            ids[row, at:at + n], mask[row, at:at + n] = data.ids[i, :n], data.mask[i, :n]
+            at += n
+    return ids, mask
+
+
 def evaluate(args: argparse.Namespace) -> None:
     """Evaluation models (the bench's recipe) on each method's selection; eval-split losses."""
     from dsdm.evaluation import target_losses
 
     out, data = Path(args.out), Data(Path(args.out))
     targets = pq.read_table(out / "targets_table.parquet")
-    config = ProxyConfig(vocab_size=data.vocab, seq_len=data.seq_len, hidden_size=args.hidden,
-                         num_layers=args.layers, num_heads=4, epochs=args.epochs)
+    config = ProxyConfig(vocab_size=data.vocab, seq_len=data.seq_len * args.pack,
+                         hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
+                         epochs=args.epochs)
     folder = out / "evaluations" / digest({**config.to_dict(), "fraction": args.fraction})
     folder.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
@@ -671,9 +692,9 @@ def evaluate(args: argparse.Namespace) -> None:
                 if name.exists():
                     continue
                 start = time.perf_counter()
-                index = torch.from_numpy(chosen)
-                result = train_proxy(config.model_copy(update={"seed": seed}), data.ids[index],
-                                     data.mask[index], log_every=10_000)
+                ids, mask = pack_windows(data, chosen, args.pack)
+                result = train_proxy(config.model_copy(update={"seed": seed}), ids, mask,
+                                     log_every=10_000)
                 losses = target_losses(result.model, targets)
                 sources = data.pool["source"].to_numpy()[chosen]
                 mix = dict(zip(*np.unique(sources, return_counts=True), strict=True))
@@ -854,6 +875,8 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=160)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--pack", type=int, default=1, help="train on k chosen windows concatenated "
+                   "(a model of k x the window's context; the targets must be of that length)")
     p = sub.add_parser("mixing")
     p.set_defaults(func=mixing)
     p.add_argument("--variant", required=True, help="a scored DsDm variant as JSON")
