@@ -687,12 +687,12 @@ def evaluate(args: argparse.Namespace) -> None:
         multiples = args.multiples if method == "random" else [1.0]
         for multiple in multiples:
             chosen = selected_indices(out, data, method, args.fraction * multiple)
+            ids, mask = pack_windows(data, chosen, args.pack)  # the same rows for every seed
             for seed in args.seeds:
                 name = folder / f"{digest([method, multiple, seed])}.json"
                 if name.exists():
                     continue
                 start = time.perf_counter()
-                ids, mask = pack_windows(data, chosen, args.pack)
                 result = train_proxy(config.model_copy(update={"seed": seed}), ids, mask,
                                      log_every=10_000)
                 losses = target_losses(result.model, targets)
