@@ -6,6 +6,8 @@
     python -m bench.levers features --proxies 8 --target-dim 4096 --sketch countsketch
     python -m bench.levers score --grid configs.json       # LDS + cross-task correlation
     python -m bench.levers mixing --variant '{...}'        # selection rules, by prediction
+    python -m bench.levers mixture-runs --runs 24 --epochs 3  # models on source mixtures
+    python -m bench.levers mixture-fit --runs NAME         # the domain datamodel's choice
 
 Everything works on the engine directly (no Dagster), in a folder under bench/out/levers/
 (``--out``). Each stage caches its results under a name derived from its settings, so a
@@ -260,6 +262,99 @@ def lds_models(args: argparse.Namespace) -> None:
                                     (sums / np.maximum(counts, 1)).tolist()}))
         log(f"LDS model {key}: {time.perf_counter() - start:.0f}s")
     log(f"LDS models in {folder}")
+
+
+def source_table(data: Data) -> tuple[list[str], np.ndarray]:
+    """The pool's sources (sorted) and their example counts [S]."""
+    names, counts = np.unique(data.pool["source"].to_numpy(), return_counts=True)
+    return names.tolist(), counts
+
+
+def mixture_runs(args: argparse.Namespace) -> None:
+    """The domain datamodel's training data: models of the proxy recipe on R source mixtures
+    (`dsdm.mixture.mixture_plan` around the pool's shares, ``--fraction`` of the pool each),
+    with every task's select-split loss (the eval split is never read)."""
+    from dsdm.evaluation import target_losses
+    from dsdm.mixture import allocate, mixture_plan
+
+    out, data = Path(args.out), Data(Path(args.out))
+    config = recipe(args, data)
+    names, available = source_table(data)
+    settings = {**config.to_dict(), "fraction": args.fraction, "runs_seed": args.seed,
+                "concentration": args.concentration}
+    folder = out / "mixtures" / digest(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(settings, indent=2))
+    budget = round(args.fraction * data.n)
+    plan = mixture_plan(available / available.sum(), args.runs, args.concentration, args.seed)
+    targets = pq.read_table(out / "targets_table.parquet")
+    sources = data.pool["source"].to_numpy()
+    for r, shares in enumerate(plan):
+        name = folder / f"run-{r:03d}.json"
+        if r < args.first or name.exists():
+            continue
+        start = time.perf_counter()
+        counts = allocate(shares, budget, available)
+        rng = np.random.default_rng(args.seed * 1000 + r)
+        subset = np.sort(np.concatenate([
+            rng.choice(np.flatnonzero(sources == source), count, replace=False)
+            for source, count in zip(names, counts, strict=True)]))
+        result = train_proxy(config.model_copy(update={"seed": args.seed + r}),
+                             data.ids[torch.from_numpy(subset)],
+                             data.mask[torch.from_numpy(subset)], log_every=10_000)
+        losses = target_losses(result.model, targets, split="select")
+        name.write_text(json.dumps({
+            "counts": dict(zip(names, counts.tolist(), strict=True)),
+            "losses": dict(zip(losses["task"].to_list(), losses["loss"].to_list(), strict=True)),
+            "seconds": round(time.perf_counter() - start, 1)}))
+        log(f"mixture run {r}: {dict(zip(names, counts.tolist(), strict=True))} -> "
+            f"{ {k: round(v, 3) for k, v in zip(losses['task'], losses['loss'], strict=True)} }")
+    log(f"mixture runs in {folder}")
+
+
+def chosen_mixture(out: Path, data: Data, runs: str, fraction: float, top: int = 100,
+                   objective: str = "mean") -> dict:
+    """Fit the runs in ``mixtures/<runs>`` (`fit_linear_mixture`, the target tasks only) and
+    choose a mixture for a ``fraction`` selection: shares, per-source quotas, and the fit."""
+    from dsdm.mixture import allocate, choose_mixture, fit_linear_mixture
+
+    folder = out / "mixtures" / runs
+    settings = json.loads((folder / "config.json").read_text())
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("run-*.json"))]
+    names, available = source_table(data)
+    tasks = sorted(set(data.t_tasks.tolist()))
+    shares = np.array([[r["counts"][s] for s in names] for r in records], float)
+    shares /= shares.sum(1, keepdims=True)
+    losses = np.array([[r["losses"][t] for t in tasks] for r in records])
+    model = fit_linear_mixture(shares, losses)
+    budget = round(fraction * data.n)
+    chosen = choose_mixture(model, available / available.sum(), available, budget,
+                            concentration=settings["concentration"], top=top,
+                            objective=objective)
+    quotas = allocate(chosen, budget, available)
+    return {"runs": len(records), "objective": objective, "tasks": tasks, "sources": names,
+            "pool_shares": dict(zip(names, np.round(available / available.sum(), 4).tolist(), strict=True)),
+            "chosen_shares": dict(zip(names, np.round(quotas / budget, 4).tolist(), strict=True)),
+            "quotas": dict(zip(names, quotas.tolist(), strict=True)),
+            "r2": dict(zip(tasks, np.round(model.r2, 3).tolist(), strict=True)),
+            "r2_leave_one_out": dict(zip(tasks, np.round(model.r2_loo, 3).tolist(), strict=True)),
+            "ridge": dict(zip(tasks, model.ridge.tolist(), strict=True)),
+            "loss_sd_over_runs": dict(zip(tasks, np.round(model.scale, 4).tolist(), strict=True)),
+            "predicted_change_in_sd": dict(zip(tasks, np.round(
+                (model.predict(quotas / budget) - model.predict(available / available.sum()))
+                / model.scale, 2).tolist(), strict=True)),
+            "coef": {t: dict(zip(names, np.round(model.coef[:, i], 3).tolist(), strict=True))
+                     for i, t in enumerate(tasks)}}
+
+
+def mixture_fit(args: argparse.Namespace) -> None:
+    """Print (and with --result write) the domain datamodel's fit and chosen mixture."""
+    out, data = Path(args.out), Data(Path(args.out))
+    result = chosen_mixture(out, data, args.runs, args.fraction, args.top, args.objective)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.result:
+        Path(args.result).write_text(text + "\n")
 
 
 # --- features ------------------------------------------------------------------------------
@@ -562,11 +657,13 @@ def pool_texts(out: Path, data: Data) -> list[str]:
     return tokenizer.decode_batch(rows)
 
 
-def selection_scores(out: Path, data: Data, method: str) -> np.ndarray:
-    """[N] scores of a method (larger = kept first): random keys, DSIR, or a DsDm variant."""
+def selection_scores(out: Path, data: Data, method: str, fraction: float = 0.2) -> np.ndarray:
+    """[N] scores of a method (larger = kept first): random keys, DSIR, or a DsDm variant
+    (``fraction``: the share the selection keeps, which a variant's source quotas need)."""
     from dsdm.baselines.base import PoolData
     from dsdm.baselines.dsir import DsirSelection
     from dsdm.baselines.random import uniform_keys
+    from dsdm.mixture import quota_keys
     from dsdm.selection import combine_task_scores
 
     if method == "random":
@@ -585,6 +682,16 @@ def selection_scores(out: Path, data: Data, method: str) -> np.ndarray:
                                      rows.column("n_tokens").to_pylist(), strict=True)]
         return DsirSelection().scores(PoolData(pool_texts(out, data), tokenizer.decode_batch(ids)))
     variant = json.loads(method)
+    if "mixture" in variant:  # source quotas from the domain datamodel, ranked within sources
+        within = variant.get("within", "dsdm")
+        inner = (uniform_keys(data.n, 0) if within == "random" else selection_scores(
+            out, data, json.dumps({k: v for k, v in variant.items()
+                                   if k not in ("mixture", "within", "mixture_top",
+                                                "mixture_objective")})))
+        quotas = chosen_mixture(out, data, variant["mixture"], fraction,
+                                top=variant.get("mixture_top", 100),
+                                objective=variant.get("mixture_objective", "mean"))["quotas"]
+        return quota_keys(data.pool["source"].to_numpy(), inner, quotas)
     # keys that change the selection, not the scores
     selection_only = ("standardise", "weights", "unit", "smooth", "temperature", "rule",
                       "mixing", "avoid_scale")
@@ -646,7 +753,7 @@ def selected_indices(out: Path, data: Data, method: str, fraction: float) -> np.
     from dsdm.selection import select
 
     unit = json.loads(method).get("unit", "example") if method.startswith("{") else "example"
-    scores = selection_scores(out, data, method)
+    scores = selection_scores(out, data, method, fraction)
     return np.sort(select(scores, data.pool["example_id"].to_numpy(), data.n_tokens.numpy() - 1,
                           unit=unit, doc_ids=data.pool["doc_id"].to_numpy(),
                           fraction=fraction).order)
@@ -833,6 +940,26 @@ def main() -> None:
             p.add_argument("--repeats", type=int, default=4)
             p.add_argument("--fixed-seed", action="store_true",
                            help="the same model seed for every subset")
+    p = sub.add_parser("mixture-runs")
+    p.set_defaults(func=mixture_runs)
+    p.add_argument("--runs", type=int, default=32)
+    p.add_argument("--concentration", type=float, default=10.0,
+                   help="Dirichlet concentration around the pool's source shares")
+    p.add_argument("--fraction", type=float, default=0.2, help="each run's share of the pool")
+    p.add_argument("--seed", type=int, default=2000)
+    p.add_argument("--first", type=int, default=0,
+                   help="skip runs before this one (to split the runs between processes)")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=1)
+    p = sub.add_parser("mixture-fit")
+    p.set_defaults(func=mixture_fit)
+    p.add_argument("--runs", required=True, help="a mixtures folder name")
+    p.add_argument("--fraction", type=float, default=0.2)
+    p.add_argument("--top", type=int, default=100)
+    p.add_argument("--objective", choices=("mean", "worst"), default="mean",
+                   help="the tasks' mean predicted change, or the worst task's")
+    p.add_argument("--result", help="also write the JSON here")
     p = sub.add_parser("features")
     p.set_defaults(func=features)
     p.add_argument("--proxies", type=int, default=8)
