@@ -6,7 +6,7 @@
     python -m bench.levers features --proxies 8 --target-dim 4096 --sketch countsketch
     python -m bench.levers score --grid configs.json       # LDS + cross-task correlation
     python -m bench.levers mixing --variant '{...}'        # selection rules, by prediction
-    python -m bench.levers mixture-runs --runs 24 --epochs 3  # models on source mixtures
+    python -m bench.levers mixture-runs --runs 24           # models on source mixtures
     python -m bench.levers mixture-fit --runs NAME         # the domain datamodel's choice
 
 Everything works on the engine directly (no Dagster), in a folder under bench/out/levers/
@@ -942,7 +942,7 @@ def main() -> None:
                            help="the same model seed for every subset")
     p = sub.add_parser("mixture-runs")
     p.set_defaults(func=mixture_runs)
-    p.add_argument("--runs", type=int, default=32)
+    p.add_argument("--runs", type=int, default=24)
     p.add_argument("--concentration", type=float, default=10.0,
                    help="Dirichlet concentration around the pool's source shares")
     p.add_argument("--fraction", type=float, default=0.2, help="each run's share of the pool")
@@ -951,7 +951,7 @@ def main() -> None:
                    help="skip runs before this one (to split the runs between processes)")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=3, help="passes (the evaluation models' 3)")
     p = sub.add_parser("mixture-fit")
     p.set_defaults(func=mixture_fit)
     p.add_argument("--runs", required=True, help="a mixtures folder name")
