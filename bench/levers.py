@@ -957,8 +957,9 @@ def main() -> None:
     p.add_argument("--runs", required=True, help="a mixtures folder name")
     p.add_argument("--fraction", type=float, default=0.2)
     p.add_argument("--top", type=int, default=100)
-    p.add_argument("--objective", choices=("mean", "worst"), default="mean",
-                   help="the tasks' mean predicted change, or the worst task's")
+    p.add_argument("--objective", choices=("mean", "worst", "per_task"), default="mean",
+                   help="the tasks' mean predicted change, the worst task's, or the mean "
+                   "of each task's own best mix")
     p.add_argument("--result", help="also write the JSON here")
     p = sub.add_parser("features")
     p.set_defaults(func=features)

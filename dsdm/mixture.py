@@ -28,7 +28,7 @@ from typing import Literal
 
 import numpy as np
 
-MixtureObjective = Literal["mean", "worst"]
+MixtureObjective = Literal["mean", "worst", "per_task"]
 
 
 def allocate(shares: np.ndarray, budget: int, available: np.ndarray) -> np.ndarray:
@@ -144,9 +144,17 @@ def choose_mixture(model: LinearMixtureModel, pool_shares: np.ndarray, available
     """[S] shares of the chosen mixture: the mean of the ``top`` candidates (drawn from the
     runs' own prior, each realised by `allocate`'s caps) with the best objective over the
     tasks' predicted change from the pool's own mixture, in units of each task's sd over the
-    runs: ``mean`` (weighted) or ``worst`` (the largest change over the tasks, so no task is
-    traded for the others). Averaging the top keeps the choice inside the region the runs
+    runs: ``mean`` (weighted), ``worst`` (the largest change over the tasks, so no task is
+    traded for the others) or ``per_task`` (the mean of each task's own choice: an equal
+    share of the budget drawn with each task's best mix, the domain-level analogue of
+    `task_mixing: max`). Averaging the top keeps the choice inside the region the runs
     measured rather than at the linear model's extreme corner."""
+    if objective == "per_task":  # each task's own best mix, the budget split evenly
+        tasks = model.coef.shape[1]
+        return np.mean([choose_mixture(model, pool_shares, available, budget,
+                                       concentration=concentration, candidates=candidates,
+                                       top=top, weights=np.eye(tasks)[t], seed=seed)
+                        for t in range(tasks)], axis=0)
     drawn = mixture_plan(pool_shares, candidates, concentration, seed)
     # realise the caps the way a selection will: a source cannot give more than it holds
     feasible = np.stack([allocate(d, budget, available) for d in drawn]) / budget
@@ -157,7 +165,8 @@ def choose_mixture(model: LinearMixtureModel, pool_shares: np.ndarray, available
         w = np.ones(model.coef.shape[1]) if weights is None else np.asarray(weights, float)
         value = change @ (w / w.sum())
     else:
-        raise ValueError(f"unknown mixture objective {objective!r}; use 'mean' or 'worst'")
+        raise ValueError(f"unknown mixture objective {objective!r}; use 'mean', 'worst' or "
+                         "'per_task'")
     best = np.argsort(value, kind="stable")[:top]
     return feasible[best].mean(0)
 

@@ -98,3 +98,18 @@ def test_worst_objective_trades_no_task_for_the_others() -> None:
     assert worst_change(by_worst) < 0  # every task predicted better than the pool's mixture
     with pytest.raises(ValueError, match="unknown mixture objective"):
         choose_mixture(model, pool, available, 500, objective="best", **kwargs)  # type: ignore[arg-type]
+
+
+def test_per_task_objective_averages_each_tasks_own_choice() -> None:
+    pool = np.array([0.2, 0.4, 0.4])
+    available = np.array([200, 400, 400])
+    shares = mixture_plan(pool, 40, 10.0, seed=3)
+    losses = np.stack([2.0 - 3 * shares[:, 0], 3.0 + shares[:, 0] - shares[:, 1]], 1)
+    model = fit_linear_mixture(shares, losses)
+    kwargs = {"concentration": 10.0, "top": 5, "candidates": 2000, "seed": 0}
+    own = [choose_mixture(model, pool, available, 500, weights=w, **kwargs)
+           for w in ([1.0, 0.0], [0.0, 1.0])]
+    np.testing.assert_allclose(
+        choose_mixture(model, pool, available, 500, objective="per_task", **kwargs),
+        np.mean(own, axis=0))
+    assert own[0][0] > pool[0] and own[1][1] > pool[1]  # each task's mix leans its own way
