@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dsdm.mixture import allocate, choose_mixture, fit_linear_mixture, mixture_plan, quota_keys
+from dsdm.mixture import (
+    LinearMixtureModel,
+    allocate,
+    choose_mixture,
+    fit_linear_mixture,
+    mixture_plan,
+    quota_keys,
+)
 
 
 def test_allocate_is_proportional_when_nothing_is_capped() -> None:
@@ -79,13 +86,18 @@ def test_quota_keys_take_each_quota_best_first() -> None:
         quota_keys(sources, scores, {"a": 4})
 
 
-def test_worst_objective_trades_no_task_for_the_others() -> None:
-    pool = np.array([0.2, 0.4, 0.4])
-    available = np.array([200, 400, 400])
-    shares = mixture_plan(pool, 40, 10.0, seed=3)
-    # source 0 helps task 0 a lot and hurts task 1 a little; source 1 helps task 1
+POOL, AVAILABLE = np.array([0.2, 0.4, 0.4]), np.array([200, 400, 400])
+
+
+def two_conflicting_tasks() -> LinearMixtureModel:
+    """Source 0 helps task 0 a lot and hurts task 1 a little; source 1 helps task 1."""
+    shares = mixture_plan(POOL, 40, 10.0, seed=3)
     losses = np.stack([2.0 - 3 * shares[:, 0], 3.0 + shares[:, 0] - shares[:, 1]], 1)
-    model = fit_linear_mixture(shares, losses)
+    return fit_linear_mixture(shares, losses)
+
+
+def test_worst_objective_trades_no_task_for_the_others() -> None:
+    pool, available, model = POOL, AVAILABLE, two_conflicting_tasks()
 
     def worst_change(chosen: np.ndarray) -> float:
         return float(((model.predict(chosen) - model.predict(pool)) / model.scale).max())
@@ -101,11 +113,7 @@ def test_worst_objective_trades_no_task_for_the_others() -> None:
 
 
 def test_per_task_objective_averages_each_tasks_own_choice() -> None:
-    pool = np.array([0.2, 0.4, 0.4])
-    available = np.array([200, 400, 400])
-    shares = mixture_plan(pool, 40, 10.0, seed=3)
-    losses = np.stack([2.0 - 3 * shares[:, 0], 3.0 + shares[:, 0] - shares[:, 1]], 1)
-    model = fit_linear_mixture(shares, losses)
+    pool, available, model = POOL, AVAILABLE, two_conflicting_tasks()
     kwargs = {"concentration": 10.0, "top": 5, "candidates": 2000, "seed": 0}
     own = [choose_mixture(model, pool, available, 500, weights=w, **kwargs)
            for w in ([1.0, 0.0], [0.0, 1.0])]
