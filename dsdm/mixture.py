@@ -149,26 +149,23 @@ def choose_mixture(model: LinearMixtureModel, pool_shares: np.ndarray, available
     share of the budget drawn with each task's best mix, the domain-level analogue of
     `task_mixing: max`). Averaging the top keeps the choice inside the region the runs
     measured rather than at the linear model's extreme corner."""
-    if objective == "per_task":  # each task's own best mix, the budget split evenly
-        tasks = model.coef.shape[1]
-        return np.mean([choose_mixture(model, pool_shares, available, budget,
-                                       concentration=concentration, candidates=candidates,
-                                       top=top, weights=np.eye(tasks)[t], seed=seed)
-                        for t in range(tasks)], axis=0)
+    if objective not in ("mean", "worst", "per_task"):
+        raise ValueError(f"unknown mixture objective {objective!r}; use 'mean', 'worst' or "
+                         "'per_task'")
     drawn = mixture_plan(pool_shares, candidates, concentration, seed)
     # realise the caps the way a selection will: a source cannot give more than it holds
     feasible = np.stack([allocate(d, budget, available) for d in drawn]) / budget
     change = (model.predict(feasible) - model.predict(np.asarray(pool_shares, float))) / model.scale
+
+    def mean_of_best(value: np.ndarray) -> np.ndarray:
+        return feasible[np.argsort(value, kind="stable")[:top]].mean(0)
+
+    if objective == "per_task":  # each task's own best mix, the budget split evenly
+        return np.mean([mean_of_best(column) for column in change.T], axis=0)
     if objective == "worst":
-        value = change.max(1)
-    elif objective == "mean":
-        w = np.ones(model.coef.shape[1]) if weights is None else np.asarray(weights, float)
-        value = change @ (w / w.sum())
-    else:
-        raise ValueError(f"unknown mixture objective {objective!r}; use 'mean', 'worst' or "
-                         "'per_task'")
-    best = np.argsort(value, kind="stable")[:top]
-    return feasible[best].mean(0)
+        return mean_of_best(change.max(1))
+    w = np.ones(model.coef.shape[1]) if weights is None else np.asarray(weights, float)
+    return mean_of_best(change @ (w / w.sum()))
 
 
 def quota_keys(sources: np.ndarray, scores: np.ndarray, quotas: dict[str, int]) -> np.ndarray:
