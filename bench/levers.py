@@ -273,15 +273,20 @@ def source_table(data: Data) -> tuple[list[str], np.ndarray]:
 def mixture_runs(args: argparse.Namespace) -> None:
     """The domain datamodel's training data: models of the proxy recipe on R source mixtures
     (`dsdm.mixture.mixture_plan` around the pool's shares, ``--fraction`` of the pool each),
-    with every task's select-split loss (the eval split is never read)."""
+    with every task's select-split loss (the eval split is never read). Within each source a
+    run samples uniformly, or with ``--within VARIANT`` keeps the source's best examples by
+    that DsDm variant's scores: the mixture is then fitted to the way it is used."""
     from dsdm.evaluation import target_losses
-    from dsdm.mixture import allocate, mixture_plan
+    from dsdm.mixture import allocate, mixture_plan, mixture_subset, quota_keys
 
     out, data = Path(args.out), Data(Path(args.out))
     config = recipe(args, data)
     names, available = source_table(data)
     settings = {**config.to_dict(), "fraction": args.fraction, "runs_seed": args.seed,
                 "concentration": args.concentration}
+    if args.within:
+        settings["within"] = json.loads(args.within)
+        ranking = selection_scores(out, data, args.within, args.fraction)
     folder = out / "mixtures" / digest(settings)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(settings, indent=2))
@@ -295,19 +300,19 @@ def mixture_runs(args: argparse.Namespace) -> None:
             continue
         start = time.perf_counter()
         counts = allocate(shares, budget, available)
-        rng = np.random.default_rng(args.seed * 1000 + r)
-        subset = np.sort(np.concatenate([
-            rng.choice(np.flatnonzero(sources == source), count, replace=False)
-            for source, count in zip(names, counts, strict=True)]))
+        per_source = dict(zip(names, counts.tolist(), strict=True))
+        # quota_keys gives the examples within their source's quota keys in [-1, 0)
+        subset = (np.flatnonzero(quota_keys(sources, ranking, per_source) >= -1)
+                  if args.within else mixture_subset(sources, per_source, args.seed * 1000 + r))
         result = train_proxy(config.model_copy(update={"seed": args.seed + r}),
                              data.ids[torch.from_numpy(subset)],
                              data.mask[torch.from_numpy(subset)], log_every=10_000)
         losses = target_losses(result.model, targets, split="select")
         name.write_text(json.dumps({
-            "counts": dict(zip(names, counts.tolist(), strict=True)),
+            "counts": per_source,
             "losses": dict(zip(losses["task"].to_list(), losses["loss"].to_list(), strict=True)),
             "seconds": round(time.perf_counter() - start, 1)}))
-        log(f"mixture run {r}: {dict(zip(names, counts.tolist(), strict=True))} -> "
+        log(f"mixture run {r}: {per_source} -> "
             f"{ {k: round(v, 3) for k, v in zip(losses['task'], losses['loss'], strict=True)} }")
     log(f"mixture runs in {folder}")
 
@@ -316,7 +321,7 @@ def chosen_mixture(out: Path, data: Data, runs: str, fraction: float, top: int =
                    objective: str = "mean") -> dict:
     """Fit the runs in ``mixtures/<runs>`` (`fit_linear_mixture`, the target tasks only) and
     choose a mixture for a ``fraction`` selection: shares, per-source quotas, and the fit."""
-    from dsdm.mixture import allocate, choose_mixture, fit_linear_mixture
+    from dsdm.mixture import mixture_quotas
 
     folder = out / "mixtures" / runs
     settings = json.loads((folder / "config.json").read_text())
@@ -326,12 +331,10 @@ def chosen_mixture(out: Path, data: Data, runs: str, fraction: float, top: int =
     shares = np.array([[r["counts"][s] for s in names] for r in records], float)
     shares /= shares.sum(1, keepdims=True)
     losses = np.array([[r["losses"][t] for t in tasks] for r in records])
-    model = fit_linear_mixture(shares, losses)
     budget = round(fraction * data.n)
-    chosen = choose_mixture(model, available / available.sum(), available, budget,
-                            concentration=settings["concentration"], top=top,
-                            objective=objective)
-    quotas = allocate(chosen, budget, available)
+    quotas, model = mixture_quotas(shares, losses, available, budget,
+                                   concentration=settings["concentration"], top=top,
+                                   objective=objective)
     return {"runs": len(records), "objective": objective, "tasks": tasks, "sources": names,
             "pool_shares": dict(zip(names, np.round(available / available.sum(), 4).tolist(), strict=True)),
             "chosen_shares": dict(zip(names, np.round(quotas / budget, 4).tolist(), strict=True)),
@@ -952,6 +955,8 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3, help="passes (the evaluation models' 3)")
+    p.add_argument("--within", help="a scored DsDm variant (JSON): keep each source's best "
+                   "examples by its scores instead of a uniform sample")
     p = sub.add_parser("mixture-fit")
     p.set_defaults(func=mixture_fit)
     p.add_argument("--runs", required=True, help="a mixtures folder name")

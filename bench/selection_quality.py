@@ -37,7 +37,8 @@ import polars as pl  # noqa: E402
 from bench.common import subset_crawl  # noqa: E402
 from dsdm.features import FeatureConfig  # noqa: E402
 from dsdm.trak import LAMBDA_RELATIVE  # noqa: E402
-from dsdm_assets import datamodels, evaluation, ingest, selection  # noqa: E402
+from dsdm_assets import mixtures, selection  # noqa: E402
+from dsdm_assets.definitions import ASSETS  # noqa: E402
 from dsdm_assets.partitions import crawl_partitions  # noqa: E402
 from resources import (  # noqa: E402
     ArtifactStoreResource,
@@ -47,7 +48,6 @@ from resources import (  # noqa: E402
 )
 
 OUT = REPO / "bench" / "out"
-ASSETS = dg.load_assets_from_modules([ingest, datamodels, selection, evaluation])
 FEATURES = FeatureConfig()  # the pipeline's feature defaults
 BENCH_TASKS = ("wiki_qa", "lambada_cloze", "tech_faq", "mixed_cloze", "mixed_continuation")
 
@@ -66,9 +66,13 @@ def run_config(args: argparse.Namespace) -> dict:
         # the projection of candidates and targets alike (target_gradients takes it from here)
         "gradient_shards": {"config": features},
         "datamodel_weights": {"config": {"lambda_relative": args.lambda_relative}},
+        # the datamodel over domains: runs of the proxy architecture, fraction as selected
+        "mixture_runs": {"config": {"runs": args.mixture_runs, "fraction": args.fraction,
+                                    "model": {**proxy, "epochs": args.eval_epochs}}},
         "selected_subset": {"config": {"fraction": args.fraction,
                                        "standardise_tasks": args.standardise,
-                                       "task_mixing": args.task_mixing}},
+                                       "task_mixing": args.task_mixing,
+                                       "mixture_objective": args.mixture_objective}},
         **{asset: {"config": {"fraction": args.fraction}} for asset in (
             "random_subset", "dsir_subset", "classifier_subset", "semdedup_subset")},
         "evaluations": {"config": {"seeds": args.seeds, "random_multiples": args.multiples,
@@ -103,6 +107,12 @@ def main() -> None:
     parser.add_argument("--task-mixing", choices=("sum", "max"),
                         default=selection.SelectionConfig.model_fields["task_mixing"].default,
                         help="how selected_subset mixes the task scores")
+    parser.add_argument("--mixture-runs", type=int,
+                        default=mixtures.MixtureRunsConfig.model_fields["runs"].default,
+                        help="training runs of the datamodel over domains (0: rank the whole pool)")
+    parser.add_argument("--mixture-objective", choices=("mean", "worst", "per_task"),
+                        default=selection.SelectionConfig.model_fields["mixture_objective"].default,
+                        help="how selected_subset chooses the source mixture from those runs")
     parser.add_argument("--lambda-relative", type=float, default=LAMBDA_RELATIVE)
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument("--eval-hidden", type=int, default=160)

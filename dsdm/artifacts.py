@@ -59,6 +59,12 @@ def proxy_file(m: int, name: str) -> str:
     return f"proxy-{m:02d}/{name}"
 
 
+def mixture_run_file(r: int) -> str:
+    """mixture_runs: run r's record (its per-source counts, every task's select-split loss,
+    its seconds); each is written whole, so a present file is a finished run."""
+    return f"run-{r:03d}.json"
+
+
 def feature_shard(m: int, k: int) -> str:
     """gradient_shards: proxy m's features of corpus shard k."""
     return f"proxy-{m:02d}/shard-{k:05d}.safetensors"

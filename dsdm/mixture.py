@@ -17,6 +17,10 @@ module measures that effect directly, as regression mixture studies do:
 5. `quota_keys`: keys whose top ``budget`` holds each source's quota, best-ranked first
    within the source (by any example score: DsDm's, or random keys).
 
+`quota_scores` is `quota_keys` that keeps the scores of the examples within quota.
+`mixture_subset` draws a run's training subset; `mixture_quotas` does steps 3-4 and the
+allocation in one call (the ``mixture_runs`` and ``selected_subset`` assets use both).
+
 Shapes: S sources, R runs, T tasks. Shares sum to 1 over sources.
 """
 
@@ -148,24 +152,64 @@ def choose_mixture(model: LinearMixtureModel, pool_shares: np.ndarray, available
     traded for the others) or ``per_task`` (the mean of each task's own choice: an equal
     share of the budget drawn with each task's best mix, the domain-level analogue of
     `task_mixing: max`). Averaging the top keeps the choice inside the region the runs
-    measured rather than at the linear model's extreme corner."""
+    measured rather than at the linear model's extreme corner.
+
+    Only tasks the fit predicts (leave-one-run-out R^2 > 0) steer the choice: a task whose
+    fit is noise keeps the pool's mixture (its share of ``per_task``; no weight in ``mean``
+    and ``worst``), and when no task is predicted the pool's own shares are returned.
+    Ranking candidates is blind to the size of the predictions, so without this a fit to
+    noise would still move the mixture as far as a real effect does."""
     if objective not in ("mean", "worst", "per_task"):
         raise ValueError(f"unknown mixture objective {objective!r}; use 'mean', 'worst' or "
                          "'per_task'")
+    pool_shares = np.asarray(pool_shares, float)
+    w = np.ones(model.coef.shape[1]) if weights is None else np.asarray(weights, float)
+    predicted = model.r2_loo > 0
+    if not (predicted & (w != 0)).any():
+        return pool_shares / pool_shares.sum()
     drawn = mixture_plan(pool_shares, candidates, concentration, seed)
     # realise the caps the way a selection will: a source cannot give more than it holds
     feasible = np.stack([allocate(d, budget, available) for d in drawn]) / budget
-    change = (model.predict(feasible) - model.predict(np.asarray(pool_shares, float))) / model.scale
+    change = (model.predict(feasible) - model.predict(pool_shares)) / model.scale
 
     def mean_of_best(value: np.ndarray) -> np.ndarray:
         return feasible[np.argsort(value, kind="stable")[:top]].mean(0)
 
     if objective == "per_task":  # each task's own best mix, the budget split evenly
-        return np.mean([mean_of_best(column) for column in change.T], axis=0)
+        own = allocate(pool_shares, budget, available) / budget
+        return np.mean([mean_of_best(column) if ok else own
+                        for column, ok in zip(change.T, predicted, strict=True)], axis=0)
     if objective == "worst":
-        return mean_of_best(change.max(1))
-    w = np.ones(model.coef.shape[1]) if weights is None else np.asarray(weights, float)
+        return mean_of_best(change[:, predicted].max(1))
+    w = np.where(predicted, w, 0.0)
     return mean_of_best(change @ (w / w.sum()))
+
+
+def mixture_quotas(shares: np.ndarray, losses: np.ndarray, available: np.ndarray, budget: int,
+                   *, concentration: float, objective: MixtureObjective = "mean",
+                   weights: Sequence[float] | None = None,
+                   top: int = 100) -> tuple[np.ndarray, LinearMixtureModel]:
+    """Per-source counts [S] (summing to ``budget``, each within ``available`` [S]) for a
+    selection, from R measured runs (realised ``shares`` [R, S], ``losses`` [R, T]): the
+    fit (`fit_linear_mixture`), the choice (`choose_mixture`, candidates from the runs'
+    own Dirichlet prior around the pool; ``weights`` [T] for the ``mean`` objective) and
+    its allocation; with the fit."""
+    available = np.asarray(available, np.int64)
+    model = fit_linear_mixture(shares, losses)
+    chosen = choose_mixture(model, available / available.sum(), available, budget,
+                            concentration=concentration, top=top, objective=objective,
+                            weights=weights)
+    return allocate(chosen, budget, available), model
+
+
+def mixture_subset(sources: np.ndarray, counts: dict[str, int], seed: int) -> np.ndarray:
+    """Sorted indices [sum(counts)] of a run's training subset: ``counts[source]`` examples
+    drawn uniformly without replacement from each source of ``sources`` [N]."""
+    sources = np.asarray(sources)
+    rng = np.random.default_rng(seed)
+    return np.sort(np.concatenate([
+        rng.choice(np.flatnonzero(sources == source), count, replace=False)
+        for source, count in counts.items()]).astype(np.int64))
 
 
 def quota_keys(sources: np.ndarray, scores: np.ndarray, quotas: dict[str, int]) -> np.ndarray:
@@ -184,3 +228,20 @@ def quota_keys(sources: np.ndarray, scores: np.ndarray, quotas: dict[str, int]) 
         order = members[np.argsort(-scores[members], kind="stable")]
         keys[order] = -(np.arange(1, len(order) + 1)) / quota
     return keys
+
+
+def quota_scores(sources: np.ndarray, scores: np.ndarray, quotas: dict[str, int]) -> np.ndarray:
+    """[N] scores whose top sum(quotas) is exactly each source's quota of its best
+    ``scores`` [N], like `quota_keys`, but an example within its quota keeps its own score
+    (so a selection's stored scores and their explanations stay DsDm's), and every other
+    example is placed below all of those, in `quota_keys` order (sources interleaved by
+    quota); a source with quota 0 comes last."""
+    keys = quota_keys(sources, scores, quotas)
+    inside = keys >= -1
+    out = np.asarray(scores, float).copy()
+    if not inside.any() or inside.all():
+        return out
+    outside = keys[~inside]  # < -1, or -inf for a source without quota
+    lowest = outside[np.isfinite(outside)].min(initial=-1.0)
+    out[~inside] = out[inside].min() - 1.0 + np.where(np.isfinite(outside), outside, lowest - 1.0)
+    return out

@@ -5,12 +5,12 @@ import os
 
 import dagster as dg
 
-from dsdm_assets import datamodels, evaluation, ingest, selection
+from dsdm_assets import datamodels, evaluation, ingest, mixtures, selection
 from dsdm_assets.jobs import evaluation_job, executor_from_env, selection_job
 from resources import env_resources
 from sensors import latest_crawl_schedule, new_crawl_sensor
 
-ASSETS = dg.load_assets_from_modules([ingest, datamodels, selection, evaluation])
+ASSETS = dg.load_assets_from_modules([ingest, datamodels, mixtures, selection, evaluation])
 
 defs = dg.Definitions(
     assets=ASSETS,

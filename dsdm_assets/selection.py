@@ -36,6 +36,7 @@ from dsdm.baselines.random import RandomSelection, document_keys
 from dsdm.baselines.semdedup import SemDedupSelection, minilm_embeddings, pool_embeddings
 from dsdm.explain import mixing_coefficients
 from dsdm.lineage import LineageDB
+from dsdm.mixture import MixtureObjective, mixture_quotas, quota_scores
 from dsdm.selection import (
     DEGENERATE_SHARE,
     Selection,
@@ -125,6 +126,15 @@ class SelectionConfig(BudgetConfig):
         "max", description="How several tasks' scores become one: `sum` (weighted sum) or "
         "`max` (an example counts for the task it serves best, so each task brings its own "
         "top examples; tasks to avoid are subtracted as in the sum).",
+    )
+    mixture_objective: MixtureObjective = Field(
+        "mean", description="With mixture_runs (runs > 0): the source mixture to draw the "
+        "budget with, from the per-task fits of loss on mixture: `mean` (best mean predicted "
+        "change over the tasks, weighted by task_weights), `worst` (best worst-case task) or "
+        "`per_task` (each task's own mix on an equal share). Each source's quota is then "
+        "filled with its best examples by the mixed DsDm score (the score stored for them); "
+        "the pool's other examples are stored below every selected one. Ignored when "
+        "mixture_runs has no runs.",
     )
 
 
@@ -265,6 +275,7 @@ def selected_subset(
     context: dg.AssetExecutionContext,
     config: SelectionConfig,
     datamodel_weights: Upstream,
+    mixture_runs: Upstream,
     tokenized_corpus: Upstream,
     tokenizer: Upstream,
     store: ArtifactStoreResource,
@@ -283,23 +294,67 @@ def selected_subset(
     except ValueError as error:
         raise dg.Failure(f"selected_subset config: {error}") from error
     scores_id = datamodel_weights.manifest["config_hash"]
+    inputs, settings = [datamodel_weights, tokenized_corpus, tokenizer], {
+        "task_weights": config.task_weights, "standardise_tasks": config.standardise_tasks,
+        **({"task_mixing": config.task_mixing} if config.task_mixing != "sum" else {})}
+    quotas = _source_quotas(config, mixture_runs, pool, combined)
+    if quotas is not None:  # the datamodel over domains: quotas, DsDm's ranking within each
+        require_made_from(mixture_runs, "mixture_runs", tokenized_corpus, "tokenized_corpus")
+        inputs.append(mixture_runs)
+        settings["mixture_objective"] = config.mixture_objective
+        combined = quota_scores(pool["source"].to_numpy(), combined, quotas["quotas"])
 
     def explain(selection_id: str, mixed: np.ndarray) -> dict[str, Any]:
         record_rows(db, "selection_weights", {
             "crawl": context.partition_key, "run_id": run_id(context),
             "selection_id": selection_id, "scores_id": scores_id},
             _mixing_table(task_scores, config), key=["crawl", "selection_id"])
-        return _explained_examples(db, scores_id, pool, mixed)
+        return {**_explained_examples(db, scores_id, pool, mixed),
+                **(_quota_metadata(quotas) if quotas is not None else {})}
 
     return _write_selection(
-        context, artifacts, db, method="dsdm",
-        config={"task_weights": config.task_weights, "standardise_tasks": config.standardise_tasks,
-                **({"task_mixing": config.task_mixing} if config.task_mixing != "sum" else {})},
-        inputs=[datamodel_weights, tokenized_corpus, tokenizer], corpus=tokenized_corpus,
-        tokenizer=tokenizer, pool=pool, compute_scores=lambda: combined, budget=config.budget(),
-        output_shard_size=config.output_shard_size, extra_shares={
+        context, artifacts, db, method="dsdm", config=settings, inputs=inputs,
+        corpus=tokenized_corpus, tokenizer=tokenizer, pool=pool, compute_scores=lambda: combined,
+        budget=config.budget(), output_shard_size=config.output_shard_size, extra_shares={
             f"only_{t}": values for t, values in task_scores.items()}, extra_metadata=explain,
     )
+
+
+def _source_quotas(config: SelectionConfig, runs_up: Upstream, pool: pl.DataFrame,
+                   combined: np.ndarray) -> dict[str, Any] | None:
+    """Per-source counts for the selection from the mixture runs' fit, sized to the number
+    of examples the budget keeps under the plain DsDm ranking; with the fit's figures. None
+    when mixture_runs has no runs."""
+    summary = runs_up.manifest["summary"]
+    if not summary["runs"]:
+        return None
+    names, available = np.unique(pool["source"].to_numpy(), return_counts=True)
+    if summary["sources"] != names.tolist():
+        raise dg.Failure(f"mixture_runs was made with sources {summary['sources']}, the pool "
+                         f"has {names.tolist()}; re-materialise mixture_runs")
+    tasks = summary["tasks"]
+    shares = np.array([[r["counts"][s] for s in names] for r in summary["runs"]], float)
+    losses = np.array([[r["losses"][t] for t in tasks] for r in summary["runs"]])
+    kept = len(select_from_pool(pool, combined, config.budget()).order)
+    try:
+        weights = normalised_weights(dict.fromkeys(tasks), config.task_weights or None)
+        counts, fit = mixture_quotas(shares / shares.sum(1, keepdims=True), losses, available,
+                                     kept, concentration=runs_up.manifest["config"]["concentration"],
+                                     objective=config.mixture_objective,
+                                     weights=[weights.get(t, 0.0) for t in tasks])
+    except ValueError as error:
+        raise dg.Failure(f"selected_subset source quotas: {error}") from error
+    return {"quotas": dict(zip(names.tolist(), counts.tolist(), strict=True)),
+            "table": pl.DataFrame({
+                "source": names.tolist(), "pool_share": available / available.sum(),
+                "quota": counts, "quota_share": counts / kept}),
+            "fit": pl.DataFrame({"task": tasks, "r2": fit.r2, "r2_leave_one_out": fit.r2_loo,
+                                 "loss_sd_over_runs": fit.scale})}
+
+
+def _quota_metadata(quotas: dict[str, Any]) -> dict[str, Any]:
+    return {"source_quotas": dg.MetadataValue.md(markdown_table(quotas["table"], float_digits=4)),
+            "mixture_fit": dg.MetadataValue.md(markdown_table(quotas["fit"], float_digits=3))}
 
 
 def _mixing_table(task_scores: dict[str, np.ndarray], config: SelectionConfig) -> pa.Table:

@@ -74,6 +74,9 @@ FAST_RUN_CONFIG = {
             "hidden_size": 32, "num_layers": 1, "num_heads": 2, "epochs": 2, "batch_size": 16}}},
         "gradient_shards": {"config": {"target_dim": 256, "batch_size": 32}},
         "target_gradients": {"config": {"batch_size": 32}},
+        # source quotas have their own test (test_selection_pipeline): the rest selects by
+        # DsDm's ranking of the whole pool
+        "mixture_runs": {"config": {"runs": 0}},
     }
 }
 

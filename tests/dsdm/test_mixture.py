@@ -11,7 +11,10 @@ from dsdm.mixture import (
     choose_mixture,
     fit_linear_mixture,
     mixture_plan,
+    mixture_quotas,
+    mixture_subset,
     quota_keys,
+    quota_scores,
 )
 
 
@@ -86,6 +89,20 @@ def test_quota_keys_take_each_quota_best_first() -> None:
         quota_keys(sources, scores, {"a": 4})
 
 
+def test_quota_scores_keep_the_scores_within_quota_and_put_the_rest_below() -> None:
+    sources = np.array(["a", "b", "a", "b", "a", "b", "c"])
+    scores = np.array([0.1, 0.9, 0.7, 0.2, 0.5, 0.3, 2.0])
+    quotas = {"a": 2, "b": 1, "c": 0}
+    out = quota_scores(sources, scores, quotas)
+    inside = [1, 2, 4]  # b's best, a's best two
+    np.testing.assert_array_equal(out[inside], scores[inside])
+    assert out[[0, 3, 5, 6]].max() < out[inside].min() and np.isfinite(out).all()
+    # the same order as the quota keys
+    keys = quota_keys(sources, scores, quotas)
+    np.testing.assert_array_equal(np.argsort(-out, kind="stable")[3:],
+                                  np.argsort(-keys, kind="stable")[3:])
+
+
 POOL, AVAILABLE = np.array([0.2, 0.4, 0.4]), np.array([200, 400, 400])
 
 
@@ -121,3 +138,47 @@ def test_per_task_objective_averages_each_tasks_own_choice() -> None:
         choose_mixture(model, pool, available, 500, objective="per_task", **kwargs),
         np.mean(own, axis=0))
     assert own[0][0] > pool[0] and own[1][1] > pool[1]  # each task's mix leans its own way
+
+
+def test_a_fit_to_noise_keeps_the_pools_mixture() -> None:
+    rng = np.random.default_rng(4)
+    shares = mixture_plan(POOL, 12, 10.0, seed=5)
+    noise = fit_linear_mixture(shares, rng.normal(size=(12, 2)))
+    assert (noise.r2_loo <= 0).all()
+    for objective in ("mean", "worst", "per_task"):
+        np.testing.assert_allclose(choose_mixture(noise, POOL, AVAILABLE, 500, concentration=10.0,
+                                                  objective=objective), POOL)
+
+
+def test_only_predicted_tasks_steer_the_choice() -> None:
+    shares = mixture_plan(POOL, 40, 10.0, seed=3)
+    signal = 2.0 - 3 * shares[:, 0]  # source 0 helps this task
+    rng = np.random.default_rng(6)
+    model = fit_linear_mixture(shares, np.stack([signal, rng.normal(size=40)], 1))
+    assert model.r2_loo[0] > 0.9 and model.r2_loo[1] <= 0
+    kwargs = {"concentration": 10.0, "top": 5, "candidates": 2000, "seed": 0}
+    alone = choose_mixture(model, POOL, AVAILABLE, 500, weights=[1.0, 0.0], **kwargs)
+    # the noise task has no say in the mean or the worst case ...
+    np.testing.assert_allclose(choose_mixture(model, POOL, AVAILABLE, 500, **kwargs), alone)
+    np.testing.assert_allclose(
+        choose_mixture(model, POOL, AVAILABLE, 500, objective="worst", **kwargs), alone)
+    # ... and its equal share of per_task keeps the pool's mixture
+    np.testing.assert_allclose(
+        choose_mixture(model, POOL, AVAILABLE, 500, objective="per_task", **kwargs),
+        (alone + POOL) / 2)
+
+
+def test_mixture_quotas_fill_the_budget_towards_the_helpful_source() -> None:
+    shares = mixture_plan(POOL, 30, 10.0, seed=7)
+    quotas, model = mixture_quotas(shares, np.stack([2.0 - shares[:, 0]], 1), AVAILABLE, 500,
+                                   concentration=10.0, top=20)
+    assert quotas.sum() == 500 and (quotas <= AVAILABLE).all()
+    assert quotas[0] > POOL[0] * 500 and model.r2_loo[0] > 0.9
+
+
+def test_mixture_subset_draws_each_sources_count_without_replacement() -> None:
+    sources = np.array(["a"] * 5 + ["b"] * 7 + ["c"] * 3)
+    subset = mixture_subset(sources, {"a": 2, "b": 7, "c": 0}, seed=1)
+    assert (np.diff(subset) > 0).all()  # sorted, no repeats
+    assert {s: int((sources[subset] == s).sum()) for s in "abc"} == {"a": 2, "b": 7, "c": 0}
+    np.testing.assert_array_equal(subset, mixture_subset(sources, {"a": 2, "b": 7, "c": 0}, 1))

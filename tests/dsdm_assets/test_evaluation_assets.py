@@ -9,7 +9,8 @@ import dagster as dg
 import duckdb
 import pytest
 
-from dsdm_assets import datamodels, evaluation, ingest, selection
+from dsdm_assets import evaluation, selection
+from dsdm_assets.definitions import ASSETS
 from dsdm_assets.partitions import crawl_partitions
 from dsdm_assets.selection import SELECTION_ASSETS
 from resources import ComputeResource
@@ -31,7 +32,7 @@ def evaluated(tmp_path_factory, small_crawl_root, demo_resources, fast_run_confi
     config["ops"]["datamodel_lds"] = {"config": {"num_models": 4}}
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(crawl_partitions.name, ["small"])
-    assets = dg.load_assets_from_modules([ingest, datamodels, selection, evaluation])
+    assets = ASSETS
     result = dg.materialize(assets, partition_key="small", instance=instance,
                             resources=resources, run_config=config)
     assert result.success

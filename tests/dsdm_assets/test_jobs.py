@@ -32,7 +32,7 @@ for name in ("selection_job", "evaluation_job"):
         tags[op.name] = op.tags.get("dagster-k8s/config")
 print(json.dumps({"executor": job.executor_def.name, "tags": tags}))
 """
-TORCH_STEPS = {"proxy_checkpoints", "featurise_gradient_shard", "target_gradients",
+TORCH_STEPS = {"proxy_checkpoints", "featurise_gradient_shard", "target_gradients", "mixture_runs",
                "semdedup_subset", "evaluations", "datamodel_lds"}
 
 

@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 BUCKET = "dsdm-test"
 SECRET = "s3cret-key-that-must-not-leak-0f9e"
 ASSETS = ["documents", "tokenizer", "tokenized_corpus", "target_tasks", "proxy_checkpoints",
-          "gradient_shards", "target_gradients", "datamodel_weights", "selected_subset"]
+          "gradient_shards", "target_gradients", "datamodel_weights", "mixture_runs",
+          "selected_subset"]
 
 
 def _free_port() -> int:

@@ -292,6 +292,80 @@ def test_max_mixing_selects_by_each_examples_best_task_and_explains_it(first_run
     assert kept["max"] != kept["sum"]
 
 
+def test_mixture_runs_set_source_quotas_filled_by_dsdm_within_each_source(first_run) -> None:
+    """mixture_runs on the small crawl, then selected_subset: each source holds exactly the
+    quota the fit of those runs chooses, filled with the source's best examples by the
+    mixed DsDm score (their stored scores); a retried mixture_runs adopts finished runs."""
+    import numpy as np
+
+    from dsdm.mixture import mixture_quotas
+    from dsdm.selection import combine_task_scores
+    from dsdm_assets.recording import read_manifest
+    from dsdm_assets.selection import _pool
+
+    folder, resources, _, instance, _ = first_run
+    tiny = {"runs": 4, "fraction": 0.5, "model": {"hidden_size": 32, "num_layers": 1,
+                                                   "num_heads": 2, "batch_size": 16}}
+    result = dg.materialize(ALL_ASSETS, selection=["mixture_runs", "selected_subset"],
+                            partition_key="small", instance=instance, resources=resources,
+                            run_config={"ops": {"mixture_runs": {"config": tiny}}})
+    assert result.success
+    runs_meta, meta = _meta(result, "mixture_runs"), _meta(result, "selected_subset")
+    assert runs_meta["runs"] == 4 and "source_quotas" in meta and "mixture_fit" in meta
+    runs_folder = folder / "store" / runs_meta["dsdm/manifest"].rsplit("/", 1)[0]
+    summary = json.loads((runs_folder / "manifest.json").read_text())["summary"]
+    store = resources["store"].get_store()
+    corpus = read_manifest(store, _meta(first_run[2], "tokenized_corpus")["dsdm/manifest"],
+                           "tokenized_corpus", "small")
+    pool_rows = _pool(store, corpus)
+    assert [r["run"] for r in summary["runs"]] == [0, 1, 2, 3]
+    assert {sum(r["counts"].values()) for r in summary["runs"]} == {round(0.5 * pool_rows.height)}
+
+    con = duckdb.connect(str(folder / "lineage.duckdb"), read_only=True)
+    chosen = pl.from_arrow(con.sql("SELECT example_id, source, score FROM selections WHERE "
+                                   "selection_id = ?", params=[meta["selection_id"]]).arrow())
+    scores = pl.from_arrow(con.sql(
+        "SELECT example_id, task, score FROM scores WHERE scores_id = (SELECT scores_id FROM "
+        "selection_weights WHERE selection_id = ? LIMIT 1)", params=[meta["selection_id"]]).arrow())
+    con.close()
+    pool = pool_rows.join(scores.pivot("task", index="example_id", values="score"),
+                          on="example_id", maintain_order="left")
+    tasks = summary["tasks"]
+    mixed = combine_task_scores({t: pool[t].to_numpy() for t in tasks}, None, standardise=True,
+                                mixing="max")
+    names, available = np.unique(pool["source"].to_numpy(), return_counts=True)
+    shares = np.array([[r["counts"][s] for s in names] for r in summary["runs"]], float)
+    losses = np.array([[r["losses"][t] for t in tasks] for r in summary["runs"]])
+    quotas, _ = mixture_quotas(shares / shares.sum(1, keepdims=True), losses, available,
+                               chosen.height, concentration=10.0)
+    assert dict(chosen.group_by("source").len().iter_rows()) == {
+        s: q for s, q in zip(names.tolist(), quotas.tolist(), strict=True) if q}
+    for source in names:
+        members = pool.with_columns(pl.Series("mixed", mixed)).filter(pl.col("source") == source)
+        kept = chosen.filter(pl.col("source") == source)
+        best = set(members.sort("mixed", descending=True)["example_id"][:kept.height])
+        assert set(kept["example_id"]) == best
+        both = kept.join(members.select("example_id", "mixed"), on="example_id")
+        np.testing.assert_allclose(both["score"], both["mixed"], rtol=1e-9)
+
+    # an interrupted attempt: no manifest, one run's record lost; the retry trains only it
+    (runs_folder / "manifest.json").unlink()
+    (runs_folder / "run-002.json").unlink()
+    retry = dg.materialize(ALL_ASSETS, selection=["mixture_runs"], partition_key="small",
+                           instance=instance, resources=resources,
+                           run_config={"ops": {"mixture_runs": {"config": tiny}}})
+    files = json.loads((runs_folder / "manifest.json").read_text())["files"]
+    assert retry.success and sorted((f["name"], f["adopted"]) for f in files) == [
+        ("run-000.json", True), ("run-001.json", True), ("run-002.json", False),
+        ("run-003.json", True)]
+    def measured(made: dict) -> list[dict]:  # every run's record but its time
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in made["runs"]]
+
+    # the retrained run is the same run: same counts, same losses
+    again = json.loads((runs_folder / "manifest.json").read_text())["summary"]
+    assert measured(again) == measured(summary)
+
+
 def test_proxies_of_another_tokenizer_are_refused(first_run) -> None:
     _, resources, _, instance, config = first_run
     retokenised = dg.materialize(
