@@ -16,7 +16,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator
 
 from dsdm.artifacts import Upstream, mixture_run_file, read_examples
 from dsdm.evaluation import target_losses
@@ -55,12 +55,13 @@ class MixtureRunsConfig(StepConfig):
         description="Each run's model and recipe (the proxies' by default, 3 passes: the "
         "evaluation models' number of passes over a selection).")
 
-    @model_validator(mode="after")
-    def _enough_runs(self) -> "MixtureRunsConfig":
-        if 0 < self.runs < MIN_RUNS:
-            raise ValueError(f"runs: a mixture fit needs at least {MIN_RUNS} runs (24 "
-                             "recommended), or 0 to select without source quotas")
-        return self
+    @field_validator("runs")
+    @classmethod
+    def _enough_runs(cls, runs: int) -> int:
+        if 0 < runs < MIN_RUNS:
+            raise ValueError(f"a mixture fit needs at least {MIN_RUNS} runs (24 recommended), "
+                             "or 0 to select without source quotas")
+        return runs
 
 
 @crawl_asset(

@@ -83,6 +83,14 @@ def test_bad_values_are_all_named_with_their_path() -> None:
         check_run_config(config, "run.yaml", SELECTION_JOB)
 
 
+def test_too_few_mixture_runs_are_refused_with_the_remedy() -> None:
+    validators = step_config_validators(ASSETS)
+    (problem,) = run_config_problems({"ops": {"mixture_runs": {"config": {"runs": 2}}}}, validators)
+    assert problem.startswith("ops.mixture_runs.config.runs: ")
+    assert "at least 3 runs" in problem and "or 0" in problem
+    assert run_config_problems({"ops": {"mixture_runs": {"config": {"runs": 0}}}}, validators) == []
+
+
 def test_a_graph_asset_value_is_refused_at_the_check() -> None:
     # gradient_shards takes its config through a config mapping, which Dagster's check runs
     config = {"ops": {"gradient_shards": {"config": {"target_dim": 0}}}}
