@@ -287,7 +287,7 @@ def mixture_runs(args: argparse.Namespace) -> None:
     if args.within:
         settings["within"] = json.loads(args.within)
         ranking = selection_scores(out, data, args.within, args.fraction)
-    folder = out / "mixtures" / digest(settings)
+    folder = out / "mixtures" / (args.name or digest(settings))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(settings, indent=2))
     budget = round(args.fraction * data.n)
@@ -957,6 +957,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3, help="passes (the evaluation models' 3)")
     p.add_argument("--within", help="a scored DsDm variant (JSON): keep each source's best "
                    "examples by its scores instead of a uniform sample")
+    p.add_argument("--name", help="folder name under mixtures/ (default: the settings' digest); "
+                   "copy another folder's runs into it to extend them with more runs")
     p = sub.add_parser("mixture-fit")
     p.set_defaults(func=mixture_fit)
     p.add_argument("--runs", required=True, help="a mixtures folder name")
