@@ -297,7 +297,7 @@ def selected_subset(
     inputs, settings = [datamodel_weights, tokenized_corpus, tokenizer], {
         "task_weights": config.task_weights, "standardise_tasks": config.standardise_tasks,
         **({"task_mixing": config.task_mixing} if config.task_mixing != "sum" else {})}
-    quotas = _source_quotas(config, mixture_runs, pool, combined)
+    quotas = _source_quotas(config, mixture_runs, pool, combined, list(task_scores))
     if quotas is not None:  # the datamodel over domains: quotas, DsDm's ranking within each
         require_made_from(mixture_runs, "mixture_runs", tokenized_corpus, "tokenized_corpus")
         inputs.append(mixture_runs)
@@ -321,7 +321,7 @@ def selected_subset(
 
 
 def _source_quotas(config: SelectionConfig, runs_up: Upstream, pool: pl.DataFrame,
-                   combined: np.ndarray) -> dict[str, Any] | None:
+                   combined: np.ndarray, task_names: list[str]) -> dict[str, Any] | None:
     """Per-source counts for the selection from the mixture runs' fit, sized to the number
     of examples the budget keeps under the plain DsDm ranking; with the fit's figures. None
     when mixture_runs has no runs."""
@@ -333,6 +333,9 @@ def _source_quotas(config: SelectionConfig, runs_up: Upstream, pool: pl.DataFram
         raise dg.Failure(f"mixture_runs was made with sources {summary['sources']}, the pool "
                          f"has {names.tolist()}; re-materialise mixture_runs")
     tasks = summary["tasks"]
+    if set(tasks) != set(task_names):
+        raise dg.Failure(f"mixture_runs measured the tasks {tasks}, the scores are for "
+                         f"{sorted(task_names)}; re-materialise mixture_runs")
     shares = np.array([[r["counts"][s] for s in names] for r in summary["runs"]], float)
     losses = np.array([[r["losses"][t] for t in tasks] for r in summary["runs"]])
     kept = len(select_from_pool(pool, combined, config.budget()).order)

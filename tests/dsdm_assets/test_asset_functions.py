@@ -123,3 +123,27 @@ def test_candidate_and_target_features_must_match() -> None:
     with pytest.raises(dg.Failure, match="not of the latest target_tasks"):
         _check_same_features(grads, _upstream(grads.manifest["config"],
                                               {"proxy_checkpoints_sha256": "p"}), tasks)
+
+
+def test_source_quotas_need_runs_of_the_same_sources_and_tasks() -> None:
+    import numpy as np
+    import polars as pl
+
+    from dsdm_assets.selection import SelectionConfig, _source_quotas
+
+    pool = pl.DataFrame({"example_id": [f"e{i}" for i in range(20)], "doc_id": [f"d{i}" for i in range(20)],
+                         "source": ["a"] * 10 + ["b"] * 10, "n_tokens": [32] * 20})
+    runs = [{"run": r, "counts": {"a": 2 + r, "b": 8 - r}, "losses": {"t": 1.0 + 0.1 * r},
+             "seconds": 1.0} for r in range(4)]
+    made = _upstream({"concentration": 10.0}, {"runs": runs, "sources": ["a", "b"], "tasks": ["t"]})
+    scores, config = np.arange(20.0), SelectionConfig(fraction=0.5)
+    quotas = _source_quotas(config, made, pool, scores, ["t"])
+    assert sum(quotas["quotas"].values()) == 10
+    assert quotas["quotas"]["a"] < 5  # the more of a, the higher the loss: a gets less than half
+    assert _source_quotas(config, _upstream({}, {"runs": [], "sources": [], "tasks": []}),
+                          pool, scores, ["t"]) is None
+    with pytest.raises(dg.Failure, match=r"measured the tasks \['t'\], the scores are for \['u'\]"):
+        _source_quotas(config, made, pool, scores, ["u"])
+    other = _upstream({"concentration": 10.0}, {"runs": runs, "sources": ["a", "c"], "tasks": ["t"]})
+    with pytest.raises(dg.Failure, match="re-materialise mixture_runs"):
+        _source_quotas(config, other, pool, scores, ["t"])
