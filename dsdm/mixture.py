@@ -182,7 +182,8 @@ def choose_mixture(model: LinearMixtureModel, pool_shares: np.ndarray, available
     if objective == "worst":
         return mean_of_best(change[:, predicted].max(1))
     w = np.where(predicted, w, 0.0)
-    return mean_of_best(change @ (w / w.sum()))
+    # by the sum of |weights|: a task to avoid (negative weight) must not flip the sign
+    return mean_of_best(change @ (w / np.abs(w).sum()))
 
 
 def mixture_quotas(shares: np.ndarray, losses: np.ndarray, available: np.ndarray, budget: int,

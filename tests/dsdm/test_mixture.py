@@ -182,3 +182,12 @@ def test_mixture_subset_draws_each_sources_count_without_replacement() -> None:
     assert (np.diff(subset) > 0).all()  # sorted, no repeats
     assert {s: int((sources[subset] == s).sum()) for s in "abc"} == {"a": 2, "b": 7, "c": 0}
     np.testing.assert_array_equal(subset, mixture_subset(sources, {"a": 2, "b": 7, "c": 0}, 1))
+
+
+def test_a_task_to_avoid_weighs_against_the_mix_that_helps_it() -> None:
+    model = two_conflicting_tasks()
+    kwargs = {"concentration": 10.0, "top": 5, "candidates": 2000, "seed": 0}
+    # task 0 a little, task 1 to avoid three times as much: the weights sum to a negative
+    chosen = choose_mixture(model, POOL, AVAILABLE, 500, weights=[0.25, -0.75], **kwargs)
+    change = (model.predict(chosen) - model.predict(POOL)) / model.scale
+    assert change[1] > 0  # the avoided task's loss is pushed up, not down
