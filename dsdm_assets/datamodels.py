@@ -108,6 +108,15 @@ class ProxyModelConfig(StepConfig, ProxyConfig):
     tokenizer and corpus; setting them to anything else is an error."""
 
 
+def refuse_model_seed(model: ProxyConfig, seeds_from: str) -> ProxyConfig:
+    """``model`` as given, or an error when it sets a seed that a step replaces with its own
+    (``seeds_from`` names the key that seeds its models), so the setting cannot look used."""
+    if model.seed != ProxyConfig.model_fields["seed"].default:
+        raise ValueError(f"model.seed is not used by this step: its models are seeded by "
+                         f"{seeds_from}; set that instead")
+    return model
+
+
 class ProxyEnsembleConfig(StepConfig):
     """How many proxies, and on what share of the pool each is trained."""
 

@@ -49,7 +49,7 @@ from dsdm.report import multipliers, plot_png, summarise, wide_table
 from dsdm.store import ArtifactStore, fingerprint
 from dsdm.tokenization import to_tensors
 from dsdm_assets.config import StepConfig
-from dsdm_assets.datamodels import model_for_data
+from dsdm_assets.datamodels import model_for_data, refuse_model_seed
 from dsdm_assets.manifests import crawl_asset
 from dsdm_assets.recording import AssetWriter, produce, record_rows, run_id
 from dsdm_assets.selection import SELECTION_ASSETS
@@ -99,6 +99,11 @@ class EvaluationConfig(StepConfig):
         if not multiples or any(not m > 1 for m in multiples):
             raise ValueError(f"random_multiples must be non-empty and each > 1, got {multiples}")
         return sorted(set(multiples))
+
+    @field_validator("model")
+    @classmethod
+    def _seeded_by_seeds(cls, model: EvalModelConfig) -> EvalModelConfig:
+        return refuse_model_seed(model, "evaluations.seeds (one model per seed)")
 
 
 class LdsConfig(StepConfig):

@@ -24,7 +24,7 @@ from dsdm.mixture import allocate, mixture_plan, mixture_subset
 from dsdm.proxy import ProxyConfig, check_trainable, train_proxy
 from dsdm.tokenization import to_tensors
 from dsdm_assets.config import StepConfig
-from dsdm_assets.datamodels import GROUP, ProxyModelConfig, model_for_data
+from dsdm_assets.datamodels import GROUP, ProxyModelConfig, model_for_data, refuse_model_seed
 from dsdm_assets.manifests import crawl_asset
 from dsdm_assets.recording import AssetWriter, produce
 from dsdm_assets.tables import markdown_table
@@ -50,7 +50,8 @@ class MixtureRunsConfig(StepConfig):
     concentration: float = Field(
         10.0, gt=0, description="Dirichlet concentration of the runs' mixtures around the "
         "pool's source shares: smaller spreads them further from the pool.")
-    seed: int = Field(2000, ge=0, description="Seed of the mixtures, the subsets and the models.")
+    seed: int = Field(2000, ge=0, description="Seed of the mixtures and subsets; run r's model "
+                      "trains with seed + r (model.seed is refused).")
     model: ProxyModelConfig = Field(
         default_factory=lambda: ProxyModelConfig(epochs=3),
         description="Each run's model and recipe (the proxies' by default, 3 passes: the "
@@ -63,6 +64,11 @@ class MixtureRunsConfig(StepConfig):
             raise ValueError(f"a mixture fit needs at least {MIN_RUNS} runs (24 recommended), "
                              "or 0 to select without source quotas")
         return runs
+
+    @field_validator("model")
+    @classmethod
+    def _seeded_by_runs(cls, model: ProxyModelConfig) -> ProxyModelConfig:
+        return refuse_model_seed(model, "mixture_runs.seed (run r trains with seed + r)")
 
 
 @crawl_asset(

@@ -91,6 +91,18 @@ def test_too_few_mixture_runs_are_refused_with_the_remedy() -> None:
     assert run_config_problems({"ops": {"mixture_runs": {"config": {"runs": 0}}}}, validators) == []
 
 
+@pytest.mark.parametrize(("asset", "seeds_from"), [("mixture_runs", "mixture_runs.seed"),
+                                                    ("evaluations", "evaluations.seeds")])
+def test_a_model_seed_the_step_replaces_is_refused(asset: str, seeds_from: str) -> None:
+    validators = step_config_validators(ASSETS)
+    config = {"ops": {asset: {"config": {"model": {"seed": 7}}}}}
+    (problem,) = run_config_problems(config, validators)
+    assert problem.startswith(f"ops.{asset}.config.model: ") and seeds_from in problem
+    # the proxies' model.seed is used (proxy m trains with seed + m), so it stays allowed
+    used = {"ops": {"proxy_checkpoints": {"config": {"model": {"seed": 7}}}}}
+    assert run_config_problems(used, validators) == []
+
+
 def test_a_graph_asset_value_is_refused_at_the_check() -> None:
     # gradient_shards takes its config through a config mapping, which Dagster's check runs
     config = {"ops": {"gradient_shards": {"config": {"target_dim": 0}}}}
