@@ -350,6 +350,32 @@ def chosen_mixture(out: Path, data: Data, runs: str, fraction: float, top: int =
                      for i, t in enumerate(tasks)}}
 
 
+def own_quotas(out: Path, data: Data, runs: str, fraction: float) -> list[dict[str, int]]:
+    """Per target task (sorted), the per-source quotas of that task's own best mixture (the
+    ``mean`` objective with all weight on it; the pool's mix where its fit predicts nothing)
+    for a ``fraction`` selection."""
+    from dsdm.mixture import allocate, choose_mixture, fit_linear_mixture
+
+    folder = out / "mixtures" / runs
+    settings = json.loads((folder / "config.json").read_text())
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("run-*.json"))]
+    names, available = source_table(data)
+    tasks = sorted(set(data.t_tasks.tolist()))
+    shares = np.array([[r["counts"][s] for s in names] for r in records], float)
+    shares /= shares.sum(1, keepdims=True)
+    model = fit_linear_mixture(shares, np.array([[r["losses"][t] for t in tasks] for r in records]))
+    budget = round(fraction * data.n)
+    quotas = []
+    for t in range(len(tasks)):
+        mix = choose_mixture(model, available / available.sum(), available, budget,
+                             concentration=settings["concentration"],
+                             weights=np.eye(len(tasks))[t])
+        counts = allocate(mix, budget, available)
+        quotas.append(dict(zip(names, counts.tolist(), strict=True)))
+        log(f"{tasks[t]}: LOO R^2 {model.r2_loo[t]:.2f}, quotas {quotas[-1]}")
+    return quotas
+
+
 def mixture_fit(args: argparse.Namespace) -> None:
     """Print (and with --result write) the domain datamodel's fit and chosen mixture."""
     out, data = Path(args.out), Data(Path(args.out))
@@ -685,6 +711,15 @@ def selection_scores(out: Path, data: Data, method: str, fraction: float = 0.2) 
                                      rows.column("n_tokens").to_pylist(), strict=True)]
         return DsirSelection().scores(PoolData(pool_texts(out, data), tokenizer.decode_batch(ids)))
     variant = json.loads(method)
+    if variant.get("within") == "own":
+        # each task's own best mix, filled by its own DsDm score; a round robin over the tasks
+        scoring = {k: v for k, v in variant.items()
+                   if k not in ("mixture", "within", "mixture_top", "mixing", "standardise")}
+        task_scores = np.load(out / f"task_scores-{digest(scoring)}.npy")
+        per_task = own_quotas(out, data, variant["mixture"], fraction)
+        sources = data.pool["source"].to_numpy()
+        return round_robin_keys(np.stack([quota_keys(sources, task_scores[:, i], quotas)
+                                          for i, quotas in enumerate(per_task)], axis=1))
     if "mixture" in variant:  # source quotas from the domain datamodel, ranked within sources
         within = variant.get("within", "dsdm")
         inner = (uniform_keys(data.n, 0) if within == "random" else selection_scores(
