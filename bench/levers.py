@@ -713,13 +713,16 @@ def selection_scores(out: Path, data: Data, method: str, fraction: float = 0.2) 
     variant = json.loads(method)
     if variant.get("within") == "own":
         # each task's own best mix, filled by its own DsDm score; a round robin over the tasks
-        scoring = {k: v for k, v in variant.items()
-                   if k not in ("mixture", "within", "mixture_top", "mixing", "standardise")}
+        # ("tasks": a subset of them, e.g. one task alone: its ceiling with its own mix)
+        scoring = {k: v for k, v in variant.items() if k not in (
+            "mixture", "within", "mixture_top", "mixing", "standardise", "tasks")}
         task_scores = np.load(out / f"task_scores-{digest(scoring)}.npy")
         per_task = own_quotas(out, data, variant["mixture"], fraction)
+        names = sorted(set(data.t_tasks.tolist()))
+        chosen = [i for i, t in enumerate(names) if t in variant.get("tasks", names)]
         sources = data.pool["source"].to_numpy()
-        return round_robin_keys(np.stack([quota_keys(sources, task_scores[:, i], quotas)
-                                          for i, quotas in enumerate(per_task)], axis=1))
+        return round_robin_keys(np.stack([quota_keys(sources, task_scores[:, i], per_task[i])
+                                          for i in chosen], axis=1))
     if "mixture" in variant:  # source quotas from the domain datamodel, ranked within sources
         within = variant.get("within", "dsdm")
         inner = (uniform_keys(data.n, 0) if within == "random" else selection_scores(
