@@ -317,12 +317,10 @@ def mixture_runs(args: argparse.Namespace) -> None:
     log(f"mixture runs in {folder}")
 
 
-def chosen_mixture(out: Path, data: Data, runs: str, fraction: float, top: int = 100,
-                   objective: str = "mean") -> dict:
-    """Fit the runs in ``mixtures/<runs>`` (`fit_linear_mixture`, the target tasks only) and
-    choose a mixture for a ``fraction`` selection: shares, per-source quotas, and the fit."""
-    from dsdm.mixture import mixture_quotas
-
+def mixture_records(out: Path, data: Data, runs: str) -> tuple[dict, list[str], np.ndarray,
+                                                                 list[str], np.ndarray, np.ndarray]:
+    """The runs in ``mixtures/<runs>``: their settings, the pool's sources and counts [S], the
+    target tasks (sorted), each run's realised shares [R, S] and select-split losses [R, T]."""
     folder = out / "mixtures" / runs
     settings = json.loads((folder / "config.json").read_text())
     records = [json.loads(p.read_text()) for p in sorted(folder.glob("run-*.json"))]
@@ -331,11 +329,21 @@ def chosen_mixture(out: Path, data: Data, runs: str, fraction: float, top: int =
     shares = np.array([[r["counts"][s] for s in names] for r in records], float)
     shares /= shares.sum(1, keepdims=True)
     losses = np.array([[r["losses"][t] for t in tasks] for r in records])
+    return settings, names, available, tasks, shares, losses
+
+
+def chosen_mixture(out: Path, data: Data, runs: str, fraction: float, top: int = 100,
+                   objective: str = "mean") -> dict:
+    """Fit the runs in ``mixtures/<runs>`` (`fit_linear_mixture`, the target tasks only) and
+    choose a mixture for a ``fraction`` selection: shares, per-source quotas, and the fit."""
+    from dsdm.mixture import mixture_quotas
+
+    settings, names, available, tasks, shares, losses = mixture_records(out, data, runs)
     budget = round(fraction * data.n)
     quotas, model = mixture_quotas(shares, losses, available, budget,
                                    concentration=settings["concentration"], top=top,
                                    objective=objective)
-    return {"runs": len(records), "objective": objective, "tasks": tasks, "sources": names,
+    return {"runs": len(shares), "objective": objective, "tasks": tasks, "sources": names,
             "pool_shares": dict(zip(names, np.round(available / available.sum(), 4).tolist(), strict=True)),
             "chosen_shares": dict(zip(names, np.round(quotas / budget, 4).tolist(), strict=True)),
             "quotas": dict(zip(names, quotas.tolist(), strict=True)),
@@ -354,25 +362,16 @@ def own_quotas(out: Path, data: Data, runs: str, fraction: float) -> list[dict[s
     """Per target task (sorted), the per-source quotas of that task's own best mixture (the
     ``mean`` objective with all weight on it; the pool's mix where its fit predicts nothing)
     for a ``fraction`` selection."""
-    from dsdm.mixture import allocate, choose_mixture, fit_linear_mixture
+    from dsdm.mixture import mixture_quotas
 
-    folder = out / "mixtures" / runs
-    settings = json.loads((folder / "config.json").read_text())
-    records = [json.loads(p.read_text()) for p in sorted(folder.glob("run-*.json"))]
-    names, available = source_table(data)
-    tasks = sorted(set(data.t_tasks.tolist()))
-    shares = np.array([[r["counts"][s] for s in names] for r in records], float)
-    shares /= shares.sum(1, keepdims=True)
-    model = fit_linear_mixture(shares, np.array([[r["losses"][t] for t in tasks] for r in records]))
-    budget = round(fraction * data.n)
+    settings, names, available, tasks, shares, losses = mixture_records(out, data, runs)
     quotas = []
-    for t in range(len(tasks)):
-        mix = choose_mixture(model, available / available.sum(), available, budget,
-                             concentration=settings["concentration"],
-                             weights=np.eye(len(tasks))[t])
-        counts = allocate(mix, budget, available)
+    for t, task in enumerate(tasks):
+        counts, model = mixture_quotas(shares, losses, available, round(fraction * data.n),
+                                       concentration=settings["concentration"],
+                                       weights=np.eye(len(tasks))[t])
         quotas.append(dict(zip(names, counts.tolist(), strict=True)))
-        log(f"{tasks[t]}: LOO R^2 {model.r2_loo[t]:.2f}, quotas {quotas[-1]}")
+        log(f"{task}: LOO R^2 {model.r2_loo[t]:.2f}, quotas {quotas[-1]}")
     return quotas
 
 
