@@ -358,20 +358,20 @@ def chosen_mixture(out: Path, data: Data, runs: str, fraction: float, top: int =
                      for i, t in enumerate(tasks)}}
 
 
-def own_quotas(out: Path, data: Data, runs: str, fraction: float) -> list[dict[str, int]]:
-    """Per target task (sorted), the per-source quotas of that task's own best mixture (the
+def own_quotas(out: Path, data: Data, runs: str, fraction: float) -> dict[str, dict[str, int]]:
+    """Per target task, the per-source quotas of that task's own best mixture (the
     ``mean`` objective with all weight on it; the pool's mix where its fit predicts nothing)
     for a ``fraction`` selection."""
     from dsdm.mixture import mixture_quotas
 
     settings, names, available, tasks, shares, losses = mixture_records(out, data, runs)
-    quotas = []
+    quotas = {}
     for t, task in enumerate(tasks):
         counts, model = mixture_quotas(shares, losses, available, round(fraction * data.n),
                                        concentration=settings["concentration"],
                                        weights=np.eye(len(tasks))[t])
-        quotas.append(dict(zip(names, counts.tolist(), strict=True)))
-        log(f"{task}: LOO R^2 {model.r2_loo[t]:.2f}, quotas {quotas[-1]}")
+        quotas[task] = dict(zip(names, counts.tolist(), strict=True))
+        log(f"{task}: LOO R^2 {model.r2_loo[t]:.2f}, quotas {quotas[task]}")
     return quotas
 
 
@@ -716,12 +716,12 @@ def selection_scores(out: Path, data: Data, method: str, fraction: float = 0.2) 
         scoring = {k: v for k, v in variant.items() if k not in (
             "mixture", "within", "mixture_top", "mixing", "standardise", "tasks")}
         task_scores = np.load(out / f"task_scores-{digest(scoring)}.npy")
-        per_task = own_quotas(out, data, variant["mixture"], fraction)
-        names = sorted(set(data.t_tasks.tolist()))
-        chosen = [i for i, t in enumerate(names) if t in variant.get("tasks", names)]
+        per_task = own_quotas(out, data, variant["mixture"], fraction)  # sorted by task
         sources = data.pool["source"].to_numpy()
-        return round_robin_keys(np.stack([quota_keys(sources, task_scores[:, i], per_task[i])
-                                          for i in chosen], axis=1))
+        return round_robin_keys(np.stack([
+            quota_keys(sources, task_scores[:, i], quotas)
+            for i, (task, quotas) in enumerate(per_task.items())
+            if task in variant.get("tasks", per_task)], axis=1))
     if "mixture" in variant:  # source quotas from the domain datamodel, ranked within sources
         within = variant.get("within", "dsdm")
         inner = (uniform_keys(data.n, 0) if within == "random" else selection_scores(
