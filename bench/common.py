@@ -111,7 +111,11 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def subset_crawl(source: Path, docs: int | None, folder: Path,
                  docs_per_part: int | None = None) -> Path:
     """A crawl folder with every k-th document of ``source`` (all sources kept), or all, in
-    one part file or in parts of ``docs_per_part`` documents (as a crawler writes them)."""
+    one part file or in parts of ``docs_per_part`` documents (as a crawler writes them).
+
+    A part file that already holds exactly its documents is left as it is: `documents` keys
+    its result on the crawl files' bytes, so rewriting one (gzip stamps the time) would make a
+    re-run redo every asset. New parts are written with no timestamp, the same bytes each time."""
     rows = []
     for path in sorted(source.glob("*.jsonl.gz")):
         with gzip.open(path, "rt", encoding="utf-8") as handle:
@@ -124,7 +128,9 @@ def subset_crawl(source: Path, docs: int | None, folder: Path,
     folder.mkdir(parents=True, exist_ok=True)
     per_part = docs_per_part or len(rows)
     for part, start in enumerate(range(0, len(rows), per_part)):
-        with gzip.open(folder / f"part-{part:05d}.jsonl.gz", "wt", encoding="utf-8") as handle:
-            handle.writelines(rows[start:start + per_part])
+        path, text = folder / f"part-{part:05d}.jsonl.gz", "".join(rows[start:start + per_part])
+        if path.exists() and gzip.decompress(path.read_bytes()).decode("utf-8") == text:
+            continue
+        path.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
     (folder / "_SUCCESS").write_text("")
     return folder

@@ -2,6 +2,9 @@
 
     python bench/selection_quality.py                  # the standard configuration (hours)
     python bench/selection_quality.py --docs 1200 --seeds 0 --lds-models 4 --name quick
+    python bench/selection_quality.py --threads 1 &                    # on 2 cores: the full
+    python bench/selection_quality.py --threads 1 --baselines-only     # run, and beside it
+                                                                       # the baselines' models
 
 The standard configuration (docs/EVALUATION.md, "The bench"): every k-th document of the
 bench crawl, 5,200 documents of all ten sources (26k examples of 128 tokens), all five target
@@ -50,6 +53,11 @@ from resources import (  # noqa: E402
 OUT = REPO / "bench" / "out"
 FEATURES = FeatureConfig()  # the pipeline's feature defaults
 BENCH_TASKS = ("wiki_qa", "lambada_cloze", "tech_faq", "mixed_cloze", "mixed_continuation")
+BASELINE_METHODS = ["random", "dsir", "classifier", "semdedup"]
+# what the baselines' evaluations need (SemDeDup embeds with the proxies)
+BASELINE_ASSETS = ["documents", "tokenizer", "tokenized_corpus", "target_tasks",
+                   "proxy_checkpoints", "random_subset", "dsir_subset", "classifier_subset",
+                   "semdedup_subset", "evaluations"]
 
 
 def run_config(args: argparse.Namespace) -> dict:
@@ -123,6 +131,10 @@ def main() -> None:
     parser.add_argument("--multiples", type=float, nargs="+", default=[2.0, 4.0])
     parser.add_argument("--lds-models", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--baselines-only", action="store_true",
+                        help="only the baselines' selections and their evaluation models (the "
+                        "random curve included), for a second process beside the full run: its "
+                        "models are stored where the full run's evaluations adopt them")
     args = parser.parse_args()
 
     args.docs = args.docs or None
@@ -137,30 +149,42 @@ def main() -> None:
     }
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(crawl_partitions.name, [name])
+    config, assets = run_config(args), None
+    if args.baselines_only:
+        assets = BASELINE_ASSETS
+        config["ops"] = {op: c for op, c in config["ops"].items() if op in assets}
+        config["ops"]["evaluations"]["config"]["methods"] = BASELINE_METHODS
     start = time.perf_counter()
-    result = dg.materialize(ASSETS, partition_key=name, instance=instance,
-                            resources=resources, run_config=run_config(args))
+    result = dg.materialize(ASSETS, partition_key=name, instance=instance, resources=resources,
+                            run_config=config, selection=assets)
     wall = time.perf_counter() - start
     if not result.success:
         raise SystemExit("the run failed; see the log above")
+    if args.baselines_only:
+        print(f"baselines' evaluation models stored in {wall:.0f} s; the full run adopts them")
+        return
     print(json.dumps(summary(result, folder, name, args, wall), indent=2))
 
 
 def summary(result, folder: Path, name: str, args: argparse.Namespace, wall: float) -> dict:
-    con = duckdb.connect(str(folder / "lineage.duckdb"), read_only=True)
-    losses = con.execute("""
-        SELECT method, task, avg(value), coalesce(stddev_pop(value), 0), count(*)
-        FROM evaluations WHERE metric = 'loss' AND crawl = ? GROUP BY 1, 2 ORDER BY 2, 1""",
-                         [name]).fetchall()
-    lds = con.execute("SELECT task, metric, value FROM evaluations "
-                      "WHERE metric LIKE 'lds%' AND crawl = ? ORDER BY 1, 2", [name]).fetchall()
-    unigram = con.execute("SELECT task, metric, value FROM evaluations WHERE method = 'unigram' "
-                          "AND crawl = ? ORDER BY 1", [name]).fetchall()
     meta = {}
     for event in result.get_asset_materialization_events():
         materialization = event.step_materialization_data.materialization
         meta[materialization.asset_key.to_user_string()] = {
             k: v.value for k, v in materialization.metadata.items()}
+    # this run's rows only: the table also keeps earlier evaluations of the crawl (another
+    # configuration, or a --baselines-only run's subset of the methods)
+    evaluation, lds_id = meta["evaluations"]["config_hash"], meta["datamodel_lds"]["config_hash"]
+    con = duckdb.connect(str(folder / "lineage.duckdb"), read_only=True)
+    losses = con.execute("""
+        SELECT method, task, avg(value), coalesce(stddev_pop(value), 0), count(*)
+        FROM evaluations WHERE metric = 'loss' AND crawl = ? AND evaluation_id = ?
+        GROUP BY 1, 2 ORDER BY 2, 1""", [name, evaluation]).fetchall()
+    lds = con.execute("SELECT task, metric, value FROM evaluations WHERE metric LIKE 'lds%' "
+                      "AND crawl = ? AND evaluation_id = ? ORDER BY 1, 2", [name, lds_id]).fetchall()
+    unigram = con.execute("SELECT task, metric, value FROM evaluations WHERE method = 'unigram' "
+                          "AND crawl = ? AND evaluation_id = ? ORDER BY 1",
+                          [name, evaluation]).fetchall()
     durations = {}
     for event in result.all_events:
         if event.is_step_success:
