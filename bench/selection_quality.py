@@ -53,11 +53,11 @@ from resources import (  # noqa: E402
 OUT = REPO / "bench" / "out"
 FEATURES = FeatureConfig()  # the pipeline's feature defaults
 BENCH_TASKS = ("wiki_qa", "lambada_cloze", "tech_faq", "mixed_cloze", "mixed_continuation")
-BASELINE_METHODS = ["random", "dsir", "classifier", "semdedup"]
+BASELINE_METHODS = [m for m in selection.SELECTION_ASSETS if m != "dsdm"]
 # what the baselines' evaluations need (SemDeDup embeds with the proxies)
 BASELINE_ASSETS = ["documents", "tokenizer", "tokenized_corpus", "target_tasks",
-                   "proxy_checkpoints", "random_subset", "dsir_subset", "classifier_subset",
-                   "semdedup_subset", "evaluations"]
+                   "proxy_checkpoints", *(selection.SELECTION_ASSETS[m] for m in BASELINE_METHODS),
+                   "evaluations"]
 
 
 def run_config(args: argparse.Namespace) -> dict:
