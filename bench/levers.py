@@ -899,6 +899,9 @@ def report(args: argparse.Namespace) -> None:
         committed = json.loads(Path(args.random_curve).read_text())["results"]
         curve = pl.DataFrame([{k: r[k] for k in ("multiple", "task", "mean")} for r in committed
                               if r["method"] == "random"]).sort("multiple")
+    if args.methods:  # report only these (the curve above still uses every random model)
+        summary = summary.filter(pl.col("method").is_in(args.methods))
+        rows = [r for r in rows if r["method"] in args.methods]
     results = []
     for row in summary.iter_rows(named=True):
         points = curve.filter(pl.col("task") == row["task"])
@@ -1062,6 +1065,8 @@ def main() -> None:
     p = sub.add_parser("report")
     p.set_defaults(func=report)
     p.add_argument("--result", help="also write the report as JSON here")
+    p.add_argument("--methods", nargs="+", help="only these methods (as given to evaluate; "
+                   "default: every method evaluated in this folder)")
     p.add_argument("--random-curve", help="an evaluation JSON of the same pool whose random "
                    "rows are the curve (instead of this folder's random models)")
     args = parser.parse_args()
