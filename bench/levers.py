@@ -724,10 +724,20 @@ def selection_scores(out: Path, data: Data, method: str, fraction: float = 0.2) 
             if task in variant.get("tasks", per_task)], axis=1))
     if "mixture" in variant:  # source quotas from the domain datamodel, ranked within sources
         within = variant.get("within", "dsdm")
-        inner = (uniform_keys(data.n, 0) if within == "random" else selection_scores(
-            out, data, json.dumps({k: v for k, v in variant.items()
-                                   if k not in ("mixture", "within", "mixture_top",
-                                                "mixture_objective")})))
+        dsdm_inner = json.dumps({k: v for k, v in variant.items()
+                                 if k not in ("mixture", "within", "mixture_top",
+                                              "mixture_objective", "blend")})
+        if within == "random":
+            inner = uniform_keys(data.n, 0)
+        elif within == "dsir":  # the n-gram ranking within the same quotas: how good is DsDm's?
+            inner = selection_scores(out, data, "dsir")
+        else:
+            inner = selection_scores(out, data, dsdm_inner)
+            if "blend" in variant:  # pool percentile ranks: (1 - b) DsDm + b DSIR
+                def pct(x: np.ndarray) -> np.ndarray:
+                    return np.argsort(np.argsort(x, kind="stable"), kind="stable") / len(x)
+                inner = ((1 - variant["blend"]) * pct(inner)
+                         + variant["blend"] * pct(selection_scores(out, data, "dsir")))
         quotas = chosen_mixture(out, data, variant["mixture"], fraction,
                                 top=variant.get("mixture_top", 100),
                                 objective=variant.get("mixture_objective", "mean"))["quotas"]
