@@ -139,6 +139,15 @@ def retarget(args: argparse.Namespace) -> None:
     log(f"{out}: the pool of {source}, {n} targets of {args.task_names}")
 
 
+def dev_targets(example_ids: list[str], share: int = 5) -> np.ndarray:
+    """[T] bool: the select-split targets held out as a development set (one in ``share`` by
+    a hash of the id): a variant scored with ``"dev": true`` leaves them out of its task
+    scores, and every evaluation model reports its loss on them, so levers can be compared
+    on items the selection never saw without reading the eval split."""
+    return np.array([int(hashlib.sha256(f"dev/{i}".encode()).hexdigest()[:8], 16) % share == 0
+                     for i in example_ids])
+
+
 class Data:
     """The prepared pool and targets (tensors + id tables)."""
 
@@ -156,7 +165,9 @@ class Data:
         self.t_mask = targets["loss_mask"][select]
         self.t_attention = (torch.arange(self.t_ids.shape[1])[None, :]
                             < targets["n_tokens"][select][:, None])
-        self.t_tasks = np.asarray(self.targets.filter(pl.Series(select.numpy()))["task"].to_list())
+        selected = self.targets.filter(pl.Series(select.numpy()))
+        self.t_tasks = np.asarray(selected["task"].to_list())
+        self.t_dev = dev_targets(selected["example_id"].to_list())
         from tokenizers import Tokenizer
 
         self.vocab = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size()
@@ -552,7 +563,9 @@ def variant_tau_parts(variant: dict, files: list[FeatureFile], indicator: np.nda
         q = torch.ones_like(q)
     ind = torch.from_numpy(indicator) * q[None, :]
     task_names = sorted(set(data.t_tasks.tolist()))
-    onehot = torch.tensor(np.stack([data.t_tasks == t for t in task_names], 1), dtype=torch.float64)
+    scored = ~data.t_dev if variant.get("dev") else np.ones(len(data.t_tasks), dtype=bool)
+    onehot = torch.tensor(np.stack([(data.t_tasks == t) & scored for t in task_names], 1),
+                          dtype=torch.float64)
     onehot /= onehot.sum(0, keepdim=True)
     sums, task_scores = 0.0, 0.0
     for f in files:
@@ -835,6 +848,10 @@ def evaluate(args: argparse.Namespace) -> None:
 
     out, data = Path(args.out), Data(Path(args.out))
     targets = pq.read_table(out / "targets_table.parquet")
+    splits = np.asarray(targets.column("split").to_pylist(), dtype=object)
+    splits[np.flatnonzero(splits == "select")[data.t_dev]] = "dev"
+    dev_table = targets.set_column(targets.schema.get_field_index("split"), "split",
+                                   pa.array(splits.tolist()))
     config = ProxyConfig(vocab_size=data.vocab, seq_len=data.seq_len * args.pack,
                          hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
                          epochs=args.epochs)
@@ -847,17 +864,26 @@ def evaluate(args: argparse.Namespace) -> None:
             ids, mask = pack_windows(data, chosen, args.pack)  # the same rows for every seed
             for seed in args.seeds:
                 name = folder / f"{digest([method, multiple, seed])}.json"
-                if name.exists():
+                cached = json.loads(name.read_text()) if name.exists() else None
+                if cached and ("dev_losses" in cached or not args.add_dev):
                     continue
                 start = time.perf_counter()
                 result = train_proxy(config.model_copy(update={"seed": seed}), ids, mask,
                                      log_every=10_000)
                 losses = target_losses(result.model, targets)
+                dev = target_losses(result.model, dev_table, split="dev")
+                if cached:  # retrained for its dev losses: the model must be the one cached
+                    drift = max(abs(cached["losses"][t] - v) for t, v in
+                                zip(losses["task"].to_list(), losses["loss"].to_list(), strict=True))
+                    if drift > 1e-4:
+                        raise SystemExit(f"{name}: retrained eval losses differ from the cached "
+                                         f"ones by {drift:.2g}; the cache is not reproducible")
                 sources = data.pool["source"].to_numpy()[chosen]
                 mix = dict(zip(*np.unique(sources, return_counts=True), strict=True))
                 name.write_text(json.dumps({
                     "method": method, "multiple": multiple, "seed": seed,
                     "losses": dict(zip(losses["task"].to_list(), losses["loss"].to_list(), strict=True)),
+                    "dev_losses": dict(zip(dev["task"].to_list(), dev["loss"].to_list(), strict=True)),
                     "source_share": {k: round(int(v) / len(chosen), 4) for k, v in mix.items()},
                     "seconds": round(time.perf_counter() - start, 1)}))
                 log(f"evaluated {method[:60]} x{multiple} seed {seed}: "
@@ -898,9 +924,14 @@ def report(args: argparse.Namespace) -> None:
     from dsdm.evaluation import compute_multiplier
 
     out = Path(args.out)
+    key = {"eval": "losses", "dev": "dev_losses"}[args.split]
+    if args.split == "dev" and args.random_curve:
+        raise SystemExit("--random-curve is an eval-split curve; with --split dev the curve is "
+                         "this folder's random models that recorded dev losses")
     rows = [json.loads(f.read_text()) for f in sorted((out / "evaluations").glob("*/*.json"))]
+    rows = [r for r in rows if key in r]  # models from before the dev set have no dev losses
     frame = pl.DataFrame([{"method": r["method"], "multiple": r["multiple"], "seed": r["seed"],
-                           "task": t, "loss": v} for r in rows for t, v in r["losses"].items()])
+                           "task": t, "loss": v} for r in rows for t, v in r[key].items()])
     summary = frame.group_by("method", "multiple", "task").agg(
         pl.col("loss").mean().alias("mean"), pl.col("loss").std(ddof=0).alias("sd"),
         pl.len().alias("seeds")).sort("task", "method", "multiple")
@@ -915,14 +946,17 @@ def report(args: argparse.Namespace) -> None:
     results = []
     for row in summary.iter_rows(named=True):
         points = curve.filter(pl.col("task") == row["task"])
-        mult = compute_multiplier(points["multiple"].to_list(), points["mean"].to_list(), row["mean"])
+        mult = (compute_multiplier(points["multiple"].to_list(), points["mean"].to_list(), row["mean"])
+                if len(points) >= 2 else None)  # no random curve (yet) on this split
         results.append({**row, "mean": round(row["mean"], 4), "sd": round(row["sd"], 4),
-                        "multiplier": round(mult.value, 3), "extrapolated": mult.extrapolated})
+                        "multiplier": mult and round(mult.value, 3),
+                        "extrapolated": mult and mult.extrapolated})
     for (method,), group in pl.DataFrame(results).filter(pl.col("multiple") == 1.0).group_by("method"):
         print(method[:100])
         for r in group.sort("task").iter_rows(named=True):
-            print(f"    {r['task']} {r['mean']:.3f}±{r['sd']:.3f} "
-                  f"({r['multiplier']:.2f}x{'*' if r['extrapolated'] else ''})")
+            times = ("" if r["multiplier"] is None
+                     else f" ({r['multiplier']:.2f}x{'*' if r['extrapolated'] else ''})")
+            print(f"    {r['task']} {r['mean']:.3f}±{r['sd']:.3f}{times}")
     unigram = unigram_reference(out)
     print(f"unigram: pool entropy {unigram['pool_entropy']:.3f}; eval loss {unigram['loss']}")
     if args.result:
@@ -933,7 +967,8 @@ def report(args: argparse.Namespace) -> None:
         seconds = {f"{r['method'][:100]} x{r['multiple']} seed {r['seed']}": r["seconds"] for r in rows}
         Path(args.result).write_text(json.dumps({
             "results": results, "unigram": unigram, "source_share_1x": shares,
-            "model_seconds": seconds, "random_curve": args.random_curve or "this folder's"},
+            "model_seconds": seconds, "random_curve": args.random_curve or "this folder's",
+            **({"split": "dev"} if args.split == "dev" else {})},
             indent=1))
         print(f"wrote {args.result}")
 
@@ -1060,6 +1095,9 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=160)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--add-dev", action="store_true",
+                   help="retrain cached models that have no dev losses (trained before the dev "
+                   "set existed) to add them; their eval losses must come out as cached")
     p.add_argument("--pack", type=int, default=1, help="train on k chosen windows concatenated "
                    "(a model of k x the window's context; the targets must be of that length)")
     p = sub.add_parser("mixing")
@@ -1079,6 +1117,9 @@ def main() -> None:
                    "default: every method evaluated in this folder)")
     p.add_argument("--random-curve", help="an evaluation JSON of the same pool whose random "
                    "rows are the curve (instead of this folder's random models)")
+    p.add_argument("--split", choices=("eval", "dev"), default="eval",
+                   help="the losses reported: the eval split, or the development targets held "
+                   "out of the select split (variants scored with \"dev\": true leave them out)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.func(args)
