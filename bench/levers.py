@@ -407,10 +407,19 @@ def proxy_folder(args: argparse.Namespace, data: Data) -> Path:
 
 
 def checkpoint_files(folder: Path, m: int, which: str) -> list[Path]:
-    files = sorted(folder.glob(f"proxy-{m:02d}-step-*.safetensors"))
+    """Proxy m's checkpoints: ``last``, ``all``, or the steps named, e.g. ``200,400``."""
+    files = sorted(p for p in folder.glob(f"proxy-{m:02d}-step-*.safetensors")
+                   if ".eigh-" not in p.name)
     if not files:
         raise SystemExit(f"proxy {m} has no checkpoints in {folder}")
-    return files if which == "all" else files[-1:]
+    if which in ("last", "all"):
+        return files if which == "all" else files[-1:]
+    steps = {int(s) for s in which.split(",")}
+    chosen = [p for p in files if int(p.stem.rsplit("-", 1)[1]) in steps]
+    if len(chosen) != len(steps):
+        raise SystemExit(f"proxy {m}: checkpoints {sorted(steps)} wanted, {folder} has "
+                         f"{[p.stem for p in files]}")
+    return chosen
 
 
 def feature_config(args: argparse.Namespace):
@@ -636,14 +645,11 @@ def score(args: argparse.Namespace) -> None:
 
 def feature_files(out: Path, variant: dict) -> list[FeatureFile]:
     """The feature files a scored variant ensembles over: the last checkpoint of each of its
-    first ``proxies`` proxies (every checkpoint with ``"checkpoints": "all"``)."""
+    first ``proxies`` proxies (every checkpoint with ``"checkpoints": "all"``, or the steps
+    named, e.g. ``"200,400"``)."""
     feats = out / "features" / variant["features"]
-    files = []
-    for m in range(variant.get("proxies", 8)):
-        paths = [p for p in sorted(feats.glob(f"proxy-{m:02d}-step-*.safetensors"))
-                 if ".eigh-" not in p.name]
-        files += [FeatureFile(p) for p in (paths if variant.get("checkpoints") == "all" else paths[-1:])]
-    return files
+    return [FeatureFile(p) for m in range(variant.get("proxies", 8))
+            for p in checkpoint_files(feats, m, variant.get("checkpoints", "last"))]
 
 
 def diagnose(args: argparse.Namespace) -> None:
@@ -1056,7 +1062,8 @@ def main() -> None:
     p = sub.add_parser("features")
     p.set_defaults(func=features)
     p.add_argument("--proxies", type=int, default=8)
-    p.add_argument("--checkpoints", choices=("last", "all"), default="last")
+    p.add_argument("--checkpoints", default="last",
+                   help="last, all, or the steps to featurise, e.g. 200,400")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--epochs", type=int, default=1)
