@@ -753,10 +753,10 @@ def selection_scores(out: Path, data: Data, method: str, fraction: float = 0.2) 
         else:
             inner = selection_scores(out, data, dsdm_inner)
             if "blend" in variant:  # pool percentile ranks: (1 - b) DsDm + b DSIR
-                def pct(x: np.ndarray) -> np.ndarray:
-                    return np.argsort(np.argsort(x, kind="stable"), kind="stable") / len(x)
-                inner = ((1 - variant["blend"]) * pct(inner)
-                         + variant["blend"] * pct(selection_scores(out, data, "dsir")))
+                ranks = np.argsort(np.argsort(
+                    np.stack([inner, selection_scores(out, data, "dsir")], 1),
+                    axis=0, kind="stable"), axis=0, kind="stable") / data.n
+                inner = ranks @ np.array([1 - variant["blend"], variant["blend"]])
         quotas = chosen_mixture(out, data, variant["mixture"], fraction,
                                 top=variant.get("mixture_top", 100),
                                 objective=variant.get("mixture_objective", "mean"))["quotas"]
@@ -876,11 +876,12 @@ def evaluate(args: argparse.Namespace) -> None:
                 start = time.perf_counter()
                 result = train_proxy(config.model_copy(update={"seed": seed}), ids, mask,
                                      log_every=10_000)
-                losses = target_losses(result.model, targets)
-                dev = target_losses(result.model, dev_table, split="dev")
+                losses, dev_losses = (
+                    dict(zip(frame["task"].to_list(), frame["loss"].to_list(), strict=True))
+                    for frame in (target_losses(result.model, targets),
+                                  target_losses(result.model, dev_table, split="dev")))
                 if cached:  # retrained for its dev losses: the model must be the one cached
-                    drift = max(abs(cached["losses"][t] - v) for t, v in
-                                zip(losses["task"].to_list(), losses["loss"].to_list(), strict=True))
+                    drift = max(abs(cached["losses"][t] - v) for t, v in losses.items())
                     if drift > 1e-4:
                         raise SystemExit(f"{name}: retrained eval losses differ from the cached "
                                          f"ones by {drift:.2g}; the cache is not reproducible")
@@ -888,12 +889,11 @@ def evaluate(args: argparse.Namespace) -> None:
                 mix = dict(zip(*np.unique(sources, return_counts=True), strict=True))
                 name.write_text(json.dumps({
                     "method": method, "multiple": multiple, "seed": seed,
-                    "losses": dict(zip(losses["task"].to_list(), losses["loss"].to_list(), strict=True)),
-                    "dev_losses": dict(zip(dev["task"].to_list(), dev["loss"].to_list(), strict=True)),
+                    "losses": losses, "dev_losses": dev_losses,
                     "source_share": {k: round(int(v) / len(chosen), 4) for k, v in mix.items()},
                     "seconds": round(time.perf_counter() - start, 1)}))
                 log(f"evaluated {method[:60]} x{multiple} seed {seed}: "
-                    f"{ {k: round(v, 3) for k, v in zip(losses['task'], losses['loss'], strict=True)} }")
+                    f"{ {k: round(v, 3) for k, v in losses.items()} }")
 
 
 def mixing(args: argparse.Namespace) -> None:
