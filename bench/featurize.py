@@ -2,7 +2,7 @@
 against TRAK's reference library (`traker`) and against one plain training step.
 
     .venv/bin/pip install -e '.[bench]'                    # traker==0.3.2 (and py-spy)
-    .venv/bin/python -m bench.featurize                    # demo proxy, d = 4096: ~6 min
+    .venv/bin/python -m bench.featurize                    # demo proxy, d = 8192: ~6 min
     .venv/bin/python -m bench.featurize --model 7m --score-candidates 32 --score-targets 16
 
 One run, one set of real examples: the demo crawl is ingested, a 4,096-token BPE is trained
@@ -347,14 +347,15 @@ def main() -> None:
     p.add_argument("--model", default="demo", help="proxy shape: demo (1.4M) or 7m (7.6M)")
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--dim", type=int, default=4096, help="target d of the projection")
+    # the defaults are FeatureConfig's, written out: the parent imports nothing heavy (see above)
+    p.add_argument("--dim", type=int, default=8192, help="target d of the projection")
     p.add_argument("--sketch", choices=("countsketch", "none"), default="countsketch",
                    help="second projection stage of fast and exact (FeatureConfig.sketch)")
     p.add_argument("--factor-dim", type=int, default=128,
                    help="largest per-side Kronecker factor before the sketch")
-    p.add_argument("--lm-head", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--lm-head", action=argparse.BooleanOptionalAction, default=False,
                    help="featurise the LM head (FeatureConfig.include_lm_head)")
-    p.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=False,
                    help="featurise the input embedding (FeatureConfig.include_embeddings)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--examples", type=int, default=256, help="timed examples: fast and train")

@@ -81,9 +81,11 @@ class FeatureConfig(BaseModel):
     seed: int = 0
     """Base seed; layer projections use derive_seed(seed, layer name). Same for all examples
     of one proxy (candidates and targets)."""
-    target_dim: int = Field(4096, gt=0)
+    target_dim: int = Field(8192, gt=0)
     """d. With sketch='countsketch', exactly the width of phi; with 'none', the total that
-    `choose_layer_dims` splits across layers (roughly)."""
+    `choose_layer_dims` splits across layers (roughly). 8,192 is where the hidden layers'
+    TRAK scores reach Spearman 0.9 against unprojected TRAK (docs/PERFORMANCE.md); the
+    CountSketch costs the same at any d, the kernel and its solve grow as d^2 and d^3."""
     sketch: Literal["countsketch", "none"] = "countsketch"
     """'countsketch': a wide Kronecker stage per layer (each side projected to at most
     `factor_dim`, a side no larger kept exact), concatenated and hashed to target_dim by a
@@ -96,12 +98,14 @@ class FeatureConfig(BaseModel):
     layer's sizes with a sketch), instead of what target_dim / factor_dim give."""
     k_in: int | None = Field(None, gt=0)
     """See k_out."""
-    include_lm_head: bool = True
-    """Also featurise the output embedding (LM head) weight. On by default: it raises LDS
-    (docs/EVALUATION.md, ablations) for ~12% more featurisation time."""
-    include_embeddings: bool = True
+    include_lm_head: bool = False
+    """Also featurise the output embedding (LM head) weight. Off by default: its vocabulary
+    side, cut to `factor_dim` rows, drags the scores' fidelity to unprojected TRAK from 0.91
+    to 0.42, and with it on the bench selects no better (docs/EVALUATION.md, ablations)."""
+    include_embeddings: bool = False
     """Also featurise the input embedding weight (the model's `get_input_embeddings()`);
-    nearly free in the factored path (P_in x_t is a column lookup)."""
+    nearly free in the factored path (P_in x_t is a column lookup). Off by default, for the
+    reason given for `include_lm_head`."""
     batch_size: int = Field(16, gt=0)
     """Examples per forward/backward."""
     autocast_dtype: AutocastDtype = "float32"

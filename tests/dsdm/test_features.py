@@ -161,7 +161,8 @@ def test_log_prob_output_is_the_gradient_of_the_summed_log_likelihood(
 ) -> None:
     model, (ids, mask) = trained_tiny.model, batch
     ids, mask = ids[:3], mask[:3]
-    config = FeatureConfig(target_dim=64, include_lm_head=True, model_output="log_prob")
+    config = FeatureConfig(target_dim=64, include_lm_head=True, include_embeddings=True,
+                           model_output="log_prob")
     projs = layer_projections(model, config)
     per_example = ExactFeaturizer(projs, output="full", batch_size=3,
                                   model_output="log_prob")(model, ids, mask).phi
@@ -268,7 +269,8 @@ def test_factored_equals_exact_on_a_llama_model(demo_docs: list[dict], encode_by
         )).eval()
     ids, mask = encode_bytes([d["text"][: 30 + 3 * i] for i, d in enumerate(demo_docs[:9])], 64)
     attention = ids != PAD
-    projs = layer_projections(llama, FeatureConfig(target_dim=512))
+    projs = layer_projections(llama, FeatureConfig(target_dim=512, include_lm_head=True,
+                                                    include_embeddings=True))
     assert projs[0].name == "model.embed_tokens" and projs[-1].name == "lm_head"
     assert len(projs) == 16
     fast = FactoredFeaturizer(projs, batch_size=4)(llama, ids, mask, attention_mask=attention)
