@@ -342,12 +342,13 @@ def _ratio(a: float, b: float) -> float:
     return round(a / b, 3)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="demo", help="proxy shape: demo (1.4M) or 7m (7.6M)")
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=128)
-    # the defaults are FeatureConfig's, written out: the parent imports nothing heavy (see above)
+    # FeatureConfig's defaults, written out (the parent imports nothing heavy, see above);
+    # tests/test_bench_featurize.py checks that they agree
     p.add_argument("--dim", type=int, default=8192, help="target d of the projection")
     p.add_argument("--sketch", choices=("countsketch", "none"), default="countsketch",
                    help="second projection stage of fast and exact (FeatureConfig.sketch)")
@@ -375,7 +376,11 @@ def main() -> None:
     p.add_argument("--keep", help="folder to keep the proxy, examples and features in")
     p.add_argument("--role", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.role:
         runner = {"prepare": role_prepare, "fast": role_featurize, "exact": role_featurize,
                   "traker": role_traker, "traker_featurised": role_traker,
