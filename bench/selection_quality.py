@@ -5,6 +5,8 @@
     python bench/selection_quality.py --threads 1 &                    # on 2 cores: the full
     python bench/selection_quality.py --threads 1 --baselines-only     # run, and beside it
                                                                        # the baselines' models
+    python bench/selection_quality.py --no-out-to-loss-weight --methods dsdm random \
+        --multiples 2 --lds-models 0 --name bench-5200-q-off     # one estimator lever, DsDm only
 
 The standard configuration (docs/EVALUATION.md, "The bench"): every k-th document of the
 bench crawl, 5,200 documents of all ten sources (26k examples of 128 tokens), all five target
@@ -41,6 +43,7 @@ from bench.common import subset_crawl  # noqa: E402
 from dsdm.features import FeatureConfig  # noqa: E402
 from dsdm.trak import LAMBDA_RELATIVE  # noqa: E402
 from dsdm_assets import mixtures, selection  # noqa: E402
+from dsdm_assets.datamodels import DatamodelConfig  # noqa: E402
 from dsdm_assets.definitions import ASSETS  # noqa: E402
 from dsdm_assets.partitions import crawl_partitions  # noqa: E402
 from resources import (  # noqa: E402
@@ -73,7 +76,8 @@ def run_config(args: argparse.Namespace) -> dict:
         "proxy_checkpoints": {"config": {"num_proxies": args.proxies, "model": proxy}},
         # the projection of candidates and targets alike (target_gradients takes it from here)
         "gradient_shards": {"config": features},
-        "datamodel_weights": {"config": {"lambda_relative": args.lambda_relative}},
+        "datamodel_weights": {"config": {"lambda_relative": args.lambda_relative,
+                                         "out_to_loss_weight": args.out_to_loss_weight}},
         # the datamodel over domains: runs of the proxy architecture, fraction as selected
         "mixture_runs": {"config": {"runs": args.mixture_runs, "fraction": args.fraction,
                                     "model": {**proxy, "epochs": args.eval_epochs}}},
@@ -122,6 +126,9 @@ def main() -> None:
                         default=selection.SelectionConfig.model_fields["mixture_objective"].default,
                         help="how selected_subset chooses the source mixture from those runs")
     parser.add_argument("--lambda-relative", type=float, default=LAMBDA_RELATIVE)
+    parser.add_argument("--out-to-loss-weight", action=argparse.BooleanOptionalAction,
+                        default=DatamodelConfig.model_fields["out_to_loss_weight"].default,
+                        help="weight each candidate's scores by its out-to-loss weight q")
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument("--eval-hidden", type=int, default=160)
     parser.add_argument("--eval-layers", type=int, default=3)
@@ -129,7 +136,12 @@ def main() -> None:
                         help="passes over each selection (random at kx the budget: k x the steps)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--multiples", type=float, nargs="+", default=[2.0, 4.0])
-    parser.add_argument("--lds-models", type=int, default=16)
+    parser.add_argument("--lds-models", type=int, default=16,
+                        help="models of the LDS (0: no datamodel_lds, no LDS in the JSON)")
+    parser.add_argument("--methods", nargs="+", default=list(selection.SELECTION_ASSETS),
+                        choices=list(selection.SELECTION_ASSETS),
+                        help="selections made and evaluated (random is required: the "
+                        "multipliers are measured against it)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--baselines-only", action="store_true",
                         help="only the baselines' selections and their evaluation models (the "
@@ -149,11 +161,14 @@ def main() -> None:
     }
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(crawl_partitions.name, [name])
-    config, assets = run_config(args), None
+    config, assets = run_config(args), partial_assets(args)
     if args.baselines_only:
         assets = BASELINE_ASSETS
-        config["ops"] = {op: c for op, c in config["ops"].items() if op in assets}
         config["ops"]["evaluations"]["config"]["methods"] = BASELINE_METHODS
+    elif assets is not None:
+        config["ops"]["evaluations"]["config"]["methods"] = args.methods
+    if assets is not None:
+        config["ops"] = {op: c for op, c in config["ops"].items() if op in assets}
     start = time.perf_counter()
     result = dg.materialize(ASSETS, partition_key=name, instance=instance, resources=resources,
                             run_config=config, selection=assets)
@@ -166,6 +181,28 @@ def main() -> None:
     print(json.dumps(summary(result, folder, name, args, wall), indent=2))
 
 
+def partial_assets(args: argparse.Namespace) -> list[str] | None:
+    """The assets a run of fewer methods or without LDS materialises (None: all of them)."""
+    every_method = set(args.methods) == set(selection.SELECTION_ASSETS)
+    if args.baselines_only and (args.lds_models == 0 or not every_method):
+        raise SystemExit("--baselines-only chooses its own assets; leave --methods and "
+                         "--lds-models at their defaults")
+    if "random" not in args.methods:
+        raise SystemExit("--methods must include random: the multipliers are measured against it")
+    left_out = {selection.SELECTION_ASSETS[m] for m in selection.SELECTION_ASSETS
+                if m not in args.methods}
+    if args.lds_models == 0:
+        left_out.add("datamodel_lds")
+    if "dsdm" not in args.methods:  # what only DsDm's selection (and the LDS) reads
+        left_out.add("mixture_runs")
+        if args.lds_models == 0:
+            left_out |= {"gradient_shards", "target_gradients", "datamodel_weights"}
+    if not left_out:
+        return None
+    keys = [key.to_user_string() for asset in ASSETS for key in asset.keys]
+    return [key for key in keys if key not in left_out]
+
+
 def summary(result, folder: Path, name: str, args: argparse.Namespace, wall: float) -> dict:
     meta = {}
     for event in result.get_asset_materialization_events():
@@ -174,7 +211,8 @@ def summary(result, folder: Path, name: str, args: argparse.Namespace, wall: flo
             k: v.value for k, v in materialization.metadata.items()}
     # this run's rows only: the table also keeps earlier evaluations of the crawl (another
     # configuration, or a --baselines-only run's subset of the methods)
-    evaluation, lds_id = meta["evaluations"]["config_hash"], meta["datamodel_lds"]["config_hash"]
+    evaluation = meta["evaluations"]["config_hash"]
+    lds_id = meta.get("datamodel_lds", {}).get("config_hash")  # None: a run without LDS
     con = duckdb.connect(str(folder / "lineage.duckdb"), read_only=True)
     losses = con.execute("""
         SELECT method, task, avg(value), coalesce(stddev_pop(value), 0), count(*)
@@ -197,7 +235,7 @@ def summary(result, folder: Path, name: str, args: argparse.Namespace, wall: flo
     report = {
         "crawl": name, "documents": args.docs or "all",
         "examples": meta["tokenized_corpus"]["examples"],
-        "selected_per_method": meta["selected_subset"]["selected"],
+        "selected_per_method": meta.get("selected_subset", {}).get("selected"),
         "flags": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "loss": [{"method": m, "task": t, "mean": round(v, 4), "sd": round(s, 4), "seeds": n}
                  for m, t, v, s, n in losses],

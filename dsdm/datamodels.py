@@ -129,11 +129,13 @@ def ensemble_scores(
     num_shards: int,
     target_phi: Sequence[torch.Tensor],
     lam_relative: float = trak.LAMBDA_RELATIVE,
+    out_to_loss_weight: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Yields tau [rows of shard k, T] for k = 0..num_shards-1.
 
     ``load_shard(m, k)`` returns proxy m's features of corpus shard k; ``target_phi[m]`` is
-    G_m [T, d]. Two passes over the shards: one to build each proxy's kernel, one to score.
+    G_m [T, d]. ``out_to_loss_weight=False`` leaves q out (`trak.ensemble`). Two passes over
+    the shards: one to build each proxy's kernel, one to score.
     Peak memory is one shard per proxy plus M kernels [d, d] (float64).
     """
     num_proxies = len(target_phi)
@@ -148,7 +150,7 @@ def ensemble_scores(
             (block,) = trak.scores([shard.phi], inverses[m], target_phi[m])
             per_proxy.append(block)
             q_per_proxy.append(shard.q)
-        yield trak.ensemble(per_proxy, q_per_proxy)
+        yield trak.ensemble(per_proxy, q_per_proxy if out_to_loss_weight else None)
 
 
 def task_means(tau: torch.Tensor, target_tasks: Sequence[str]) -> dict[str, np.ndarray]:

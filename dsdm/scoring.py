@@ -38,16 +38,17 @@ class ShardScores:
 def score_pool(
     load_shard: Callable[[int, int], Features], shard_ids: Sequence[Callable[[], list[str]]],
     target_phi: Sequence[torch.Tensor], target_ids: Sequence[str], target_tasks: Sequence[str],
-    lambda_relative: float, explain_targets: int = 0,
+    lambda_relative: float, explain_targets: int = 0, out_to_loss_weight: bool = True,
 ) -> Iterator[ShardScores]:
     """The ensemble's tau for each corpus shard k, with its task means and top contributions.
 
     ``load_shard(m, k)``: proxy m's features of corpus shard k; ``shard_ids[k]()``: that
     shard's example ids in corpus order; ``target_phi[m]``: G_m [T, d] of the targets
     ``target_ids`` (tasks ``target_tasks``). A ValueError when a feature shard's rows are not
-    its corpus shard's examples."""
+    its corpus shard's examples. ``out_to_loss_weight``: whether tau carries the candidates'
+    mean out-to-loss weight q (`dsdm.trak.ensemble`)."""
     for k, tau in enumerate(ensemble_scores(load_shard, len(shard_ids), target_phi,
-                                            lambda_relative)):
+                                            lambda_relative, out_to_loss_weight)):
         ids = shard_ids[k]()
         if tau.shape[0] != len(ids):
             raise ValueError(f"feature shard {k} has {tau.shape[0]} rows, corpus {len(ids)}")

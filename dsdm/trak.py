@@ -6,7 +6,8 @@ Notation (Park et al., 2023; Engstrom et al., 2024), for one proxy model m:
 - K_m = Phi_m^T Phi_m + lambda I [d, d], the regularised kernel;
 - scores_m = Phi_m K_m^{-1} G_m^T [N, T];
 - q_m [N]: out-to-loss weights of the candidates, Q = diag(q);
-- tau = mean_m(scores_m) * mean_m(q_m) (row-wise), the ensemble estimate [N, T].
+- tau = mean_m(scores_m) * mean_m(q_m) (row-wise), the ensemble estimate [N, T]; without
+  the out-to-loss weight, tau = mean_m(scores_m).
 
 Sign convention (stated once for the engine): tau[i, j] > 0 means that including candidate i
 in the training set is predicted to raise target j's margin f, i.e. lower its loss. DsDm keeps
@@ -112,16 +113,22 @@ def scores(
 
 
 def ensemble(
-    scores_per_model: Sequence[torch.Tensor], q_per_model: Sequence[torch.Tensor]
+    scores_per_model: Sequence[torch.Tensor], q_per_model: Sequence[torch.Tensor] | None
 ) -> torch.Tensor:
     """tau = mean_m(scores_m) * mean_m(q_m)[:, None]: [N, T] from M arrays [N, T] and M [N].
 
-    Works on a block of candidates as well as on the whole pool (rows must align across m).
+    ``q_per_model=None`` leaves the out-to-loss weight out: tau = mean_m(scores_m). Works on a
+    block of candidates as well as on the whole pool (rows must align across m).
     """
-    if not scores_per_model or len(scores_per_model) != len(q_per_model):
+    if not scores_per_model or (q_per_model is not None
+                                and len(scores_per_model) != len(q_per_model)):
         raise ValueError("need one q vector per score matrix, and at least one of each")
     s = torch.stack([x.to(torch.float64) for x in scores_per_model]).mean(0)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be [N, T], got {tuple(s.shape)}")
+    if q_per_model is None:
+        return s
     q = torch.stack([x.to(torch.float64) for x in q_per_model]).mean(0)
-    if s.ndim != 2 or q.shape != s.shape[:1]:
+    if q.shape != s.shape[:1]:
         raise ValueError(f"scores [N, T] and q [N] disagree: {tuple(s.shape)}, {tuple(q.shape)}")
     return s * q[:, None]

@@ -158,6 +158,11 @@ class DatamodelConfig(StepConfig):
     lambda_relative: float = Field(
         LAMBDA_RELATIVE, gt=0, description="Ridge lambda as a multiple of the kernel's mean diagonal."
     )
+    out_to_loss_weight: bool = Field(
+        True, description="Multiply each candidate's scores by its mean out-to-loss weight "
+        "q = mean over its tokens of (1 - p) under the proxies (TRAK's Q), which is larger for "
+        "text the proxies predict badly; false ranks by the proxies' mean score alone.",
+    )
     explain_targets: int = Field(
         3, ge=0, le=100, description="Per candidate, how many target examples it helps most "
         "(largest tau) and hurts most (most negative) to keep for `dsdm explain` and the "
@@ -619,7 +624,8 @@ def _score_pool(context: dg.AssetExecutionContext, writer: AssetWriter, config: 
     try:
         for part in score_pool(lambda m, k: load_features(artifacts, grads.path_of(feature_shard(m, k))),
                                shard_ids, target_phi, target_ids, target_tasks,
-                               config.lambda_relative, config.explain_targets):
+                               config.lambda_relative, config.explain_targets,
+                               config.out_to_loss_weight):
             writer.write_bytes(tau_shard(part.shard), safetensors_save({"tau": part.tau}),
                                kind="tau", rows=len(part.example_ids))
             frames.append(pl.DataFrame({"example_id": part.example_ids, **part.means}))

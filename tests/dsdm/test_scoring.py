@@ -44,6 +44,31 @@ def test_shards_score_as_the_whole_pool() -> None:
     assert 0 < top.num_rows <= 4 * 2 and set(top.column("example_id").to_pylist()) <= set(ids[1])
 
 
+def test_without_the_out_to_loss_weight_shards_score_as_the_mean_over_proxies() -> None:
+    gen = torch.Generator().manual_seed(2)
+    shards = {(m, k): _features(gen, rows) for m in range(3) for k, rows in enumerate((4, 3))}
+    target_phi = [torch.randn(2, 6, generator=gen) for _ in range(3)]
+    ids = [[f"a{i}" for i in range(4)], [f"b{i}" for i in range(3)]]
+    parts = list(score_pool(lambda m, k: shards[m, k], [lambda k=k: ids[k] for k in range(2)],
+                            target_phi, ["t0", "t1"], ["qa", "qa"], lambda_relative=0.1,
+                            out_to_loss_weight=False))
+    # Phi_m (Phi_m^T Phi_m + lambda I)^-1 G_m^T, dense, averaged over the proxies; no q
+    expected = 0.0
+    for m in range(3):
+        phi = torch.cat([shards[m, 0].phi, shards[m, 1].phi]).double()
+        kernel = phi.T @ phi
+        lam = 0.1 * kernel.diagonal().mean()
+        expected = expected + phi @ torch.linalg.solve(kernel + lam * torch.eye(6, dtype=torch.float64),
+                                                       target_phi[m].double().T) / 3
+    tau = torch.cat([p.tau for p in parts])
+    torch.testing.assert_close(tau, expected.float(), rtol=1e-4, atol=1e-5)
+    q_on = torch.cat([p.tau for p in score_pool(
+        lambda m, k: shards[m, k], [lambda k=k: ids[k] for k in range(2)], target_phi,
+        ["t0", "t1"], ["qa", "qa"], lambda_relative=0.1)])
+    q_mean = torch.stack([torch.cat([shards[m, 0].q, shards[m, 1].q]) for m in range(3)]).mean(0)
+    torch.testing.assert_close(q_on, tau * q_mean[:, None], rtol=1e-4, atol=1e-6)
+
+
 def test_a_feature_shard_of_other_examples_is_refused() -> None:
     gen = torch.Generator().manual_seed(1)
     shard = _features(gen, 5)

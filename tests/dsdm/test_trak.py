@@ -95,6 +95,9 @@ def test_ensemble_formula() -> None:
     torch.testing.assert_close(tau, torch.tensor([[0.6, 0.3], [0.4, 0.4]], dtype=torch.float64))
     with pytest.raises(ValueError, match="one q vector"):
         trak.ensemble([s1], [q1, q2])
+    # without the out-to-loss weight: the proxies' mean score
+    torch.testing.assert_close(trak.ensemble([s1, s2], None),
+                               torch.tensor([[2.0, 1.0], [2.0, 2.0]], dtype=torch.float64))
 
 
 # --- ground truth: leave-one-out retraining of an L2-regularised logistic regression ---
