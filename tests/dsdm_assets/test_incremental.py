@@ -95,18 +95,20 @@ def test_scores_of_the_existing_task_do_not_change(two_runs) -> None:
 def test_without_the_out_to_loss_weight_only_the_scores_change(two_runs, fast_run_config) -> None:
     """Leaving q out re-scores from the stored features (none is made again), and divides
     each candidate's scores on every task by one factor in (0, 1): its mean q over proxies."""
-    folder, resources, instance, _, second = two_runs
+    folder, resources, instance, *_ = two_runs
     config = _with_tasks(fast_run_config, ["wiki_qa", "tech_faq"])
-    config["ops"]["datamodel_weights"] = {"config": {"out_to_loss_weight": False}}
-    third = _materialise(ASSETS, config, resources, instance)
-    assert _meta(third, "gradient_shards")["files_computed"] == 0
-    assert _meta(third, "target_gradients")["reused"] is True
-    assert _meta(third, "datamodel_weights")["reused"] is False
+    runs = {}
+    for weighted in (True, False):  # one of the two is the default, and reuses the scores
+        config["ops"]["datamodel_weights"] = {"config": {"out_to_loss_weight": weighted}}
+        runs[weighted] = _materialise(ASSETS, config, resources, instance)
+        assert _meta(runs[weighted], "gradient_shards")["files_computed"] == 0
+        assert _meta(runs[weighted], "target_gradients")["reused"] is True
     con = duckdb.connect(str(folder / "lineage.duckdb"), read_only=True)
-    query = ("SELECT task, example_id, score FROM scores WHERE run_id = ? "
+    query = ("SELECT task, example_id, score FROM scores WHERE scores_id = ? "
              "ORDER BY task, example_id")
-    with_q = np.array([r[2] for r in con.execute(query, [second.run_id]).fetchall()]).reshape(2, -1)
-    without = np.array([r[2] for r in con.execute(query, [third.run_id]).fetchall()]).reshape(2, -1)
+    with_q, without = (np.array([r[2] for r in con.execute(
+        query, [_meta(runs[w], "datamodel_weights")["scores_id"]]).fetchall()]).reshape(2, -1)
+        for w in (True, False))
     con.close()
     # per candidate, the least-squares factor over its two task scores
     factor = (with_q * without).sum(0) / (without**2).sum(0)
