@@ -203,6 +203,14 @@ def partial_assets(args: argparse.Namespace) -> list[str] | None:
     return [key for key in keys if key not in left_out]
 
 
+def _portable(value: object) -> object:
+    """A flag as the JSON records it: paths inside the repository relative to it, so the
+    file says the same on every machine."""
+    if not isinstance(value, Path):
+        return value
+    return str(value.relative_to(REPO)) if value.is_relative_to(REPO) else str(value)
+
+
 def summary(result, folder: Path, name: str, args: argparse.Namespace, wall: float) -> dict:
     meta = {}
     for event in result.get_asset_materialization_events():
@@ -236,7 +244,7 @@ def summary(result, folder: Path, name: str, args: argparse.Namespace, wall: flo
         "crawl": name, "documents": args.docs or "all",
         "examples": meta["tokenized_corpus"]["examples"],
         "selected_per_method": meta.get("selected_subset", {}).get("selected"),
-        "flags": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "flags": {k: _portable(v) for k, v in vars(args).items()},
         "loss": [{"method": m, "task": t, "mean": round(v, 4), "sd": round(s, 4), "seeds": n}
                  for m, t, v, s, n in losses],
         "multiplier": [{"method": r["method"], "task": r["task"], "value": round(r["multiplier"], 3),
