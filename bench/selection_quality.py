@@ -178,7 +178,7 @@ def main() -> None:
     if args.baselines_only:
         print(f"baselines' evaluation models stored in {wall:.0f} s; the full run adopts them")
         return
-    print(json.dumps(summary(result, folder, name, args, wall), indent=2))
+    print(json.dumps(summary(result, folder, name, args, config, wall), indent=2))
 
 
 def partial_assets(args: argparse.Namespace) -> list[str] | None:
@@ -211,7 +211,8 @@ def _portable(value: object) -> object:
     return str(value.relative_to(REPO)) if value.is_relative_to(REPO) else str(value)
 
 
-def summary(result, folder: Path, name: str, args: argparse.Namespace, wall: float) -> dict:
+def summary(result, folder: Path, name: str, args: argparse.Namespace, config: dict,
+            wall: float) -> dict:
     meta = {}
     for event in result.get_asset_materialization_events():
         materialization = event.step_materialization_data.materialization
@@ -251,7 +252,7 @@ def summary(result, folder: Path, name: str, args: argparse.Namespace, wall: flo
                         "extrapolated": r["extrapolated"]} for r in mults.iter_rows(named=True)],
         "lds": [{"task": t, "metric": k, "value": round(v, 3)} for t, k, v in lds],
         "unigram": [{"task": t, "metric": k, "value": round(v, 4)} for t, k, v in unigram],
-        "run_config": run_config(args),
+        "run_config": config,
         "report_markdown": meta["evaluations"]["report"],
         "wall_s": round(wall, 1), "step_seconds": durations,
         "plot": str(plot.relative_to(REPO)),
