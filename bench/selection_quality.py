@@ -150,6 +150,7 @@ def main() -> None:
     args = parser.parse_args()
 
     args.docs = args.docs or None
+    assets, methods = asset_selection(args)
     name = args.name or f"bench-{args.docs or 'all'}"
     folder = OUT / "selection_quality" / name
     crawl = subset_crawl(args.crawl, args.docs, folder / "crawls" / name)
@@ -161,13 +162,9 @@ def main() -> None:
     }
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(crawl_partitions.name, [name])
-    config, assets = run_config(args), partial_assets(args)
-    if args.baselines_only:
-        assets = BASELINE_ASSETS
-        config["ops"]["evaluations"]["config"]["methods"] = BASELINE_METHODS
-    elif assets is not None:
-        config["ops"]["evaluations"]["config"]["methods"] = args.methods
-    if assets is not None:
+    config = run_config(args)
+    if assets is not None:  # a partial run: its methods, and config for its assets only
+        config["ops"]["evaluations"]["config"]["methods"] = methods
         config["ops"] = {op: c for op, c in config["ops"].items() if op in assets}
     start = time.perf_counter()
     result = dg.materialize(ASSETS, partition_key=name, instance=instance, resources=resources,
@@ -181,12 +178,14 @@ def main() -> None:
     print(json.dumps(summary(result, folder, name, args, config, wall), indent=2))
 
 
-def partial_assets(args: argparse.Namespace) -> list[str] | None:
-    """The assets a run of fewer methods or without LDS materialises (None: all of them)."""
+def asset_selection(args: argparse.Namespace) -> tuple[list[str] | None, list[str]]:
+    """(the assets this run materialises, None for all of them; the methods it evaluates)."""
     every_method = set(args.methods) == set(selection.SELECTION_ASSETS)
-    if args.baselines_only and (args.lds_models == 0 or not every_method):
-        raise SystemExit("--baselines-only chooses its own assets; leave --methods and "
-                         "--lds-models at their defaults")
+    if args.baselines_only:
+        if args.lds_models == 0 or not every_method:
+            raise SystemExit("--baselines-only chooses its own assets; leave --methods and "
+                             "--lds-models at their defaults")
+        return BASELINE_ASSETS, BASELINE_METHODS
     if "random" not in args.methods:
         raise SystemExit("--methods must include random: the multipliers are measured against it")
     left_out = {selection.SELECTION_ASSETS[m] for m in selection.SELECTION_ASSETS
@@ -198,9 +197,9 @@ def partial_assets(args: argparse.Namespace) -> list[str] | None:
         if args.lds_models == 0:
             left_out |= {"gradient_shards", "target_gradients", "datamodel_weights"}
     if not left_out:
-        return None
+        return None, args.methods
     keys = [key.to_user_string() for asset in ASSETS for key in asset.keys]
-    return [key for key in keys if key not in left_out]
+    return [key for key in keys if key not in left_out], args.methods
 
 
 def _portable(value: object) -> object:
