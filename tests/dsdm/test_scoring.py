@@ -15,14 +15,25 @@ def _features(generator: torch.Generator, rows: int, dim: int = 6) -> Features:
                     q=torch.rand(rows, generator=generator), margin=torch.zeros(rows))
 
 
+def _pool(seed: int, proxies: int, rows: tuple[int, int], targets: int):
+    """Two corpus shards of ``rows`` candidates under each proxy, the targets' features and
+    the shards' example ids."""
+    gen = torch.Generator().manual_seed(seed)
+    shards = {(m, k): _features(gen, n) for m in range(proxies) for k, n in enumerate(rows)}
+    target_phi = [torch.randn(targets, 6, generator=gen) for _ in range(proxies)]
+    ids = [[f"{prefix}{i}" for i in range(n)] for prefix, n in zip("ab", rows, strict=True)]
+    return shards, target_phi, ids
+
+
+def _score(shards, target_phi, ids, tasks: list[str], **options) -> list:
+    return list(score_pool(lambda m, k: shards[m, k], [lambda k=k: ids[k] for k in range(2)],
+                           target_phi, [f"t{j}" for j in range(len(tasks))], tasks,
+                           lambda_relative=0.1, **options))
+
+
 def test_shards_score_as_the_whole_pool() -> None:
-    gen = torch.Generator().manual_seed(0)
-    shards = {(m, k): _features(gen, rows) for m in range(2) for k, rows in enumerate((5, 4))}
-    target_phi = [torch.randn(3, 6, generator=gen) for _ in range(2)]
-    ids = [[f"a{i}" for i in range(5)], [f"b{i}" for i in range(4)]]
-    parts = list(score_pool(lambda m, k: shards[m, k], [lambda k=k: ids[k] for k in range(2)],
-                            target_phi, ["t0", "t1", "t2"], ["qa", "qa", "cloze"],
-                            lambda_relative=0.1, explain_targets=1))
+    shards, target_phi, ids = _pool(0, proxies=2, rows=(5, 4), targets=3)
+    parts = _score(shards, target_phi, ids, ["qa", "qa", "cloze"], explain_targets=1)
     # the whole pool at once
     per_proxy = []
     for m in range(2):
@@ -45,13 +56,8 @@ def test_shards_score_as_the_whole_pool() -> None:
 
 
 def test_without_the_out_to_loss_weight_shards_score_as_the_mean_over_proxies() -> None:
-    gen = torch.Generator().manual_seed(2)
-    shards = {(m, k): _features(gen, rows) for m in range(3) for k, rows in enumerate((4, 3))}
-    target_phi = [torch.randn(2, 6, generator=gen) for _ in range(3)]
-    ids = [[f"a{i}" for i in range(4)], [f"b{i}" for i in range(3)]]
-    parts = list(score_pool(lambda m, k: shards[m, k], [lambda k=k: ids[k] for k in range(2)],
-                            target_phi, ["t0", "t1"], ["qa", "qa"], lambda_relative=0.1,
-                            out_to_loss_weight=False))
+    shards, target_phi, ids = _pool(2, proxies=3, rows=(4, 3), targets=2)
+    parts = _score(shards, target_phi, ids, ["qa", "qa"], out_to_loss_weight=False)
     # Phi_m (Phi_m^T Phi_m + lambda I)^-1 G_m^T, dense, averaged over the proxies; no q
     expected = 0.0
     for m in range(3):
@@ -62,9 +68,7 @@ def test_without_the_out_to_loss_weight_shards_score_as_the_mean_over_proxies() 
                                                        target_phi[m].double().T) / 3
     tau = torch.cat([p.tau for p in parts])
     torch.testing.assert_close(tau, expected.float(), rtol=1e-4, atol=1e-5)
-    q_on = torch.cat([p.tau for p in score_pool(
-        lambda m, k: shards[m, k], [lambda k=k: ids[k] for k in range(2)], target_phi,
-        ["t0", "t1"], ["qa", "qa"], lambda_relative=0.1)])
+    q_on = torch.cat([p.tau for p in _score(shards, target_phi, ids, ["qa", "qa"])])
     q_mean = torch.stack([torch.cat([shards[m, 0].q, shards[m, 1].q]) for m in range(3)]).mean(0)
     torch.testing.assert_close(q_on, tau * q_mean[:, None], rtol=1e-4, atol=1e-6)
 
