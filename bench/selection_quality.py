@@ -57,10 +57,6 @@ OUT = REPO / "bench" / "out"
 FEATURES = FeatureConfig()  # the pipeline's feature defaults
 BENCH_TASKS = ("wiki_qa", "lambada_cloze", "tech_faq", "mixed_cloze", "mixed_continuation")
 BASELINE_METHODS = [m for m in selection.SELECTION_ASSETS if m != "dsdm"]
-# what the baselines' evaluations need (SemDeDup embeds with the proxies)
-BASELINE_ASSETS = ["documents", "tokenizer", "tokenized_corpus", "target_tasks",
-                   "proxy_checkpoints", *(selection.SELECTION_ASSETS[m] for m in BASELINE_METHODS),
-                   "evaluations"]
 
 
 def run_config(args: argparse.Namespace) -> dict:
@@ -180,26 +176,27 @@ def main() -> None:
 
 def asset_selection(args: argparse.Namespace) -> tuple[list[str] | None, list[str]]:
     """(the assets this run materialises, None for all of them; the methods it evaluates)."""
-    every_method = set(args.methods) == set(selection.SELECTION_ASSETS)
+    methods, lds_models = args.methods, args.lds_models
     if args.baselines_only:
-        if args.lds_models == 0 or not every_method:
+        if lds_models == 0 or set(methods) != set(selection.SELECTION_ASSETS):
             raise SystemExit("--baselines-only chooses its own assets; leave --methods and "
                              "--lds-models at their defaults")
-        return BASELINE_ASSETS, BASELINE_METHODS
-    if "random" not in args.methods:
+        # the baselines' selections and evaluations (SemDeDup embeds with the proxies)
+        methods, lds_models = BASELINE_METHODS, 0
+    if "random" not in methods:
         raise SystemExit("--methods must include random: the multipliers are measured against it")
     left_out = {selection.SELECTION_ASSETS[m] for m in selection.SELECTION_ASSETS
-                if m not in args.methods}
-    if args.lds_models == 0:
+                if m not in methods}
+    if lds_models == 0:
         left_out.add("datamodel_lds")
-    if "dsdm" not in args.methods:  # what only DsDm's selection (and the LDS) reads
+    if "dsdm" not in methods:  # what only DsDm's selection (and the LDS) reads
         left_out.add("mixture_runs")
-        if args.lds_models == 0:
+        if lds_models == 0:
             left_out |= {"gradient_shards", "target_gradients", "datamodel_weights"}
     if not left_out:
-        return None, args.methods
+        return None, methods
     keys = [key.to_user_string() for asset in ASSETS for key in asset.keys]
-    return [key for key in keys if key not in left_out], args.methods
+    return [key for key in keys if key not in left_out], methods
 
 
 def _portable(value: object) -> object:
