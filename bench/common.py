@@ -32,6 +32,14 @@ MODELS = {
 }
 
 
+def portable(value: object) -> object:
+    """A flag as a result JSON records it: paths inside the repository relative to it, so the
+    file says the same on every machine."""
+    if not isinstance(value, Path):
+        return value
+    return str(value.relative_to(REPO)) if value.is_relative_to(REPO) else str(value)
+
+
 @dataclass(frozen=True)
 class Examples:
     """Token ids [N, L] and loss masks [N, L] of pool windows and of target-task rows."""

@@ -39,7 +39,7 @@ import dagster as dg  # noqa: E402
 import duckdb  # noqa: E402
 import polars as pl  # noqa: E402
 
-from bench.common import subset_crawl  # noqa: E402
+from bench.common import portable, subset_crawl  # noqa: E402
 from dsdm.features import FeatureConfig  # noqa: E402
 from dsdm.trak import LAMBDA_RELATIVE  # noqa: E402
 from dsdm_assets import mixtures, selection  # noqa: E402
@@ -73,7 +73,8 @@ def run_config(args: argparse.Namespace) -> dict:
         # the projection of candidates and targets alike (target_gradients takes it from here)
         "gradient_shards": {"config": features},
         "datamodel_weights": {"config": {"lambda_relative": args.lambda_relative,
-                                         "out_to_loss_weight": args.out_to_loss_weight}},
+                                         "out_to_loss_weight": args.out_to_loss_weight,
+                                         "soft_threshold": args.soft_threshold}},
         # the datamodel over domains: runs of the proxy architecture, fraction as selected
         "mixture_runs": {"config": {"runs": args.mixture_runs, "fraction": args.fraction,
                                     "model": {**proxy, "epochs": args.eval_epochs}}},
@@ -125,6 +126,9 @@ def main() -> None:
     parser.add_argument("--out-to-loss-weight", action=argparse.BooleanOptionalAction,
                         default=DatamodelConfig.model_fields["out_to_loss_weight"].default,
                         help="weight each candidate's scores by its out-to-loss weight q")
+    parser.add_argument("--soft-threshold", type=float,
+                        default=DatamodelConfig.model_fields["soft_threshold"].default,
+                        help="per-target soft threshold of tau, in sd over the pool (0: none)")
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument("--eval-hidden", type=int, default=160)
     parser.add_argument("--eval-layers", type=int, default=3)
@@ -199,14 +203,6 @@ def asset_selection(args: argparse.Namespace) -> tuple[list[str] | None, list[st
     return [key for key in keys if key not in left_out], methods
 
 
-def _portable(value: object) -> object:
-    """A flag as the JSON records it: paths inside the repository relative to it, so the
-    file says the same on every machine."""
-    if not isinstance(value, Path):
-        return value
-    return str(value.relative_to(REPO)) if value.is_relative_to(REPO) else str(value)
-
-
 def summary(result, folder: Path, name: str, args: argparse.Namespace, config: dict,
             wall: float) -> dict:
     meta = {}
@@ -241,7 +237,7 @@ def summary(result, folder: Path, name: str, args: argparse.Namespace, config: d
         "crawl": name, "documents": args.docs or "all",
         "examples": meta["tokenized_corpus"]["examples"],
         "selected_per_method": meta.get("selected_subset", {}).get("selected"),
-        "flags": {k: _portable(v) for k, v in vars(args).items()},
+        "flags": {k: portable(v) for k, v in vars(args).items()},
         "loss": [{"method": m, "task": t, "mean": round(v, 4), "sd": round(s, 4), "seeds": n}
                  for m, t, v, s, n in losses],
         "multiplier": [{"method": r["method"], "task": r["task"], "value": round(r["multiplier"], 3),

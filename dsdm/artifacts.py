@@ -13,6 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 import torch
+from safetensors.torch import load as safetensors_load
 from tokenizers import Tokenizer
 
 from dsdm.datamodels import feature_header, features_from_bytes
@@ -128,6 +129,11 @@ def read_examples(store: ArtifactStore, upstream: Upstream, kind: str = "example
 def checkpoint_paths(proxies: Upstream) -> list[str]:
     """Store paths of the proxies' checkpoints, proxy 0 first."""
     return [f["path"] for f in proxies.files("checkpoint")]
+
+
+def load_tau(store: ArtifactStore, path: str) -> torch.Tensor:
+    """datamodel_weights: one stored tau shard [n_k, T] (float32)."""
+    return safetensors_load(store.read_bytes(path))["tau"]
 
 
 def load_proxy_checkpoint(store: ArtifactStore, checkpoint_path: str,

@@ -5,13 +5,14 @@ The datamodel step streams this: one corpus shard's tau [n_k, T] at a time (see
 `dsdm.datamodels.ensemble_scores`), so the pool never has to fit in memory.
 """
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from dsdm import trak
 from dsdm.datamodels import ensemble_scores, task_means
 from dsdm.explain import CONTRIBUTION_SCHEMA, top_contributions
 from dsdm.features import Features
@@ -57,3 +58,18 @@ def score_pool(
             top = top_contributions(tau, ids, target_ids, target_tasks, explain_targets)
             top = top.append_column("shard", pa.array([k] * top.num_rows, pa.int32()))
         yield ShardScores(k, ids, tau.float().contiguous(), task_means(tau, target_tasks), top)
+
+
+def soft_thresholded_means(
+    tau_shards: Callable[[], Iterable[torch.Tensor]], target_tasks: Sequence[str],
+    threshold_sd: float,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Each shard's task means (task -> [n_k]) of tau soft-thresholded per target at
+    ``threshold_sd`` times that target's standard deviation over the pool
+    (`trak.soft_threshold`). ``tau_shards()`` yields the pool's tau [n_k, T] shard by shard;
+    it is walked twice (the spreads, then the means), so the pool is never in memory."""
+    if not threshold_sd > 0:
+        raise ValueError(f"threshold_sd must be > 0, got {threshold_sd}")
+    spread = trak.column_spread(tau_shards())
+    for tau in tau_shards():
+        yield task_means(trak.soft_threshold(tau, threshold_sd * spread), target_tasks)

@@ -10,6 +10,7 @@ the target features apart, so new target tasks do not recompute the candidates.
 import json
 import time
 import warnings
+from collections.abc import Iterator
 
 import dagster as dg
 import numpy as np
@@ -37,6 +38,7 @@ from dsdm.artifacts import (
     features_header,
     load_features,
     load_proxy_checkpoint,
+    load_tau,
     load_tokenizer,
     proxy_file,
     read_examples,
@@ -63,10 +65,10 @@ from dsdm.proxy import (
     proxy_to_bytes,
     train_proxy,
 )
-from dsdm.scoring import STORED_CONTRIBUTION_SCHEMA, score_pool
+from dsdm.scoring import STORED_CONTRIBUTION_SCHEMA, score_pool, soft_thresholded_means
 from dsdm.store import StoredArtifact
 from dsdm.tokenization import to_tensors
-from dsdm.trak import LAMBDA_RELATIVE
+from dsdm.trak import LAMBDA_RELATIVE, SOFT_THRESHOLD
 from dsdm_assets.config import StepConfig
 from dsdm_assets.jobs import CPU_STEP_TAGS, STEP_RETRY_POLICY, TORCH_STEP_TAGS
 from dsdm_assets.manifests import MANIFEST_IO, UPSTREAM, crawl_asset, manifest_io_manager
@@ -162,6 +164,14 @@ class DatamodelConfig(StepConfig):
         True, description="Multiply each candidate's scores by its mean out-to-loss weight "
         "q = mean over its tokens of (1 - p) under the proxies (TRAK's Q), which is larger for "
         "text the proxies predict badly; false ranks by the proxies' mean score alone.",
+    )
+    soft_threshold: float = Field(
+        SOFT_THRESHOLD, ge=0, le=10, description="TRAK's sparsification, in standard "
+        "deviations: before a task's mean over its targets, each target's scores within this "
+        "many of its standard deviations over the pool become 0 and the rest shrink towards 0 "
+        "by as much, so a candidate's task score counts only the effects that stand out from "
+        "that target's noise. 0 keeps the raw scores. The stored tau, the explanations and "
+        "LDS keep the raw estimate.",
     )
     explain_targets: int = Field(
         3, ge=0, le=100, description="Per candidate, how many target examples it helps most "
@@ -574,7 +584,10 @@ def datamodel_weights(
     compute.setup()  # the thread count changes float sums: every torch step applies it
     artifacts, db = store.get_store(), lineage.get_db()
     _check_same_features(gradient_shards, target_gradients, target_tasks)
-    made = produce(context, artifacts, db, config.model_dump(),
+    settings = config.model_dump()
+    if not config.soft_threshold:  # raw scores made before the setting existed stay valid
+        del settings["soft_threshold"]
+    made = produce(context, artifacts, db, settings,
                    [gradient_shards, target_gradients, tokenized_corpus, target_tasks, tokenizer],
                    lambda writer: _score_pool(context, writer, config, gradient_shards,
                                               target_gradients, tokenized_corpus, target_tasks,
@@ -633,6 +646,15 @@ def _score_pool(context: dg.AssetExecutionContext, writer: AssetWriter, config: 
             context.log.info(f"scored shard {part.shard + 1}/{len(shard_ids)}")
     except ValueError as error:
         raise dg.Failure(f"datamodel_weights: {error}") from error
+    if config.soft_threshold:  # thresholds need the whole pool: walk the stored tau again
+
+        def stored_tau() -> Iterator[torch.Tensor]:
+            return (load_tau(artifacts, f"{writer.folder}/{tau_shard(k)}") for k in range(len(shard_ids)))
+
+        thresholded = soft_thresholded_means(stored_tau, target_tasks, config.soft_threshold)
+        frames = [pl.DataFrame({"example_id": frame["example_id"], **means})
+                  for frame, means in zip(frames, thresholded, strict=True)]
+        context.log.info(f"task means of tau soft-thresholded at {config.soft_threshold:g} sd")
     scores = pl.concat(frames)
     writer.write_parquet(SCORES, scores.to_arrow(), kind="scores")
     writer.write_parquet(CONTRIBUTIONS, pa.concat_tables(contributions) if contributions

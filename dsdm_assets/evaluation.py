@@ -19,7 +19,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 from pydantic import Field, field_validator
-from safetensors.torch import load as safetensors_load
 
 from dsdm.artifacts import (
     LDS,
@@ -30,6 +29,7 @@ from dsdm.artifacts import (
     TARGET_COLUMNS,
     UNIGRAM,
     Upstream,
+    load_tau,
     read_examples,
 )
 from dsdm.datamodels import proxy_subsets
@@ -359,8 +359,7 @@ def _measure_lds(context: dg.AssetExecutionContext, writer: AssetWriter, config:
     lds.parquet into ``writer``'s folder; the summary."""
     artifacts = writer.store
     columns = pl.from_arrow(artifacts.read_parquet(weights_up.path_of(TARGET_COLUMNS)))
-    tau = np.concatenate([safetensors_load(artifacts.read_bytes(f["path"]))["tau"].numpy()
-                          for f in weights_up.files("tau")])
+    tau = np.concatenate([load_tau(artifacts, f["path"]).numpy() for f in weights_up.files("tau")])
     pool = _examples(artifacts, corpus_up)
     if tau.shape != (pool.num_rows, columns.height):
         raise dg.Failure(f"tau is {tau.shape}, expected [pool={pool.num_rows}, "

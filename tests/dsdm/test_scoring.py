@@ -7,7 +7,7 @@ import torch
 
 from dsdm import trak
 from dsdm.features import Features
-from dsdm.scoring import STORED_CONTRIBUTION_SCHEMA, score_pool
+from dsdm.scoring import STORED_CONTRIBUTION_SCHEMA, score_pool, soft_thresholded_means
 
 
 def _features(generator: torch.Generator, rows: int, dim: int = 6) -> Features:
@@ -79,3 +79,21 @@ def test_a_feature_shard_of_other_examples_is_refused() -> None:
     with pytest.raises(ValueError, match="feature shard 0 has 5 rows, corpus 4"):
         list(score_pool(lambda m, k: shard, [lambda: ["a", "b", "c", "d"]],
                         [torch.randn(2, 6, generator=gen)], ["t0", "t1"], ["x", "x"], 0.1))
+
+
+def test_soft_thresholded_means_stream_as_the_whole_pool() -> None:
+    """Per shard, the task means of tau after each target column is soft-thresholded at s
+    times its sd over the whole pool, not over the shard."""
+    shards, target_phi, ids = _pool(4, proxies=2, rows=(5, 4), targets=3)
+    tasks = ["qa", "qa", "cloze"]
+    parts = _score(shards, target_phi, ids, tasks)
+    tau = torch.cat([p.tau for p in parts]).double()
+    means = list(soft_thresholded_means(lambda: (p.tau for p in parts), tasks, 0.5))
+    t = 0.5 * tau.std(0)
+    dense = torch.sign(tau) * torch.clamp(tau.abs() - t, min=0)
+    assert 0 < int((dense == 0).sum()) < dense.numel()  # the threshold bites, not everywhere
+    for task, columns in {"qa": [0, 1], "cloze": [2]}.items():
+        streamed = np.concatenate([m[task] for m in means])
+        np.testing.assert_allclose(streamed, dense[:, columns].mean(1).numpy(), rtol=1e-12)
+    with pytest.raises(ValueError, match="> 0"):
+        next(soft_thresholded_means(lambda: (p.tau for p in parts), tasks, 0.0))

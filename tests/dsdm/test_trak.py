@@ -100,6 +100,29 @@ def test_ensemble_formula() -> None:
                                torch.tensor([[2.0, 1.0], [2.0, 2.0]], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("cuts", [(53,), (1, 0, 30, 22), (2, 51)])
+def test_column_spread_streams_as_the_whole_matrix(cuts: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(3)
+    tau = torch.randn(53, 4, generator=gen, dtype=torch.float64) * torch.tensor([1e-4, 1.0, 3.0, 0.0])
+    tau += torch.tensor([5e-4, -2.0, 10.0, 7.0])  # offsets: the merge must not lose the spread
+    blocks = torch.split(tau, list(cuts))
+    torch.testing.assert_close(trak.column_spread(blocks), tau.std(0))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        trak.column_spread([tau[:1]])
+
+
+def test_soft_threshold_formula() -> None:
+    tau = torch.tensor([[0.5, -3.0], [-2.0, 1.0], [1.5, 0.1]])
+    out = trak.soft_threshold(tau, torch.tensor([1.0, 0.5]))
+    torch.testing.assert_close(out, torch.tensor([[0.0, -2.5], [-1.0, 0.5], [0.5, 0.0]],
+                                                 dtype=torch.float64))
+    torch.testing.assert_close(trak.soft_threshold(tau, torch.zeros(2)), tau.double())
+    with pytest.raises(ValueError, match=">= 0"):
+        trak.soft_threshold(tau, torch.tensor([1.0, -0.5]))
+    with pytest.raises(ValueError, match="disagree"):
+        trak.soft_threshold(tau, torch.ones(3))
+
+
 # --- ground truth: leave-one-out retraining of an L2-regularised logistic regression ---
 
 HASH_DIM = 64

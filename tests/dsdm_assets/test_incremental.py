@@ -8,8 +8,12 @@ import copy
 import dagster as dg
 import duckdb
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from dsdm.trak import SOFT_THRESHOLD
 from dsdm_assets.definitions import defs
 from dsdm_assets.partitions import crawl_partitions
 
@@ -98,8 +102,10 @@ def test_without_the_out_to_loss_weight_only_the_scores_change(two_runs, fast_ru
     folder, resources, instance, *_ = two_runs
     config = _with_tasks(fast_run_config, ["wiki_qa", "tech_faq"])
     runs = {}
-    for weighted in (True, False):  # one of the two is the default, and reuses the scores
-        config["ops"]["datamodel_weights"] = {"config": {"out_to_loss_weight": weighted}}
+    for weighted in (True, False):  # raw task means: q scales a candidate's row of tau,
+        # and a per-target threshold would not keep that factor
+        config["ops"]["datamodel_weights"] = {"config": {"out_to_loss_weight": weighted,
+                                                         "soft_threshold": 0.0}}
         runs[weighted] = _materialise(ASSETS, config, resources, instance)
         assert _meta(runs[weighted], "gradient_shards")["files_computed"] == 0
         assert _meta(runs[weighted], "target_gradients")["reused"] is True
@@ -115,6 +121,37 @@ def test_without_the_out_to_loss_weight_only_the_scores_change(two_runs, fast_ru
     assert ((factor > 0) & (factor < 1)).all()
     np.testing.assert_allclose(with_q, without * factor, rtol=1e-6, atol=1e-12)
     assert factor.std() > 0  # q differs between candidates: the ranking can change
+
+
+@pytest.mark.slow
+def test_soft_threshold_changes_only_the_task_means(two_runs, fast_run_config) -> None:
+    """The raw scores (threshold 0) come from the stored features; tau is the same estimate
+    either way, and with the default threshold s each task score is the mean over its
+    targets of tau soft-thresholded per target at s sd over the whole pool (checked densely
+    against the stored tau). The explicit default reuses the default's scores."""
+    folder, resources, instance, *_ = two_runs
+    config = _with_tasks(fast_run_config, ["wiki_qa", "tech_faq"])
+    runs = {}
+    for threshold in (SOFT_THRESHOLD, 0.0):
+        config["ops"]["datamodel_weights"] = {"config": {"soft_threshold": threshold}}
+        runs[threshold] = _materialise(ASSETS, config, resources, instance)
+        assert _meta(runs[threshold], "gradient_shards")["files_computed"] == 0
+    assert _meta(runs[SOFT_THRESHOLD], "datamodel_weights")["reused"] is True
+    folders = {t: folder / "store" / _meta(r, "datamodel_weights")["dsdm/manifest"].rsplit("/", 1)[0]
+               for t, r in runs.items()}
+    tau = {t: torch.cat([load_file(p)["tau"] for p in sorted(f.glob("tau-*.safetensors"))]).double()
+           for t, f in folders.items()}
+    torch.testing.assert_close(tau[SOFT_THRESHOLD], tau[0.0])
+    tasks = np.array(pq.read_table(folders[0.0] / "target_columns.parquet")["task"].to_pylist())
+    thresholded = pq.read_table(folders[SOFT_THRESHOLD] / "scores.parquet")
+    raw = pq.read_table(folders[0.0] / "scores.parquet")
+    t = tau[0.0]
+    sparse = torch.sign(t) * torch.clamp(t.abs() - SOFT_THRESHOLD * t.std(0), min=0)
+    assert 0.3 < float((sparse == 0).double().mean()) < 1  # most effects are within 1 sd
+    for task in ("wiki_qa", "tech_faq"):
+        np.testing.assert_allclose(thresholded[task].to_numpy(),
+                                   sparse[:, tasks == task].mean(1).numpy(), rtol=1e-9, atol=1e-15)
+        assert not np.allclose(thresholded[task].to_numpy(), raw[task].to_numpy())
 
 
 @pytest.mark.slow

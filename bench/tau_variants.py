@@ -1,0 +1,205 @@
+"""Selection levers that change only how the stored tau becomes task scores, measured with
+the bench's evaluation models and without re-scoring anything.
+
+    python bench/tau_variants.py --variants soft0 soft1 standardised rank_mean   # whole pool
+    python bench/tau_variants.py --quotas bench/results/levers/bench-5200/mixture-fit.json
+    python bench/tau_variants.py --variants soft0 soft0.5 soft1 soft2 --quotas ... --dev
+
+Reads a store that `bench/selection_quality.py` filled (``--store``): the pool, the target
+tasks, one datamodel_weights folder (its tau shards) and the evaluation models' recipe. Each
+variant turns tau [N, T] into task scores its own way: ``softS`` soft-thresholds each target
+column at S sd of its values over the pool (`dsdm.trak.soft_threshold`; ``soft0`` is the raw
+tau, the pipeline's scores), ``standardised`` standardises each column over the pool (every
+target one vote), ``rank_mean`` replaces each column by its pool ranks. For each it makes
+the DsDm selection as `selected_subset` does (the task means, the
+standardised scores under `task_mixing: max`, optionally each source's quota filled by that
+ranking, the top 20%), trains an evaluation model per seed with the bench's recipe, and
+records its eval-split losses and its losses on the development targets (one in five select
+targets, as `bench/levers.py` picks them). ``--dev`` leaves those targets out of the task
+scores, so a lever can be decided on them without reading the eval split.
+
+Each model's result is a JSON file under ``--out`` (kept: a rerun trains only what is
+missing); the summary (per variant: loss mean and sd over seeds per task on both splits,
+multipliers against the committed random curve, the overlap with s = 0) is printed and
+written to ``--summary``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import portable  # noqa: E402
+from bench.levers import dev_targets  # noqa: E402
+from dsdm.artifacts import TARGET_COLUMNS, load_tau  # noqa: E402
+from dsdm.evaluation import compute_multiplier, target_losses, train_evaluation_model  # noqa: E402
+from dsdm.mixture import quota_scores  # noqa: E402
+from dsdm.proxy import ProxyConfig  # noqa: E402
+from dsdm.selection import combine_task_scores, select_top  # noqa: E402
+from dsdm.store import ArtifactStore  # noqa: E402
+from dsdm.trak import soft_threshold  # noqa: E402
+
+STORE = REPO / "bench" / "out" / "selection_quality" / "bench-5200" / "store"
+CURVE = REPO / "bench" / "results" / "selection_quality.json"
+PATH_FLAGS = ("store", "quotas", "out", "summary")
+
+
+def only_manifest(store: Path, asset: str, crawl: str, folder: str | None = None) -> dict:
+    """The manifest of ``asset``'s one folder (or of ``folder``) for ``crawl``."""
+    found = sorted((store / asset / crawl).glob(f"{folder or '*'}/manifest.json"))
+    if len(found) != 1:
+        options = {p.parent.name: json.loads(p.read_text())["config"] for p in found}
+        raise SystemExit(f"{asset}: expected one folder, found {len(found)}: {options}; "
+                         f"name one with --{asset.split('_')[0]}")
+    return json.loads(found[0].read_text())
+
+
+def tables(store: ArtifactStore, manifest: dict, kind: str) -> pa.Table:
+    return pa.concat_tables([store.read_parquet(f["path"]) for f in manifest["files"]
+                             if f["kind"] == kind])
+
+
+class Pool:
+    """The stored pool, targets, tau and recipe; `keep` makes a variant's selection."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        root = Path(args.store)
+        store = ArtifactStore(str(root))
+        corpus_m = only_manifest(root, "tokenized_corpus", args.crawl)
+        weights_m = only_manifest(root, "datamodel_weights", args.crawl, args.datamodel)
+        self.scores_id = weights_m["config_hash"]
+        self.recipe = only_manifest(root, "evaluations", args.crawl, args.evaluations)["config"]["model"]
+        self.corpus = tables(store, corpus_m, "examples")
+        self.targets = tables(store, only_manifest(root, "target_tasks", args.crawl), "targets")
+        self.ids = np.array(self.corpus.column("example_id").to_pylist())
+        self.sources = np.array(self.corpus.column("source").to_pylist())
+        self.tau = torch.cat([load_tau(store, f["path"]) for f in weights_m["files"]
+                              if f["kind"] == "tau"]).double()
+        columns = pq.read_table(root / weights_m["files"][0]["path"].rsplit("/", 1)[0] / TARGET_COLUMNS)
+        self.tasks = np.array(columns["task"].to_pylist())
+        self.dev = dev_targets(columns["example_id"].to_pylist())
+        if self.tau.shape != (len(self.ids), len(self.tasks)):
+            raise SystemExit(f"tau is {tuple(self.tau.shape)}, pool x targets "
+                             f"{(len(self.ids), len(self.tasks))}")
+        self.quotas = json.loads(Path(args.quotas).read_text())["quotas"] if args.quotas else None
+        self.fraction = args.fraction
+        # the development targets as their own split, so target_losses scores them alone
+        splits = np.array(self.targets.column("split").to_pylist(), dtype=object)
+        select_rows = np.flatnonzero(splits == "select")
+        if self.targets.column("example_id").take(pa.array(select_rows)).to_pylist() != \
+                columns["example_id"].to_pylist():
+            raise SystemExit("tau's target columns are not the select split's rows in order")
+        splits[select_rows[self.dev]] = "dev"
+        self.dev_table = self.targets.set_column(self.targets.schema.get_field_index("split"),
+                                                 "split", pa.array(splits.tolist()))
+
+    def columns(self, variant: str) -> torch.Tensor:
+        """tau [N, T] as the variant aggregates it (see the module docstring)."""
+        if variant == "standardised":
+            return (self.tau - self.tau.mean(0)) / self.tau.std(0)
+        if variant == "rank_mean":
+            return self.tau.argsort(0).argsort(0).double()
+        if not variant.startswith("soft"):
+            raise SystemExit(f"unknown variant {variant!r}: softS, standardised or rank_mean")
+        threshold = float(variant[4:])
+        return self.tau if threshold == 0 else soft_threshold(self.tau, threshold * self.tau.std(0))
+
+    def keep(self, variant: str, dev: bool) -> np.ndarray:
+        """[N] bool in corpus order (the order the training shards keep)."""
+        tau = self.columns(variant)
+        scored = ~self.dev if dev else np.ones(len(self.tasks), bool)
+        means = {t: tau[:, (self.tasks == t) & scored].mean(1).numpy() for t in sorted(set(self.tasks))}
+        combined = combine_task_scores(means, standardise=True, mixing="max")
+        if self.quotas is not None:
+            combined = quota_scores(self.sources, combined, self.quotas)
+        keep = np.zeros(len(self.ids), bool)
+        keep[select_top(combined, self.ids, fraction=self.fraction)] = True
+        return keep
+
+
+def model_result(pool: Pool, keep: np.ndarray, seed: int) -> dict:
+    started = time.time()
+    model, curve = train_evaluation_model(ProxyConfig(**{**pool.recipe, "seed": seed}),
+                                          pool.corpus.filter(pa.array(keep)))
+    return {"losses": target_losses(model, pool.targets).to_dicts(),
+            "dev_losses": target_losses(model, pool.dev_table, split="dev").to_dicts(),
+            "steps": len(curve), "seconds": round(time.time() - started, 1)}
+
+
+def summarise(results: dict[str, list[dict]]) -> dict:
+    reference = json.loads(CURVE.read_text())
+    mean = {(r["method"], r["task"]): r["mean"] for r in reference["loss"]}
+    out = {}
+    for name, runs in results.items():
+        rows = {}
+        for split in [s for s in ("losses", "dev_losses") if all(s in run for run in runs)]:
+            for task in [r["task"] for r in runs[0][split]]:
+                values = [next(r["loss"] for r in run[split] if r["task"] == task) for run in runs]
+                row = {"mean": round(float(np.mean(values)), 4), "sd": round(float(np.std(values)), 4),
+                       "per_seed": [round(v, 4) for v in values]}
+                if split == "losses":  # the committed random curve: 1x, 2x, 4x
+                    curve = [mean[(m, task)] for m in ("random", "random@2x", "random@4x")]
+                    multiplier = compute_multiplier([1, 2, 4], curve, row["mean"])
+                    row |= {"multiplier": round(multiplier.value, 2),
+                            "extrapolated": multiplier.extrapolated}
+                rows.setdefault(split, {})[task] = row
+        out[name] = {"seeds": [r["seed"] for r in runs], "overlap_with_raw": runs[0]["overlap_with_raw"],
+                     **rows}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", default=str(STORE))
+    parser.add_argument("--crawl", default="bench-5200")
+    parser.add_argument("--datamodel", help="datamodel_weights folder (its config hash)")
+    parser.add_argument("--evaluations", help="evaluations folder whose model recipe to use")
+    parser.add_argument("--variants", nargs="+", default=["soft0", "soft1"])
+    parser.add_argument("--quotas", help="a mixture-fit JSON with per-source quotas (none: the whole pool)")
+    parser.add_argument("--dev", action="store_true", help="leave the development targets out of the scores")
+    parser.add_argument("--fraction", type=float, default=0.2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--out", default=str(REPO / "bench" / "out" / "tau_variants"))
+    parser.add_argument("--summary", help="write the summary JSON here too")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    pool = Pool(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = pool.keep("soft0", args.dev)
+    results = {}
+    for seed in args.seeds:  # every variant's seed 0 first: a cut-short run is still paired
+        for variant in args.variants:
+            name = f"{'quotas' if pool.quotas else 'pool'}-{'dev' if args.dev else 'all'}-{variant}"
+            path = out / f"{pool.scores_id}-{name}-seed{seed}.json"
+            keep = pool.keep(variant, args.dev)
+            overlap = round(int((keep & raw).sum()) / int(raw.sum()), 3)
+            if not path.exists():
+                print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: training "
+                      f"(overlap with the raw tau's selection {overlap})", flush=True)
+                result = {"variant": name, "quotas": pool.quotas,
+                          "dev": args.dev, "seed": seed, "scores_id": pool.scores_id,
+                          "overlap_with_raw": overlap, **model_result(pool, keep, seed)}
+                path.write_text(json.dumps(result))
+            results.setdefault(name, []).append(json.loads(path.read_text()))
+    flags = {k: portable(Path(v).resolve()) if k in PATH_FLAGS and v else v for k, v in vars(args).items()}
+    summary = {"config": {**flags, "recipe": pool.recipe}, "variants": summarise(results)}
+    text = json.dumps(summary, indent=1)
+    if args.summary:
+        Path(args.summary).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
