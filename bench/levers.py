@@ -148,6 +148,15 @@ def dev_targets(example_ids: list[str], share: int = 5) -> np.ndarray:
                      for i in example_ids])
 
 
+def with_dev_split(targets: pa.Table, dev: np.ndarray) -> pa.Table:
+    """The target table with the select rows that ``dev`` [select rows] marks relabelled
+    ``dev``, so `target_losses(..., split="dev")` scores the development targets alone."""
+    splits = np.asarray(targets.column("split").to_pylist(), dtype=object)
+    splits[np.flatnonzero(splits == "select")[dev]] = "dev"
+    return targets.set_column(targets.schema.get_field_index("split"), "split",
+                              pa.array(splits.tolist()))
+
+
 class Data:
     """The prepared pool and targets (tensors + id tables)."""
 
@@ -854,10 +863,7 @@ def evaluate(args: argparse.Namespace) -> None:
 
     out, data = Path(args.out), Data(Path(args.out))
     targets = pq.read_table(out / "targets_table.parquet")
-    splits = np.asarray(targets.column("split").to_pylist(), dtype=object)
-    splits[np.flatnonzero(splits == "select")[data.t_dev]] = "dev"
-    dev_table = targets.set_column(targets.schema.get_field_index("split"), "split",
-                                   pa.array(splits.tolist()))
+    dev_table = with_dev_split(targets, data.t_dev)
     config = ProxyConfig(vocab_size=data.vocab, seq_len=data.seq_len * args.pack,
                          hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
                          epochs=args.epochs)

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import portable  # noqa: E402
-from bench.levers import dev_targets  # noqa: E402
+from bench.levers import dev_targets, with_dev_split  # noqa: E402
 from dsdm.artifacts import TARGET_COLUMNS, load_tau  # noqa: E402
 from dsdm.evaluation import compute_multiplier, target_losses, train_evaluation_model  # noqa: E402
 from dsdm.mixture import quota_scores  # noqa: E402
@@ -94,15 +94,11 @@ class Pool:
                              f"{(len(self.ids), len(self.tasks))}")
         self.quotas = json.loads(Path(args.quotas).read_text())["quotas"] if args.quotas else None
         self.fraction = args.fraction
-        # the development targets as their own split, so target_losses scores them alone
-        splits = np.array(self.targets.column("split").to_pylist(), dtype=object)
-        select_rows = np.flatnonzero(splits == "select")
+        select_rows = np.flatnonzero(np.asarray(self.targets.column("split").to_pylist()) == "select")
         if self.targets.column("example_id").take(pa.array(select_rows)).to_pylist() != \
                 columns["example_id"].to_pylist():
             raise SystemExit("tau's target columns are not the select split's rows in order")
-        splits[select_rows[self.dev]] = "dev"
-        self.dev_table = self.targets.set_column(self.targets.schema.get_field_index("split"),
-                                                 "split", pa.array(splits.tolist()))
+        self.dev_table = with_dev_split(self.targets, self.dev)
 
     def columns(self, variant: str) -> torch.Tensor:
         """tau [N, T] as the variant aggregates it (see the module docstring)."""
@@ -178,12 +174,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     raw = pool.keep("soft0", args.dev)
+    kept = {variant: pool.keep(variant, args.dev) for variant in args.variants}
     results = {}
     for seed in args.seeds:  # every variant's seed 0 first: a cut-short run is still paired
-        for variant in args.variants:
+        for variant, keep in kept.items():
             name = f"{'quotas' if pool.quotas else 'pool'}-{'dev' if args.dev else 'all'}-{variant}"
             path = out / f"{pool.scores_id}-{name}-seed{seed}.json"
-            keep = pool.keep(variant, args.dev)
             overlap = round(int((keep & raw).sum()) / int(raw.sum()), 3)
             if not path.exists():
                 print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: training "
