@@ -4,19 +4,27 @@ the bench's evaluation models and without re-scoring anything.
     python bench/tau_variants.py --variants soft0 soft1 standardised rank_mean   # whole pool
     python bench/tau_variants.py --quotas bench/results/levers/bench-5200/mixture-fit.json
     python bench/tau_variants.py --variants soft0 soft0.5 soft1 soft2 --quotas ... --dev
+    python bench/tau_variants.py --lds --variants soft0 soft0.5 soft1 soft2   # no training
 
 Reads a store that `bench/selection_quality.py` filled (``--store``): the pool, the target
 tasks, one datamodel_weights folder (its tau shards) and the evaluation models' recipe. Each
 variant turns tau [N, T] into task scores its own way: ``softS`` soft-thresholds each target
 column at S sd of its values over the pool (`dsdm.trak.soft_threshold`; ``soft0`` is the raw
-tau, the pipeline's scores), ``standardised`` standardises each column over the pool (every
-target one vote), ``rank_mean`` replaces each column by its pool ranks. For each it makes
+tau, ``soft1`` the pipeline's default), ``standardised`` standardises each column over the pool (every
+target one vote), ``rank_mean`` replaces each column by its pool ranks, ``hardS`` zeroes the
+entries within S sd and keeps the rest as they are, ``lowrankK`` keeps tau's projection onto
+its top K singular directions over targets. For each it makes
 the DsDm selection as `selected_subset` does (the task means, the
 standardised scores under `task_mixing: max`, optionally each source's quota filled by that
 ranking, the top 20%), trains an evaluation model per seed with the bench's recipe, and
 records its eval-split losses and its losses on the development targets (one in five select
 targets, as `bench/levers.py` picks them). ``--dev`` leaves those targets out of the task
 scores, so a lever can be decided on them without reading the eval split.
+
+``--lds`` trains nothing: it measures each variant's linear datamodeling score (per target
+and per task, `dsdm.evaluation.linear_datamodeling_score`) against the losses that the
+store's ``datamodel_lds`` models measured (its ``lds_losses.parquet``), so a variant's
+LDS costs seconds.
 
 Each model's result is a JSON file under ``--out`` (kept: a rerun trains only what is
 missing); the summary (per variant: loss mean and sd over seeds per task on both splits,
@@ -33,6 +41,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -43,7 +52,13 @@ sys.path.insert(0, str(REPO))
 from bench.common import portable  # noqa: E402
 from bench.levers import dev_targets, with_dev_split  # noqa: E402
 from dsdm.artifacts import TARGET_COLUMNS, load_tau  # noqa: E402
-from dsdm.evaluation import compute_multiplier, target_losses, train_evaluation_model  # noqa: E402
+from dsdm.datamodels import proxy_subsets  # noqa: E402
+from dsdm.evaluation import (  # noqa: E402
+    compute_multiplier,
+    linear_datamodeling_score,
+    target_losses,
+    train_evaluation_model,
+)
 from dsdm.mixture import quota_scores  # noqa: E402
 from dsdm.proxy import ProxyConfig  # noqa: E402
 from dsdm.selection import combine_task_scores, select_top  # noqa: E402
@@ -88,6 +103,8 @@ class Pool:
                               if f["kind"] == "tau"]).double()
         columns = pq.read_table(root / weights_m["files"][0]["path"].rsplit("/", 1)[0] / TARGET_COLUMNS)
         self.tasks = np.array(columns["task"].to_pylist())
+        self.target_ids = columns["example_id"].to_pylist()
+        self._low_rank: dict[tuple, torch.Tensor] = {}
         self.dev = dev_targets(columns["example_id"].to_pylist())
         if self.tau.shape != (len(self.ids), len(self.tasks)):
             raise SystemExit(f"tau is {tuple(self.tau.shape)}, pool x targets "
@@ -100,21 +117,42 @@ class Pool:
             raise SystemExit("tau's target columns are not the select split's rows in order")
         self.dev_table = with_dev_split(self.targets, self.dev)
 
-    def columns(self, variant: str) -> torch.Tensor:
-        """tau [N, T] as the variant aggregates it (see the module docstring)."""
+    def columns(self, variant: str, scored: np.ndarray | None = None) -> torch.Tensor:
+        """tau [N, T] as the variant aggregates it (see the module docstring), made from the
+        ``scored`` [T] columns only (None: all); the others are left as they are."""
         if variant == "standardised":
             return (self.tau - self.tau.mean(0)) / self.tau.std(0)
         if variant == "rank_mean":
             return self.tau.argsort(0).argsort(0).double()
+        if variant.startswith("lowrank"):
+            return self.low_rank(int(variant[7:]), scored)
+        if variant.startswith("hard"):  # keep the effects beyond S sd unshrunk
+            return self.tau * (self.tau.abs() > float(variant[4:]) * self.tau.std(0))
         if not variant.startswith("soft"):
-            raise SystemExit(f"unknown variant {variant!r}: softS, standardised or rank_mean")
+            raise SystemExit(f"unknown variant {variant!r}: softS, hardS, lowrankK, "
+                             "standardised or rank_mean")
         threshold = float(variant[4:])
         return self.tau if threshold == 0 else soft_threshold(self.tau, threshold * self.tau.std(0))
 
+    def low_rank(self, rank: int, scored: np.ndarray | None) -> torch.Tensor:
+        """The ``scored`` columns of tau projected onto their top ``rank`` right singular
+        vectors (directions over targets): each target keeps only what it shares with the
+        others. The projection never sees the other columns (the development targets)."""
+        cols = torch.from_numpy(np.ones(len(self.tasks), bool) if scored is None else scored)
+        key = (rank, cols.numpy().tobytes())
+        if key not in self._low_rank:
+            part = self.tau[:, cols]
+            _, _, vh = torch.linalg.svd(part, full_matrices=False)
+            v = vh[:rank].T  # [T_scored, rank]
+            out = self.tau.clone()
+            out[:, cols] = part @ v @ v.T
+            self._low_rank[key] = out
+        return self._low_rank[key]
+
     def keep(self, variant: str, dev: bool) -> np.ndarray:
         """[N] bool in corpus order (the order the training shards keep)."""
-        tau = self.columns(variant)
         scored = ~self.dev if dev else np.ones(len(self.tasks), bool)
+        tau = self.columns(variant, scored)
         means = {t: tau[:, (self.tasks == t) & scored].mean(1).numpy() for t in sorted(set(self.tasks))}
         combined = combine_task_scores(means, standardise=True, mixing="max")
         if self.quotas is not None:
@@ -122,6 +160,38 @@ class Pool:
         keep = np.zeros(len(self.ids), bool)
         keep[select_top(combined, self.ids, fraction=self.fraction)] = True
         return keep
+
+
+def lds_of_variants(pool: Pool, args: argparse.Namespace) -> dict:
+    """Per variant and task: LDS (mean over targets), its sd over targets, and task level,
+    against the stored LDS models' measured losses."""
+    root = Path(args.store)
+    manifest = only_manifest(root, "datamodel_lds", args.crawl, args.lds_folder)
+    losses_files = [f for f in manifest["files"] if f["kind"] == "lds_losses"]
+    if not losses_files:
+        raise SystemExit(f"datamodel_lds/{args.crawl}/{manifest['config_hash']} has no "
+                         "lds_losses.parquet; re-materialise datamodel_lds (its models are reused)")
+    losses = pl.from_arrow(ArtifactStore(str(root)).read_parquet(losses_files[0]["path"]))
+    config = manifest["config"]
+    order = pl.DataFrame({"example_id": pool.target_ids, "column": np.arange(len(pool.target_ids))})
+    measured = np.stack([
+        losses.filter(pl.col("model") == k).join(order, on="example_id").sort("column")["loss"].to_numpy()
+        for k in range(config["num_models"])])
+    if measured.shape != (config["num_models"], len(pool.target_ids)):
+        raise SystemExit(f"the LDS models measured {measured.shape}, tau has {len(pool.target_ids)} targets")
+    subsets = proxy_subsets(len(pool.ids), config["num_models"], config["fraction"], config["seed"])
+    out = {}
+    for variant in args.variants:
+        table = linear_datamodeling_score(pool.columns(variant).numpy(), subsets, measured,
+                                          pool.tasks.tolist())
+        out[variant] = {r["task"]: {k: round(r[k], 4) for k in ("lds", "lds_sd", "task_level")}
+                        for r in table.to_dicts()}
+        out[variant]["mean"] = round(float(table["lds"].mean()), 4)
+        print(f"{variant:>14}: LDS {out[variant]['mean']:.4f}  " + "  ".join(
+            f"{t} {v['lds']:.3f}/{v['task_level']:+.2f}" for t, v in out[variant].items() if t != "mean"),
+            flush=True)
+    return {"lds_folder": manifest["config_hash"], "models": config["num_models"],
+            "variants": out}
 
 
 def model_result(pool: Pool, keep: np.ndarray, seed: int) -> dict:
@@ -168,9 +238,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "tau_variants"))
     parser.add_argument("--summary", help="write the summary JSON here too")
+    parser.add_argument("--lds", action="store_true",
+                        help="measure each variant's LDS against the stored LDS models; no training")
+    parser.add_argument("--lds-folder", help="datamodel_lds folder (its config hash)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     pool = Pool(args)
+    if args.lds:
+        flags = {k: portable(Path(v).resolve()) if k in PATH_FLAGS and v else v for k, v in vars(args).items()}
+        summary = {"config": {**flags, "scores_id": pool.scores_id}, "lds": lds_of_variants(pool, args)}
+        if args.summary:
+            Path(args.summary).write_text(json.dumps(summary, indent=1) + "\n")
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     raw = pool.keep("soft0", args.dev)

@@ -43,6 +43,8 @@ SELECTION = "manifest.parquet"
 # evaluations, datamodel_lds
 RESULTS, UNIGRAM, MULTIPLIERS = "results.parquet", "unigram.parquet", "multipliers.parquet"
 REPORT, REPORT_PLOT, LDS = "report.md", "report.png", "lds.parquet"
+#: datamodel_lds: each LDS model's measured loss on each target (model, example_id, loss)
+LDS_LOSSES = "lds_losses.parquet"
 
 
 def asset_folder(asset: str, crawl: str, fingerprint: str) -> str:

@@ -30,6 +30,7 @@ import polars as pl
 import pyarrow as pa
 import torch
 
+from dsdm import trak
 from dsdm.baselines.random import document_keys, uniform_keys
 from dsdm.proxy import ProxyConfig, train_proxy
 from dsdm.selection import select
@@ -195,16 +196,24 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def linear_datamodeling_score(
-    tau: np.ndarray, subsets: Sequence[np.ndarray], measured: np.ndarray, target_tasks: Sequence[str]
+    tau: np.ndarray, subsets: Sequence[np.ndarray], measured: np.ndarray, target_tasks: Sequence[str],
+    threshold_sd: float = 0.0,
 ) -> pl.DataFrame:
     """Per task: mean over its targets of Spearman(predicted, measured loss) across subsets.
 
     tau [N, T] (predicted loss reduction of target j from including candidate i); subsets:
     n index arrays into N; measured [n, T] losses of the model trained on each subset.
+    ``threshold_sd`` > 0 scores the estimate the selection ranks by: each target's column
+    soft-thresholded at that many sd of its values over the pool (`trak.soft_threshold`).
     Also reports ``task_level``: the Spearman over subsets of the task's mean predicted vs
     mean measured loss. Columns: task, lds, lds_sd (over targets), task_level, targets.
     """
     tau = np.asarray(tau, dtype=np.float64)
+    if threshold_sd < 0:
+        raise ValueError(f"threshold_sd must be >= 0, got {threshold_sd}")
+    if threshold_sd:
+        columns = torch.from_numpy(tau)
+        tau = trak.soft_threshold(columns, threshold_sd * trak.column_spread([columns])).numpy()
     if measured.shape != (len(subsets), tau.shape[1]):
         raise ValueError(f"measured must be [subsets={len(subsets)}, T={tau.shape[1]}], "
                          f"got {measured.shape}")

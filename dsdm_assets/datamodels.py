@@ -170,8 +170,8 @@ class DatamodelConfig(StepConfig):
         "deviations: before a task's mean over its targets, each target's scores within this "
         "many of its standard deviations over the pool become 0 and the rest shrink towards 0 "
         "by as much, so a candidate's task score counts only the effects that stand out from "
-        "that target's noise. 0 keeps the raw scores. The stored tau, the explanations and "
-        "LDS keep the raw estimate.",
+        "that target's noise. 0 keeps the raw scores. The stored tau and the explanations keep "
+        "the raw estimate; datamodel_lds measures the thresholded one (and raw tau beside it).",
     )
     explain_targets: int = Field(
         3, ge=0, le=100, description="Per candidate, how many target examples it helps most "

@@ -22,6 +22,7 @@ from pydantic import Field, field_validator
 
 from dsdm.artifacts import (
     LDS,
+    LDS_LOSSES,
     MULTIPLIERS,
     REPORT,
     REPORT_PLOT,
@@ -317,10 +318,11 @@ def _replace_evaluations(db: LineageDB, writer: AssetWriter, run_id: str, rows: 
 
 
 @crawl_asset(
-    group=GROUP, kind="torch", code_version="1",
+    group=GROUP, kind="torch", code_version="2",
     description="Linear datamodeling score: models with the proxy recipe trained on random "
     "subsets of the pool; Spearman over subsets of each select-split target's measured loss vs "
-    "the loss the datamodel weights predict (-sum of tau over the subset), averaged per task.",
+    "the loss the datamodel weights predict (-sum of tau over the subset, soft-thresholded as "
+    "the selection's scores are), averaged per task; lds_raw: the same for raw tau.",
 )
 def datamodel_lds(
     context: dg.AssetExecutionContext, config: LdsConfig,
@@ -339,10 +341,11 @@ def datamodel_lds(
         lambda writer: _measure_lds(context, writer, config, recipe, fraction, datamodel_weights,
                                     tokenized_corpus, target_tasks, compute))
     scores = pl.from_arrow(artifacts.read_parquet(f"{made.folder}/{LDS}"))
+    metrics = {"lds": "lds", "lds_task_level": "task_level", "lds_raw": "lds_raw",
+               "lds_raw_task_level": "task_level_raw"}
     rows = pl.concat([
-        scores.select(pl.col("task"), pl.lit("lds").alias("metric"), pl.col("lds").alias("value")),
-        scores.select(pl.col("task"), pl.lit("lds_task_level").alias("metric"),
-                      pl.col("task_level").alias("value")),
+        scores.select(pl.col("task"), pl.lit(metric).alias("metric"), pl.col(column).alias("value"))
+        for metric, column in metrics.items() if column in scores.columns
     ]).with_columns(pl.lit("dsdm").alias("method"), pl.lit(None, pl.String).alias("selection_id"),
                     pl.lit(None, pl.Float64).alias("budget"), pl.lit(None, pl.Int64).alias("seed"))
     _replace_evaluations(db, made.writer, run_id(context), rows)
@@ -355,9 +358,12 @@ def datamodel_lds(
 def _measure_lds(context: dg.AssetExecutionContext, writer: AssetWriter, config: LdsConfig,
                  recipe: ProxyConfig, fraction: float, weights_up: Upstream, corpus_up: Upstream,
                  targets_up: Upstream, compute: ComputeResource) -> dict:
-    """Train (or adopt) the LDS models, measure their target losses, correlate with tau;
-    lds.parquet into ``writer``'s folder; the summary."""
+    """Train (or adopt) the LDS models, measure their target losses, correlate with tau
+    as the selection uses it (soft-thresholded at the weights' ``soft_threshold``) and, when
+    thresholded, with raw tau too; lds.parquet and lds_losses.parquet into ``writer``'s
+    folder; the summary."""
     artifacts = writer.store
+    threshold = float(weights_up.manifest["config"].get("soft_threshold", 0.0))
     columns = pl.from_arrow(artifacts.read_parquet(weights_up.path_of(TARGET_COLUMNS)))
     tau = np.concatenate([load_tau(artifacts, f["path"]).numpy() for f in weights_up.files("tau")])
     pool = _examples(artifacts, corpus_up)
@@ -399,6 +405,17 @@ def _measure_lds(context: dg.AssetExecutionContext, writer: AssetWriter, config:
         else:
             context.log.info(f"LDS model {k + 1}/{len(subsets)}: reusing {path}")
         measured.append([result["losses"][e] for e in column_ids])
-    scores = linear_datamodeling_score(tau, subsets, np.asarray(measured), columns["task"].to_list())
+    measured = np.asarray(measured)
+    # kept so that another estimate's LDS can be measured without training anything
+    writer.write_parquet(LDS_LOSSES, pa.table({
+        "model": np.repeat(np.arange(len(subsets)), len(column_ids)),
+        "example_id": column_ids * len(subsets), "loss": measured.ravel()}), kind="lds_losses")
+    tasks = columns["task"].to_list()
+    scores = linear_datamodeling_score(tau, subsets, measured, tasks, threshold_sd=threshold)
+    if threshold:
+        raw = linear_datamodeling_score(tau, subsets, measured, tasks)
+        scores = scores.join(raw.select("task", lds_raw="lds", task_level_raw="task_level"),
+                             on="task")
     writer.write_parquet(LDS, scores.to_arrow(), kind="lds")
-    return {"lds": scores.to_dicts(), "models": len(subsets), "fraction": fraction}
+    return {"lds": scores.to_dicts(), "models": len(subsets), "fraction": fraction,
+            "soft_threshold": threshold}

@@ -78,6 +78,28 @@ def test_lds_is_high_for_a_linear_truth_and_low_for_noise() -> None:
         linear_datamodeling_score(tau, subsets, truth[:, :3], tasks)
 
 
+def test_lds_of_the_thresholded_estimate() -> None:
+    """threshold_sd scores sign(tau) * max(|tau| - s * sd_j, 0), sd_j the column's sample sd
+    over the pool; where the true effects are sparse and the estimate's noise dense, that
+    estimate predicts the subsets' losses better than raw tau."""
+    rng = np.random.default_rng(1)
+    n, t, models = 400, 6, 16
+    truth = np.where(rng.random((n, t)) < 0.05, rng.normal(scale=3.0, size=(n, t)), 0.0)
+    estimate = truth + rng.normal(scale=0.5, size=(n, t))
+    subsets = [np.sort(rng.choice(n, n // 2, replace=False)) for _ in range(models)]
+    losses = np.stack([5.0 - truth[s].sum(0) for s in subsets])
+    tasks = ["a", "a", "a", "b", "b", "b"]
+    sd = estimate.std(axis=0, ddof=1)
+    by_hand = np.sign(estimate) * np.maximum(np.abs(estimate) - 1.0 * sd, 0)
+    thresholded = linear_datamodeling_score(estimate, subsets, losses, tasks, threshold_sd=1.0)
+    expected = linear_datamodeling_score(by_hand, subsets, losses, tasks)
+    assert thresholded["lds"].to_list() == pytest.approx(expected["lds"].to_list(), abs=1e-12)
+    raw = linear_datamodeling_score(estimate, subsets, losses, tasks)
+    assert (thresholded["lds"] > raw["lds"]).all()
+    with pytest.raises(ValueError, match="threshold_sd must be >= 0"):
+        linear_datamodeling_score(estimate, subsets, losses, tasks, threshold_sd=-1.0)
+
+
 def _table(rows: list[tuple[str, str]], length: int, tasks: list[str], split: str) -> pa.Table:
     """Byte-level target table: prompt + continuation, continuation scored."""
     ids, n_tokens, score_from = [], [], []

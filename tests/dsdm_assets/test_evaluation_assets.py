@@ -2,13 +2,21 @@
 evaluated, results land in DuckDB and the report, and the baselines keep the contract."""
 
 import copy
+import json
 import math
 from pathlib import Path
 
 import dagster as dg
 import duckdb
+import numpy as np
+import polars as pl
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from dsdm.datamodels import proxy_subsets
+from dsdm.evaluation import linear_datamodeling_score
+from dsdm.trak import SOFT_THRESHOLD
 from dsdm_assets import evaluation, selection
 from dsdm_assets.definitions import ASSETS
 from dsdm_assets.partitions import crawl_partitions
@@ -91,12 +99,35 @@ def test_evaluations_cover_every_method_and_task(evaluated) -> None:
 
 
 def test_lds_is_recorded_per_task(evaluated) -> None:
+    """LDS of the soft-thresholded estimate (the selection's scores) and of raw tau, per
+    task; the stored LDS models' losses and the stored tau give the recorded values back."""
     folder, result, *_ = evaluated
     con = duckdb.connect(str(folder / "lineage.duckdb"), read_only=True)
-    rows = con.execute("SELECT task, value FROM evaluations WHERE metric = 'lds'").fetchall()
-    assert {t for t, _ in rows} == {"wiki_qa", "lambada_cloze", "tech_faq"}
-    assert all(-1 <= v <= 1 for _, v in rows)
+    recorded = {metric: dict(con.execute("SELECT task, value FROM evaluations WHERE metric = ?",
+                                         [metric]).fetchall()) for metric in ("lds", "lds_raw")}
+    for values in recorded.values():
+        assert set(values) == {"wiki_qa", "lambada_cloze", "tech_faq"}
+        assert all(-1 <= v <= 1 for v in values.values())
+    assert recorded["lds"] != recorded["lds_raw"]
     assert "| task | lds |" in _meta(result, "datamodel_lds")["lds"]
+
+    def stored(asset: str) -> Path:
+        return folder / "store" / _meta(result, asset)["dsdm/manifest"].rsplit("/", 1)[0]
+
+    weights, lds = stored("datamodel_weights"), stored("datamodel_lds")
+    tau = torch.cat([load_file(p)["tau"] for p in sorted(weights.glob("tau-*.safetensors"))]).numpy()
+    columns = pl.read_parquet(weights / "target_columns.parquet")
+    losses = pl.read_parquet(lds / "lds_losses.parquet")
+    measured = np.stack([losses.filter(pl.col("model") == k).sort(
+        pl.col("example_id").cast(pl.Enum(columns["example_id"].to_list())))["loss"].to_numpy()
+        for k in range(4)])
+    summary = json.loads((lds / "manifest.json").read_text())["summary"]
+    subsets = proxy_subsets(tau.shape[0], 4, summary["fraction"], seed=1000)
+    for metric, threshold in (("lds", summary["soft_threshold"]), ("lds_raw", 0.0)):
+        again = linear_datamodeling_score(tau, subsets, measured, columns["task"].to_list(),
+                                          threshold_sd=threshold)
+        assert dict(zip(again["task"], again["lds"], strict=True)) == pytest.approx(recorded[metric])
+    assert summary["soft_threshold"] == SOFT_THRESHOLD
 
 
 def test_evaluation_config_rejects_bad_input() -> None:
