@@ -255,11 +255,15 @@ def main() -> None:
     raw = pool.keep("soft0", args.dev)
     kept = {variant: pool.keep(variant, args.dev) for variant in args.variants}
     results = {}
+    mix = Path(args.quotas).stem if args.quotas else "pool"  # which quotas, in every name
     for seed in args.seeds:  # every variant's seed 0 first: a cut-short run is still paired
         for variant, keep in kept.items():
-            name = f"{'quotas' if pool.quotas else 'pool'}-{'dev' if args.dev else 'all'}-{variant}"
+            name = f"{mix}-{'dev' if args.dev else 'all'}-{variant}"
             path = out / f"{pool.scores_id}-{name}-seed{seed}.json"
             overlap = round(int((keep & raw).sum()) / int(raw.sum()), 3)
+            if path.exists() and json.loads(path.read_text())["quotas"] != pool.quotas:
+                raise SystemExit(f"{path} was trained with other quotas than {args.quotas}; "
+                                 "rename one of the mixture-fit files")
             if not path.exists():
                 print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: training "
                       f"(overlap with the raw tau's selection {overlap})", flush=True)
