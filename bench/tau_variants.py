@@ -12,7 +12,8 @@ variant turns tau [N, T] into task scores its own way: ``softS`` soft-thresholds
 column at S sd of its values over the pool (`dsdm.trak.soft_threshold`; ``soft0`` is the raw
 tau, ``soft1`` the pipeline's default), ``standardised`` standardises each column over the pool (every
 target one vote), ``rank_mean`` replaces each column by its pool ranks, ``hardS`` zeroes the
-entries within S sd and keeps the rest as they are, ``lowrankK`` keeps tau's projection onto
+entries within S sd and keeps the rest as they are, ``madS`` soft-thresholds at S robust sd
+(1.4826 x the column's median absolute deviation), ``lowrankK`` keeps tau's projection onto
 its top K singular directions over targets. For each it makes
 the DsDm selection as `selected_subset` does (the task means, the
 standardised scores under `task_mixing: max`, optionally each source's quota filled by that
@@ -126,10 +127,13 @@ class Pool:
             return self.tau.argsort(0).argsort(0).double()
         if variant.startswith("lowrank"):
             return self.low_rank(int(variant[7:]), scored)
+        if variant.startswith("mad"):  # the spread as 1.4826 x the median absolute deviation
+            deviation = (self.tau - self.tau.median(0).values).abs().median(0).values
+            return soft_threshold(self.tau, float(variant[3:]) * 1.4826 * deviation)
         if variant.startswith("hard"):  # keep the effects beyond S sd unshrunk
             return self.tau * (self.tau.abs() > float(variant[4:]) * self.tau.std(0))
         if not variant.startswith("soft"):
-            raise SystemExit(f"unknown variant {variant!r}: softS, hardS, lowrankK, "
+            raise SystemExit(f"unknown variant {variant!r}: softS, hardS, madS, lowrankK, "
                              "standardised or rank_mean")
         threshold = float(variant[4:])
         return self.tau if threshold == 0 else soft_threshold(self.tau, threshold * self.tau.std(0))
