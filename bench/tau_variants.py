@@ -27,8 +27,9 @@ and per task, `dsdm.evaluation.linear_datamodeling_score`) against the losses th
 store's ``datamodel_lds`` models measured (its ``lds_losses.parquet``), so a variant's
 LDS costs seconds.
 
-Each model's result is a JSON file under ``--out`` (kept: a rerun trains only what is
-missing); the summary (per variant: loss mean and sd over seeds per task on both splits,
+Each model's result is a JSON file under ``--out``, named by the scores, the mixture fit's
+file name, the split and the variant (kept: a rerun trains only what is missing, and refuses
+a file trained with other quotas); the summary (per variant: loss mean and sd over seeds per task on both splits,
 multipliers against the committed random curve, the overlap with s = 0) is printed and
 written to ``--summary``.
 """
