@@ -43,7 +43,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -53,7 +52,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import portable  # noqa: E402
 from bench.levers import dev_targets, with_dev_split  # noqa: E402
-from dsdm.artifacts import TARGET_COLUMNS, load_tau  # noqa: E402
+from dsdm.artifacts import TARGET_COLUMNS, load_lds_losses, load_tau  # noqa: E402
 from dsdm.datamodels import proxy_subsets  # noqa: E402
 from dsdm.evaluation import (  # noqa: E402
     compute_multiplier,
@@ -107,7 +106,7 @@ class Pool:
         self.tasks = np.array(columns["task"].to_pylist())
         self.target_ids = columns["example_id"].to_pylist()
         self._low_rank: dict[tuple, torch.Tensor] = {}
-        self.dev = dev_targets(columns["example_id"].to_pylist())
+        self.dev = dev_targets(self.target_ids)
         if self.tau.shape != (len(self.ids), len(self.tasks)):
             raise SystemExit(f"tau is {tuple(self.tau.shape)}, pool x targets "
                              f"{(len(self.ids), len(self.tasks))}")
@@ -176,14 +175,13 @@ def lds_of_variants(pool: Pool, args: argparse.Namespace) -> dict:
     if not losses_files:
         raise SystemExit(f"datamodel_lds/{args.crawl}/{manifest['config_hash']} has no "
                          "lds_losses.parquet; re-materialise datamodel_lds (its models are reused)")
-    losses = pl.from_arrow(ArtifactStore(str(root)).read_parquet(losses_files[0]["path"]))
     config = manifest["config"]
-    order = pl.DataFrame({"example_id": pool.target_ids, "column": np.arange(len(pool.target_ids))})
-    measured = np.stack([
-        losses.filter(pl.col("model") == k).join(order, on="example_id").sort("column")["loss"].to_numpy()
-        for k in range(config["num_models"])])
-    if measured.shape != (config["num_models"], len(pool.target_ids)):
-        raise SystemExit(f"the LDS models measured {measured.shape}, tau has {len(pool.target_ids)} targets")
+    try:
+        measured = load_lds_losses(ArtifactStore(str(root)), losses_files[0]["path"], pool.target_ids)
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
+    if len(measured) != config["num_models"]:
+        raise SystemExit(f"{len(measured)} LDS models measured, the manifest names {config['num_models']}")
     subsets = proxy_subsets(len(pool.ids), config["num_models"], config["fraction"], config["seed"])
     out = {}
     for variant in args.variants:

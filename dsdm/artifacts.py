@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 from safetensors.torch import load as safetensors_load
@@ -136,6 +137,23 @@ def checkpoint_paths(proxies: Upstream) -> list[str]:
 def load_tau(store: ArtifactStore, path: str) -> torch.Tensor:
     """datamodel_weights: one stored tau shard [n_k, T] (float32)."""
     return safetensors_load(store.read_bytes(path))["tau"]
+
+
+def load_lds_losses(store: ArtifactStore, path: str, example_ids: list[str]) -> np.ndarray:
+    """datamodel_lds: the LDS models' measured losses [models, T], columns in the order of
+    ``example_ids`` (tau's target columns); a ValueError if any model misses a target."""
+    table = store.read_parquet(path)
+    models = table.column("model").to_numpy()
+    column = {e: j for j, e in enumerate(example_ids)}
+    measured = np.full((int(models.max()) + 1, len(example_ids)), np.nan)
+    for k, e, loss in zip(models, table.column("example_id").to_pylist(),
+                          table.column("loss").to_numpy(), strict=True):
+        if e in column:
+            measured[k, column[e]] = loss
+    if np.isnan(measured).any():
+        raise ValueError(f"{store.uri(path)} lacks {int(np.isnan(measured).sum())} of the "
+                         f"{measured.size} (model, target) losses")
+    return measured
 
 
 def load_proxy_checkpoint(store: ArtifactStore, checkpoint_path: str,

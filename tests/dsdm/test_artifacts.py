@@ -3,6 +3,7 @@ tokenizer, proxy and feature shards round-trip what the steps wrote."""
 
 import json
 
+import pyarrow as pa
 import pytest
 import torch
 
@@ -19,6 +20,7 @@ from dsdm.artifacts import (
     feature_shard,
     features_header,
     load_features,
+    load_lds_losses,
     load_proxy_checkpoint,
     load_tokenizer,
     proxy_file,
@@ -82,8 +84,17 @@ def test_loaders_round_trip(tmp_path, demo_docs, tiny_config) -> None:
     assert features_header(store, "f.safetensors")["rows"] == "2"
 
 
+def test_lds_losses_load_in_the_target_columns_order(tmp_path) -> None:
+    store = ArtifactStore(str(tmp_path))
+    rows = pa.table({"model": [1, 0, 0, 1], "example_id": ["b", "a", "b", "a"],
+                     "loss": [4.0, 1.0, 2.0, 3.0]})
+    store.write_parquet("l.parquet", rows)
+    assert load_lds_losses(store, "l.parquet", ["b", "a"]).tolist() == [[2.0, 1.0], [4.0, 3.0]]
+    with pytest.raises(ValueError, match="lacks 2 of the 6"):
+        load_lds_losses(store, "l.parquet", ["a", "b", "c"])
+
+
 def test_read_examples_in_manifest_order(tmp_path) -> None:
-    import pyarrow as pa
 
     store = ArtifactStore(str(tmp_path))
     folder = asset_folder("tokenized_corpus", "demo", "0123456789abcdef")

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
-import numpy as np
 import polars as pl
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from dsdm.artifacts import load_lds_losses
 from dsdm.datamodels import proxy_subsets
 from dsdm.evaluation import linear_datamodeling_score
+from dsdm.store import ArtifactStore
 from dsdm.trak import SOFT_THRESHOLD
 from dsdm_assets import evaluation, selection
 from dsdm_assets.definitions import ASSETS
@@ -117,10 +118,10 @@ def test_lds_is_recorded_per_task(evaluated) -> None:
     weights, lds = stored("datamodel_weights"), stored("datamodel_lds")
     tau = torch.cat([load_file(p)["tau"] for p in sorted(weights.glob("tau-*.safetensors"))]).numpy()
     columns = pl.read_parquet(weights / "target_columns.parquet")
-    losses = pl.read_parquet(lds / "lds_losses.parquet")
-    measured = np.stack([losses.filter(pl.col("model") == k).sort(
-        pl.col("example_id").cast(pl.Enum(columns["example_id"].to_list())))["loss"].to_numpy()
-        for k in range(4)])
+    measured = load_lds_losses(ArtifactStore(str(folder / "store")),
+                               f"{lds.relative_to(folder / 'store')}/lds_losses.parquet",
+                               columns["example_id"].to_list())
+    assert measured.shape == (4, len(columns))
     summary = json.loads((lds / "manifest.json").read_text())["summary"]
     subsets = proxy_subsets(tau.shape[0], 4, summary["fraction"], seed=1000)
     for metric, threshold in (("lds", summary["soft_threshold"]), ("lds_raw", 0.0)):
