@@ -95,7 +95,6 @@ def test_lds_losses_load_in_the_target_columns_order(tmp_path) -> None:
 
 
 def test_read_examples_in_manifest_order(tmp_path) -> None:
-
     store = ArtifactStore(str(tmp_path))
     folder = asset_folder("tokenized_corpus", "demo", "0123456789abcdef")
     for k in range(2):
