@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from pydantic import Field
 from safetensors.torch import save as safetensors_save
@@ -78,6 +79,7 @@ from dsdm_assets.recording import (
     RecordedSelection,
     adopt_file,
     produce,
+    read_recorded,
     read_selection,
     record_rows,
     require_made_from,
@@ -245,7 +247,7 @@ def _train_proxies(context: dg.AssetExecutionContext, writer: AssetWriter,
                         f"(train_fraction {config.train_fraction} of {len(input_ids)})")
     except ValueError as error:
         raise dg.Failure(f"proxy_checkpoints: {error}") from error
-    proxies = []
+    proxies, lenders = [], _proxy_lenders(writer)
     for m, subset in enumerate(subsets):
         if all(writer.has(proxy_file(m, name)) for name in PROXY_FILES):
             context.log.info(f"proxy {m}: finished earlier, reusing")
@@ -253,6 +255,9 @@ def _train_proxies(context: dg.AssetExecutionContext, writer: AssetWriter,
             for name, kind in PROXY_FILES.items():
                 if name != LOSSES:
                     writer.adopt(proxy_file(m, name), kind)
+        elif (lent := _lent_proxy(writer, lenders, m, example_ids.take(pa.array(subset)))):
+            context.log.info(f"proxy {m}: the same recipe and examples as in {lent[0]}: copied")
+            losses = lent[1]
         else:
             losses = _train_proxy(context, writer, m, base.model_copy(update={"seed": base.seed + m}),
                                   input_ids, loss_mask, example_ids, subset, compute, device)
@@ -262,6 +267,44 @@ def _train_proxies(context: dg.AssetExecutionContext, writer: AssetWriter,
     return {"proxies": proxies, "pool_examples": len(input_ids),
             **({"previous_selection": previous.selection_id,
                 "previous_selected": len(previous.example_ids)} if previous else {})}
+
+
+def _proxy_lenders(writer: AssetWriter) -> list[dict]:
+    """Finished proxy_checkpoints folders of this crawl and inputs whose settings differ from
+    this one's at most in ``num_proxies``. Proxy m's recipe (seed base + m) and examples do
+    not depend on the ensemble's size, so a larger ensemble copies what a smaller one
+    trained instead of training it again (`_lent_proxy` checks the examples)."""
+    def rest(settings: dict) -> str:
+        return json.dumps({k: v for k, v in settings.items() if k != "num_proxies"}, sort_keys=True)
+
+    inputs = sorted(map(list, writer.inputs))
+    return [manifest for manifest in writer.lenders()
+            if rest(manifest["config"]) == rest(writer.config)
+            and sorted([i["uri"], i["sha256"]] for i in manifest["inputs"]) == inputs]
+
+
+def _lent_proxy(writer: AssetWriter, lenders: list[dict], m: int,
+                examples: pa.Array) -> tuple[str, dict] | None:
+    """Proxy m's files copied into ``writer``'s folder from the first lender that trained it
+    on exactly ``examples`` and whose files are all still the recorded ones (adopted; the
+    losses written last, as training does): (the lender's folder, the losses). None when no
+    lender has it."""
+    for manifest in lenders:
+        entries = {f["name"]: f for f in manifest["files"]}
+        wanted = [entries.get(proxy_file(m, name)) for name in PROXY_FILES]
+        if None in wanted:
+            continue
+        data = [read_recorded(writer.store, entry) for entry in wanted]
+        if None in data:
+            continue
+        subset = dict(zip(PROXY_FILES, data, strict=True))[SUBSET]
+        lent = pa.BufferReader(subset)
+        if not pq.read_table(lent, columns=["example_id"]).column(0).combine_chunks().equals(examples):
+            continue
+        for (name, kind), content in zip(PROXY_FILES.items(), data, strict=True):
+            writer.write_copied(proxy_file(m, name), content, kind)
+        return wanted[0]["path"].rsplit("/", 2)[0], json.loads(data[-1])
+    return None
 
 
 def _train_proxy(context: dg.AssetExecutionContext, writer: AssetWriter, m: int,
@@ -288,6 +331,33 @@ def _train_proxy(context: dg.AssetExecutionContext, writer: AssetWriter, m: int,
     # Written last: its presence marks this proxy finished.
     writer.write_bytes(proxy_file(m, LOSSES), json.dumps(losses).encode(), kinds[LOSSES])
     return losses
+
+
+def _lenders_per_proxy(writer: AssetWriter, proxies: Upstream,
+                       shared: list[Upstream]) -> dict[int, dict[str, dict]]:
+    """Proxy m -> {file name: manifest entry} of a finished folder of ``writer``'s asset made
+    with the same config from the same ``shared`` inputs and from an ensemble whose proxy m
+    has this proxy m's checkpoint bytes (e.g. a smaller ensemble): its proxy-m files are what
+    this folder would compute (proxy m projects with seed + m). A lender whose
+    proxy_checkpoints manifest is not the one it recorded is skipped."""
+    ours = [f["sha256"] for f in proxies.files("checkpoint")]
+    needed = [{"uri": u.uri, "sha256": u.sha256} for u in shared]
+    found: dict[int, dict[str, dict]] = {}
+    for manifest in writer.lenders():
+        others = [i for i in manifest["inputs"] if i not in needed]
+        if manifest["config"] != writer.config or len(others) != 1:
+            continue
+        (recorded,) = others
+        data = read_recorded(writer.store, {"path": writer.store.relpath(recorded["uri"]),
+                                            "sha256": recorded["sha256"]})
+        if data is None or json.loads(data).get("asset") != "proxy_checkpoints":
+            continue
+        theirs = [f["sha256"] for f in json.loads(data)["files"] if f["kind"] == "checkpoint"]
+        for m, (sha, lent) in enumerate(zip(ours, theirs, strict=False)):
+            prefix = f"proxy-{m:02d}/"
+            if m not in found and sha == lent:
+                found[m] = {f["name"]: f for f in manifest["files"] if f["name"].startswith(prefix)}
+    return found
 
 
 def _features_finite_check(summary: dict, **key) -> dg.AssetCheckResult:
@@ -334,12 +404,14 @@ def plan_gradient_shards(context: dg.OpExecutionContext, config: GradientConfig,
     if reused:
         context.log.info(f"gradient_shards for these inputs complete in {writer.folder}: reusing")
         return
+    lenders = _lenders_per_proxy(writer, proxy_checkpoints, [tokenized_corpus])
     for m, checkpoint in enumerate(checkpoints):
         for k, source in enumerate(shards):
+            name = feature_shard(m, k)
             yield dg.DynamicOutput(
-                {"folder": writer.folder, "name": feature_shard(m, k),
-                 "proxy": m, "checkpoint": checkpoint, "source": source,
-                 "config": config.model_dump()},
+                {"folder": writer.folder, "name": name, "proxy": m, "checkpoint": checkpoint,
+                 "source": source, "config": config.model_dump(),
+                 "lent": lenders[m].get(name) if m in lenders else None},
                 mapping_key=f"proxy_{m:02d}_shard_{k:05d}", output_name="work")
 
 
@@ -355,6 +427,10 @@ def featurise_gradient_shard(context: dg.OpExecutionContext, work: dict,
         data, stored = adopt_file(artifacts, path)
         rows, seconds, computed = int(feature_header(data, stored.uri)["rows"]), 0.0, False
         context.log.info(f"{work['name']}: finished by an earlier attempt, adopting")
+    elif work.get("lent") and (lent := read_recorded(artifacts, work["lent"])):
+        data, stored = lent, artifacts.write_bytes(path, lent)
+        rows, seconds, computed = int(feature_header(data, stored.uri)["rows"]), 0.0, False
+        context.log.info(f"{work['name']}: the same proxy's features in {work['lent']['path']}: copied")
     else:
         device = compute.setup()
         model = load_proxy_checkpoint(artifacts, work["checkpoint"], device)
@@ -491,10 +567,16 @@ def _featurise_targets(context: dg.AssetExecutionContext, writer: AssetWriter,
     # Only select-split targets become datamodel columns; the eval split stays unseen.
     table = table.filter(pc.equal(table.column("split"), "select"))
     nonfinite, degenerate, computed, rows, seconds = 0, [], 0, 0, 0.0
+    lenders = _lenders_per_proxy(writer, proxies, [targets])
     for m, checkpoint in enumerate(checkpoint_paths(proxies)):
         name = target_features(m)
+        entry = lenders.get(m, {}).get(name)
         if writer.has(name):
             data = writer.adopt(name, kind="targets", rows=table.num_rows)
+        elif entry and (lent := read_recorded(artifacts, entry)):
+            data = lent
+            writer.write_copied(name, data, kind="targets", rows=table.num_rows)
+            context.log.info(f"proxy {m} targets: the same proxy's in {entry['path']}: copied")
         else:
             model = load_proxy_checkpoint(artifacts, checkpoint, device)
             data, took = featurise_table(model, table, feature_config, m, targets_file["path"], device)

@@ -103,6 +103,16 @@ def adopt_file(store: ArtifactStore, path: str) -> tuple[bytes, StoredArtifact]:
     return data, StoredArtifact(store.uri(path), hashlib.sha256(data).hexdigest(), len(data))
 
 
+def read_recorded(store: ArtifactStore, entry: dict[str, Any]) -> bytes | None:
+    """The bytes of the file another finished folder's manifest lists (``entry``), if it is
+    still the file recorded; None when it is missing or changed. For copying a file that
+    depends only on what the two folders share (see `AssetWriter.lenders`)."""
+    if not store.exists(entry["path"]):
+        return None
+    data = store.read_bytes(entry["path"])
+    return data if hashlib.sha256(data).hexdigest() == entry["sha256"] else None
+
+
 #: what an asset is made from: an upstream manifest, or (uri, sha256) of anything else
 Input = Upstream | tuple[str, str]
 
@@ -215,6 +225,27 @@ class AssetWriter:
         data, stored = adopt_file(self.store, f"{self.folder}/{name}")
         self.written.append((name, stored, rows, kind, True))
         return data
+
+    def lenders(self) -> list[dict[str, Any]]:
+        """Manifests of the other finished folders of this asset and crawl made by the same
+        code: the folders whose files this one may copy where they depend only on what the
+        two share, e.g. proxy m of a smaller ensemble. The caller decides which files
+        qualify and reads each with `read_recorded`."""
+        prefix = asset_folder(self.asset, self.crawl, "")
+        manifests = []
+        for path in self.store.list(prefix):
+            if path.count("/") != prefix.count("/") + 1 or not path.endswith(f"/{MANIFEST}"):
+                continue
+            manifest = self.store.read_json(path)
+            if (path != self.manifest_path and manifest.get("code_version") == self.code_version
+                    and manifest.get("dsdm_version") == __version__):
+                manifests.append(manifest)
+        return manifests
+
+    def write_copied(self, name: str, data: bytes, kind: str, rows: int | None = None) -> None:
+        """Write a file copied from a lender (`read_recorded`), listed as adopted."""
+        stored = self.store.write_bytes(f"{self.folder}/{name}", data)
+        self.written.append((name, stored, rows, kind, True))
 
     def shared_path(self, kind: str, key: str, suffix: str = ".json") -> str:
         """Store path of a result shared by every materialisation whose work includes it:
