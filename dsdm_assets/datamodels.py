@@ -294,12 +294,14 @@ def _lent_proxy(writer: AssetWriter, lenders: list[dict], m: int,
         wanted = [entries.get(proxy_file(m, name)) for name in PROXY_FILES]
         if None in wanted:
             continue
-        data = [read_recorded(writer.store, entry) for entry in wanted]
-        if None in data:
+        # the examples first: a lender that trained proxy m on others costs no checkpoint read
+        subset = read_recorded(writer.store, entries[proxy_file(m, SUBSET)])
+        if subset is None or not pq.read_table(pa.BufferReader(subset), columns=["example_id"]) \
+                .column(0).combine_chunks().equals(examples):
             continue
-        subset = dict(zip(PROXY_FILES, data, strict=True))[SUBSET]
-        lent = pa.BufferReader(subset)
-        if not pq.read_table(lent, columns=["example_id"]).column(0).combine_chunks().equals(examples):
+        data = [subset if name == SUBSET else read_recorded(writer.store, entry)
+                for name, entry in zip(PROXY_FILES, wanted, strict=True)]
+        if None in data:
             continue
         for (name, kind), content in zip(PROXY_FILES.items(), data, strict=True):
             writer.write_copied(proxy_file(m, name), content, kind)
@@ -350,9 +352,10 @@ def _lenders_per_proxy(writer: AssetWriter, proxies: Upstream,
         (recorded,) = others
         data = read_recorded(writer.store, {"path": writer.store.relpath(recorded["uri"]),
                                             "sha256": recorded["sha256"]})
-        if data is None or json.loads(data).get("asset") != "proxy_checkpoints":
+        lent_proxies = json.loads(data) if data is not None else {}
+        if lent_proxies.get("asset") != "proxy_checkpoints":
             continue
-        theirs = [f["sha256"] for f in json.loads(data)["files"] if f["kind"] == "checkpoint"]
+        theirs = [f["sha256"] for f in lent_proxies["files"] if f["kind"] == "checkpoint"]
         for m, (sha, lent) in enumerate(zip(ours, theirs, strict=False)):
             prefix = f"proxy-{m:02d}/"
             if m not in found and sha == lent:
@@ -411,7 +414,7 @@ def plan_gradient_shards(context: dg.OpExecutionContext, config: GradientConfig,
             yield dg.DynamicOutput(
                 {"folder": writer.folder, "name": name, "proxy": m, "checkpoint": checkpoint,
                  "source": source, "config": config.model_dump(),
-                 "lent": lenders[m].get(name) if m in lenders else None},
+                 "lent": lenders.get(m, {}).get(name)},
                 mapping_key=f"proxy_{m:02d}_shard_{k:05d}", output_name="work")
 
 
