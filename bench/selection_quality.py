@@ -42,6 +42,7 @@ import polars as pl  # noqa: E402
 from bench.common import portable, subset_crawl  # noqa: E402
 from dsdm.features import FeatureConfig  # noqa: E402
 from dsdm.trak import LAMBDA_RELATIVE  # noqa: E402
+from dsdm_assets import evaluation as evaluation_assets  # noqa: E402
 from dsdm_assets import mixtures, selection  # noqa: E402
 from dsdm_assets.datamodels import DatamodelConfig  # noqa: E402
 from dsdm_assets.definitions import ASSETS  # noqa: E402
@@ -86,7 +87,8 @@ def run_config(args: argparse.Namespace) -> dict:
             "random_subset", "dsir_subset", "classifier_subset", "semdedup_subset")},
         "evaluations": {"config": {"seeds": args.seeds, "random_multiples": args.multiples,
                                    "model": evaluation}},
-        "datamodel_lds": {"config": {"num_models": args.lds_models}},
+        "datamodel_lds": {"config": {"num_models": args.lds_models,
+                                     "seeds_per_subset": args.lds_seeds}},
     }}
 
 
@@ -137,7 +139,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--multiples", type=float, nargs="+", default=[2.0, 4.0])
     parser.add_argument("--lds-models", type=int, default=16,
-                        help="models of the LDS (0: no datamodel_lds, no LDS in the JSON)")
+                        help="subsets of the LDS (0: no datamodel_lds, no LDS in the JSON)")
+    parser.add_argument("--lds-seeds", type=int,
+                        default=evaluation_assets.LdsConfig.model_fields["seeds_per_subset"].default,
+                        help="models per LDS subset, each its own seed (the LDS uses their mean loss)")
     parser.add_argument("--methods", nargs="+", default=list(selection.SELECTION_ASSETS),
                         choices=list(selection.SELECTION_ASSETS),
                         help="selections made and evaluated (random is required: the "

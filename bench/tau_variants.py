@@ -25,7 +25,8 @@ scores, so a lever can be decided on them without reading the eval split.
 ``--lds`` trains nothing: it measures each variant's linear datamodeling score (per target
 and per task, `dsdm.evaluation.linear_datamodeling_score`) against the losses that the
 store's ``datamodel_lds`` models measured (its ``lds_losses.parquet``), so a variant's
-LDS costs seconds.
+LDS costs seconds. With several models per subset (``seeds_per_subset``) it correlates with
+their mean loss, and reports the LDS against each subset's first model beside it.
 
 Each model's result is a JSON file under ``--out``, named by the scores, the mixture fit's
 file name, the split and the variant (kept: a rerun trains only what is missing, and refuses
@@ -176,25 +177,32 @@ def lds_of_variants(pool: Pool, args: argparse.Namespace) -> dict:
         raise SystemExit(f"datamodel_lds/{args.crawl}/{manifest['config_hash']} has no "
                          "lds_losses.parquet; re-materialise datamodel_lds (its models are reused)")
     config = manifest["config"]
-    try:
-        measured = load_lds_losses(ArtifactStore(str(root)), losses_files[0]["path"], pool.target_ids)
+    seeds = config.get("seeds_per_subset", 1)
+    try:  # the mean over each subset's models, and (with several) the first model alone
+        measured = {f"{seeds} seeds": load_lds_losses(ArtifactStore(str(root)), losses_files[0]["path"],
+                                                      pool.target_ids)}
+        if seeds > 1:
+            measured["1 seed"] = load_lds_losses(ArtifactStore(str(root)), losses_files[0]["path"],
+                                                 pool.target_ids, replicates=1)
     except ValueError as error:
         raise SystemExit(str(error)) from error
-    if len(measured) != config["num_models"]:
-        raise SystemExit(f"{len(measured)} LDS models measured, the manifest names {config['num_models']}")
+    if any(len(m) != config["num_models"] for m in measured.values()):
+        raise SystemExit(f"LDS losses of {len(measured)} subsets, the manifest names {config['num_models']}")
     subsets = proxy_subsets(len(pool.ids), config["num_models"], config["fraction"], config["seed"])
     out = {}
-    for variant in args.variants:
-        table = linear_datamodeling_score(pool.columns(variant).numpy(), subsets, measured,
-                                          pool.tasks.tolist())
-        out[variant] = {r["task"]: {k: round(r[k], 4) for k in ("lds", "lds_sd", "task_level")}
-                        for r in table.to_dicts()}
-        out[variant]["mean"] = round(float(table["lds"].mean()), 4)
-        print(f"{variant:>14}: LDS {out[variant]['mean']:.4f}  " + "  ".join(
-            f"{t} {v['lds']:.3f}/{v['task_level']:+.2f}" for t, v in out[variant].items() if t != "mean"),
-            flush=True)
-    return {"lds_folder": manifest["config_hash"], "models": config["num_models"],
-            "variants": out}
+    for against, losses in measured.items():
+        for variant in args.variants:
+            name = variant if against == f"{seeds} seeds" else f"{variant} ({against})"
+            table = linear_datamodeling_score(pool.columns(variant).numpy(), subsets, losses,
+                                              pool.tasks.tolist())
+            out[name] = {r["task"]: {k: round(r[k], 4) for k in ("lds", "lds_sd", "task_level")}
+                         for r in table.to_dicts()}
+            out[name]["mean"] = round(float(table["lds"].mean()), 4)
+            print(f"{name:>22}: LDS {out[name]['mean']:.4f}  " + "  ".join(
+                f"{t} {v['lds']:.3f}/{v['task_level']:+.2f}" for t, v in out[name].items() if t != "mean"),
+                flush=True)
+    return {"lds_folder": manifest["config_hash"], "subsets": config["num_models"],
+            "seeds_per_subset": seeds, "variants": out}
 
 
 def model_result(pool: Pool, keep: np.ndarray, seed: int) -> dict:

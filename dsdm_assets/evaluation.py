@@ -107,10 +107,21 @@ class EvaluationConfig(StepConfig):
         return refuse_model_seed(model, "evaluations.seeds (one model per seed)")
 
 
+REPLICATE_SEED_STRIDE = 1000
+"""The model of subset k and replicate r has seed ``LdsConfig.seed + k + r * stride``: every
+model's seed is distinct, and replicate 0's are those of a one-seed run."""
+
+
 class LdsConfig(StepConfig):
     """Linear datamodeling score: models on random subsets of the pool (proxy recipe)."""
 
-    num_models: int = Field(8, ge=3, description="Random subsets / models (the Spearman's n).")
+    num_models: int = Field(8, ge=3, le=REPLICATE_SEED_STRIDE,
+                            description="Random subsets (the Spearman's n).")
+    seeds_per_subset: int = Field(
+        1, ge=1, description="Models trained on each subset, each with its own seed; the LDS "
+        "correlates the prediction with their mean loss, the expected loss a datamodel "
+        "predicts (with one, training noise bounds the LDS well below 1). The models of the "
+        "first seed are the ones a run with fewer seeds trained, and are reused.")
     fraction: float | None = Field(None, gt=0, le=1,
                                    description="Subset share of the pool; None: the proxies' train_fraction.")
     seed: int = Field(1000, description="Seeds subsets and models; differ from the proxies' seeds.")
@@ -335,14 +346,14 @@ def datamodel_lds(
     recipe = ProxyConfig.model_validate(artifacts.read_json(proxy_checkpoints.files("config")[0]["path"]))
     made = produce(
         context, artifacts, db,
-        {"num_models": config.num_models, "fraction": fraction, "seed": config.seed,
-         "model": recipe.to_dict()},
+        {"num_models": config.num_models, "seeds_per_subset": config.seeds_per_subset,
+         "fraction": fraction, "seed": config.seed, "model": recipe.to_dict()},
         [datamodel_weights, proxy_checkpoints, tokenized_corpus, target_tasks],
         lambda writer: _measure_lds(context, writer, config, recipe, fraction, datamodel_weights,
                                     tokenized_corpus, target_tasks, compute))
     scores = pl.from_arrow(artifacts.read_parquet(f"{made.folder}/{LDS}"))
     metrics = {"lds": "lds", "lds_task_level": "task_level", "lds_raw": "lds_raw",
-               "lds_raw_task_level": "task_level_raw"}
+               "lds_raw_task_level": "task_level_raw", "lds_one_seed": "lds_one_seed"}
     rows = pl.concat([
         scores.select(pl.col("task"), pl.lit(metric).alias("metric"), pl.col(column).alias("value"))
         for metric, column in metrics.items() if column in scores.columns
@@ -379,12 +390,13 @@ def _measure_lds(context: dg.AssetExecutionContext, writer: AssetWriter, config:
     subsets = proxy_subsets(pool.num_rows, config.num_models, fraction, config.seed)
     column_ids = columns["example_id"].to_list()
     precision = _precision(compute)
-    measured = []
-    for k, subset in enumerate(subsets):
+    runs = [(r, k) for r in range(config.seeds_per_subset) for k in range(len(subsets))]
+    measured = np.empty((config.seeds_per_subset, len(subsets), len(column_ids)))
+    for done, (r, k) in enumerate(runs, start=1):
         # Keyed by subset, recipe, seed and targets: a new estimator (other tau) re-uses
         # every LDS model.
-        model_config = recipe.model_copy(update={"seed": config.seed + k})
-        examples = pool.take(pa.array(subset))
+        model_config = recipe.model_copy(update={"seed": config.seed + k + r * REPLICATE_SEED_STRIDE})
+        examples = pool.take(pa.array(subsets[k]))
         key = model_result_key("lds_model", model_config, examples, corpus_up, targets_up,
                                precision)
         path = writer.shared_path("lds_models", key)
@@ -398,24 +410,29 @@ def _measure_lds(context: dg.AssetExecutionContext, writer: AssetWriter, config:
                                               bf16=precision == "bf16")
             sums, counts = example_losses(model, target_ids, target_mask,
                                           batch_size=config.eval_batch_size, device=device)
-            result = {"key": key, "examples": len(subset), "losses": dict(zip(
+            result = {"key": key, "examples": len(examples), "losses": dict(zip(
                 column_ids, (sums / np.maximum(counts, 1)).tolist(), strict=True))}
             writer.write_shared(path, json.dumps(result).encode(), kind="run")
-            context.log.info(f"LDS model {k + 1}/{len(subsets)} done")
+            context.log.info(f"LDS model {done}/{len(runs)} (subset {k}, seed {r}) done")
         else:
-            context.log.info(f"LDS model {k + 1}/{len(subsets)}: reusing {path}")
-        measured.append([result["losses"][e] for e in column_ids])
-    measured = np.asarray(measured)
+            context.log.info(f"LDS model {done}/{len(runs)} (subset {k}, seed {r}): reusing {path}")
+        measured[r, k] = [result["losses"][e] for e in column_ids]
     # kept so that another estimate's LDS can be measured without training anything
     writer.write_parquet(LDS_LOSSES, pa.table({
-        "model": np.repeat(np.arange(len(subsets)), len(column_ids)),
-        "example_id": column_ids * len(subsets), "loss": measured.ravel()}), kind="lds_losses")
+        "model": np.tile(np.repeat(np.arange(len(subsets)), len(column_ids)), config.seeds_per_subset),
+        "replicate": np.repeat(np.arange(config.seeds_per_subset), len(subsets) * len(column_ids)),
+        "example_id": column_ids * len(runs), "loss": measured.ravel()}), kind="lds_losses")
     tasks = columns["task"].to_list()
-    scores = linear_datamodeling_score(tau, subsets, measured, tasks, threshold_sd=threshold)
+    scores = linear_datamodeling_score(tau, subsets, measured.mean(axis=0), tasks,
+                                       threshold_sd=threshold)
     if threshold:
-        raw = linear_datamodeling_score(tau, subsets, measured, tasks)
+        raw = linear_datamodeling_score(tau, subsets, measured.mean(axis=0), tasks)
         scores = scores.join(raw.select("task", lds_raw="lds", task_level_raw="task_level"),
                              on="task")
+    if config.seeds_per_subset > 1:  # the one-model-per-subset LDS, comparable with such runs
+        one = linear_datamodeling_score(tau, subsets, measured[0], tasks, threshold_sd=threshold)
+        scores = scores.join(one.select("task", lds_one_seed="lds"), on="task")
     writer.write_parquet(LDS, scores.to_arrow(), kind="lds")
-    return {"lds": scores.to_dicts(), "models": len(subsets), "fraction": fraction,
+    return {"lds": scores.to_dicts(), "models": len(runs), "subsets": len(subsets),
+            "seeds_per_subset": config.seeds_per_subset, "fraction": fraction,
             "soft_threshold": threshold}

@@ -94,6 +94,18 @@ def test_lds_losses_load_in_the_target_columns_order(tmp_path) -> None:
         load_lds_losses(store, "l.parquet", ["a", "b", "c"])
 
 
+def test_lds_losses_average_each_subsets_models(tmp_path) -> None:
+    store = ArtifactStore(str(tmp_path))
+    rows = pa.table({"model": [0, 1, 0, 1], "replicate": [0, 0, 1, 1],
+                     "example_id": ["a", "a", "a", "a"], "loss": [1.0, 3.0, 2.0, 7.0]})
+    store.write_parquet("l.parquet", rows)
+    assert load_lds_losses(store, "l.parquet", ["a"]).tolist() == [[1.5], [5.0]]
+    assert load_lds_losses(store, "l.parquet", ["a"], replicates=1).tolist() == [[1.0], [3.0]]
+    with pytest.raises(ValueError, match="lacks 1 of the 4"):  # subset 1's second model is missing
+        store.write_parquet("m.parquet", rows.slice(0, 3))
+        load_lds_losses(store, "m.parquet", ["a"])
+
+
 def test_read_examples_in_manifest_order(tmp_path) -> None:
     store = ArtifactStore(str(tmp_path))
     folder = asset_folder("tokenized_corpus", "demo", "0123456789abcdef")

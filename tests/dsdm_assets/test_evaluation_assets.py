@@ -190,3 +190,46 @@ def test_a_new_estimator_retrains_only_dsdm_models(evaluated, monkeypatch) -> No
     assert trained == [after["selected"]]
     assert made["evaluations"] == (1, len(SELECTION_ASSETS) + 1)
     assert made["datamodel_lds"] == (0, 4)
+
+
+def test_more_seeds_per_subset_train_only_the_new_models(evaluated, monkeypatch) -> None:
+    """``seeds_per_subset: 2`` adopts the one-seed run's four models, trains one more per
+    subset with a new seed, and correlates with the two models' mean loss; the LDS against the
+    first models alone is the one-seed run's."""
+    folder, first, instance, resources, config, assets = evaluated
+    seeds: list[int] = []
+    original = evaluation.train_evaluation_model
+
+    def recording(model_config, examples, **kwargs):
+        seeds.append(model_config.seed)
+        return original(model_config, examples, **kwargs)
+
+    monkeypatch.setattr(evaluation, "train_evaluation_model", recording)
+    names = ["datamodel_weights", "datamodel_lds"]
+    ops = {k: v for k, v in copy.deepcopy(config)["ops"].items() if k in names}
+    ops["datamodel_lds"]["config"]["seeds_per_subset"] = 2
+    again = dg.materialize(assets, selection=names, partition_key="small", instance=instance,
+                           resources=resources, run_config={"ops": ops})
+    assert again.success
+    assert seeds == [1000 + k + evaluation.REPLICATE_SEED_STRIDE for k in range(4)]
+
+    con = duckdb.connect(str(folder / "lineage.duckdb"), read_only=True)
+    lds_id = _meta(again, "datamodel_lds")["config_hash"]
+    before = dict(con.execute("SELECT task, value FROM evaluations WHERE metric = 'lds' AND "
+                              "evaluation_id = ?", [_meta(first, "datamodel_lds")["config_hash"]]).fetchall())
+    now = {metric: dict(con.execute("SELECT task, value FROM evaluations WHERE metric = ? AND "
+                                    "evaluation_id = ?", [metric, lds_id]).fetchall())
+           for metric in ("lds", "lds_one_seed")}
+    assert now["lds_one_seed"] == pytest.approx(before)
+    assert now["lds"] != pytest.approx(before)
+
+    store = ArtifactStore(str(folder / "store"))
+    path = _meta(again, "datamodel_lds")["dsdm/manifest"].rsplit("/", 1)[0] + "/lds_losses.parquet"
+    ids = pl.read_parquet(folder / "store" / path)["example_id"].unique(maintain_order=True).to_list()
+    both = load_lds_losses(store, path, ids)
+    one = load_lds_losses(store, path, ids, replicates=1)
+    rows = pl.read_parquet(folder / "store" / path)
+    second = rows.filter(pl.col("replicate") == 1).pivot("example_id", index="model", values="loss")
+    assert both == pytest.approx((one + second.select(ids).to_numpy()) / 2)
+    with pytest.raises(ValueError, match="holds 2 models per subset, asked for 3"):
+        load_lds_losses(store, path, ids, replicates=3)
