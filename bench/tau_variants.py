@@ -26,7 +26,9 @@ scores, so a lever can be decided on them without reading the eval split.
 and per task, `dsdm.evaluation.linear_datamodeling_score`) against the losses that the
 store's ``datamodel_lds`` models measured (its ``lds_losses.parquet``), so a variant's
 LDS costs seconds. With several models per subset (``seeds_per_subset``) it correlates with
-their mean loss, and reports the LDS against each subset's first model beside it.
+their mean loss, reports the LDS against the mean of each subset's first k models for every
+smaller k too, and the noise ceiling (`dsdm.evaluation.lds_ceiling`): the LDS an exact
+estimate of the expected loss would reach against k models per subset.
 
 Each model's result is a JSON file under ``--out``, named by the scores, the mixture fit's
 file name, the split and the variant (kept: a rerun trains only what is missing, and refuses
@@ -53,10 +55,11 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import portable  # noqa: E402
 from bench.levers import dev_targets, with_dev_split  # noqa: E402
-from dsdm.artifacts import TARGET_COLUMNS, load_lds_losses, load_tau  # noqa: E402
+from dsdm.artifacts import TARGET_COLUMNS, load_lds_replicates, load_tau  # noqa: E402
 from dsdm.datamodels import proxy_subsets  # noqa: E402
 from dsdm.evaluation import (  # noqa: E402
     compute_multiplier,
+    lds_ceiling,
     linear_datamodeling_score,
     target_losses,
     train_evaluation_model,
@@ -177,32 +180,35 @@ def lds_of_variants(pool: Pool, args: argparse.Namespace) -> dict:
         raise SystemExit(f"datamodel_lds/{args.crawl}/{manifest['config_hash']} has no "
                          "lds_losses.parquet; re-materialise datamodel_lds (its models are reused)")
     config = manifest["config"]
-    seeds = config.get("seeds_per_subset", 1)
-    try:  # the mean over each subset's models, and (with several) the first model alone
-        measured = {f"{seeds} seeds": load_lds_losses(ArtifactStore(str(root)), losses_files[0]["path"],
-                                                      pool.target_ids)}
-        if seeds > 1:
-            measured["1 seed"] = load_lds_losses(ArtifactStore(str(root)), losses_files[0]["path"],
-                                                 pool.target_ids, replicates=1)
+    try:
+        replicates = load_lds_replicates(ArtifactStore(str(root)), losses_files[0]["path"], pool.target_ids)
     except ValueError as error:
         raise SystemExit(str(error)) from error
-    if any(len(m) != config["num_models"] for m in measured.values()):
-        raise SystemExit(f"LDS losses of {len(measured)} subsets, the manifest names {config['num_models']}")
+    if replicates.shape[1] != config["num_models"]:
+        raise SystemExit(f"LDS losses of {replicates.shape[1]} subsets, the manifest names "
+                         f"{config['num_models']}")
     subsets = proxy_subsets(len(pool.ids), config["num_models"], config["fraction"], config["seed"])
-    out = {}
-    for against, losses in measured.items():
+    seeds = len(replicates)
+    out, ceiling = {}, {}
+    for k in range(seeds, 0, -1):  # the mean of each subset's first k models
         for variant in args.variants:
-            name = variant if against == f"{seeds} seeds" else f"{variant} ({against})"
-            table = linear_datamodeling_score(pool.columns(variant).numpy(), subsets, losses,
-                                              pool.tasks.tolist())
-            out[name] = {r["task"]: {k: round(r[k], 4) for k in ("lds", "lds_sd", "task_level")}
+            name = variant if k == seeds else f"{variant} ({k} seed{'s' * (k > 1)})"
+            table = linear_datamodeling_score(pool.columns(variant).numpy(), subsets,
+                                              replicates[:k].mean(0), pool.tasks.tolist())
+            out[name] = {r["task"]: {m: round(r[m], 4) for m in ("lds", "lds_sd", "task_level")}
                          for r in table.to_dicts()}
             out[name]["mean"] = round(float(table["lds"].mean()), 4)
             print(f"{name:>22}: LDS {out[name]['mean']:.4f}  " + "  ".join(
                 f"{t} {v['lds']:.3f}/{v['task_level']:+.2f}" for t, v in out[name].items() if t != "mean"),
                 flush=True)
+        if seeds > 1:  # what training noise leaves of a perfect LDS with k models per subset
+            per_target = lds_ceiling(replicates, k)
+            ceiling[k] = {t: round(float(per_target[pool.tasks == t].mean()), 4) for t in sorted(set(pool.tasks))}
+            ceiling[k]["mean"] = round(float(np.mean(list(ceiling[k].values()))), 4)
+            print(f"{'ceiling':>13} ({k} seed{'s' * (k > 1)}): {ceiling[k]['mean']:.4f}  " +
+                  "  ".join(f"{t} {v:.3f}" for t, v in ceiling[k].items() if t != "mean"), flush=True)
     return {"lds_folder": manifest["config_hash"], "subsets": config["num_models"],
-            "seeds_per_subset": seeds, "variants": out}
+            "seeds_per_subset": seeds, "variants": out, "noise_ceiling": ceiling}
 
 
 def model_result(pool: Pool, keep: np.ndarray, seed: int) -> dict:

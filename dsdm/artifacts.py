@@ -139,31 +139,37 @@ def load_tau(store: ArtifactStore, path: str) -> torch.Tensor:
     return safetensors_load(store.read_bytes(path))["tau"]
 
 
-def load_lds_losses(store: ArtifactStore, path: str, example_ids: list[str],
-                    replicates: int | None = None) -> np.ndarray:
-    """datamodel_lds: the LDS models' measured losses [subsets, T], columns in the order of
-    ``example_ids`` (tau's target columns). Where a subset has several models (``replicate``
-    0, 1, ...; a file without that column has one), their mean: the expected loss a datamodel
-    predicts. ``replicates`` keeps the first that many models of each subset (None: all).
-    A ValueError if any kept model misses a target, or a subset has fewer replicates."""
+def load_lds_replicates(store: ArtifactStore, path: str, example_ids: list[str]) -> np.ndarray:
+    """datamodel_lds: every LDS model's measured loss [replicates, subsets, T], columns in the
+    order of ``example_ids`` (tau's target columns); replicate r of subset k is the subset's
+    r-th model (a file without the ``replicate`` column has one per subset). A ValueError if
+    any model misses a target, or a subset has fewer models than another."""
     table = store.read_parquet(path)
     models = table.column("model").to_numpy()
     replicate = (table.column("replicate").to_numpy() if "replicate" in table.column_names
                  else np.zeros(len(models), dtype=np.int64))
-    have = int(replicate.max()) + 1 if len(replicate) else 0
-    keep = have if replicates is None else replicates
-    if not 1 <= keep <= have:
-        raise ValueError(f"{store.uri(path)} holds {have} models per subset, asked for {keep}")
     column = {e: j for j, e in enumerate(example_ids)}
-    measured = np.full((keep, int(models.max()) + 1, len(example_ids)), np.nan)
+    measured = np.full((int(replicate.max()) + 1, int(models.max()) + 1, len(example_ids)), np.nan)
     for r, k, e, loss in zip(replicate, models, table.column("example_id").to_pylist(),
                              table.column("loss").to_numpy(), strict=True):
-        if e in column and r < keep:
+        if e in column:
             measured[r, k, column[e]] = loss
     if np.isnan(measured).any():
         raise ValueError(f"{store.uri(path)} lacks {int(np.isnan(measured).sum())} of the "
                          f"{measured.size} (model, target) losses")
-    return measured.mean(axis=0)
+    return measured
+
+
+def load_lds_losses(store: ArtifactStore, path: str, example_ids: list[str],
+                    replicates: int | None = None) -> np.ndarray:
+    """datamodel_lds: the measured loss of each subset [subsets, T] (`load_lds_replicates`'
+    columns): the mean over its models, the expected loss a datamodel predicts, or over its
+    first ``replicates`` (None: all); a ValueError when there are fewer."""
+    measured = load_lds_replicates(store, path, example_ids)
+    keep = len(measured) if replicates is None else replicates
+    if not 1 <= keep <= len(measured):
+        raise ValueError(f"{store.uri(path)} holds {len(measured)} models per subset, asked for {keep}")
+    return measured[:keep].mean(axis=0)
 
 
 def load_proxy_checkpoint(store: ArtifactStore, checkpoint_path: str,

@@ -234,6 +234,26 @@ def linear_datamodeling_score(
     return pl.DataFrame(rows)
 
 
+def lds_ceiling(replicates: np.ndarray, seeds: int) -> np.ndarray:
+    """[T]: the correlation over subsets that the exact expected loss would reach with the
+    mean of ``seeds`` models per subset; what training noise leaves of a perfect LDS.
+
+    replicates [R >= 2, n, T]: R models per subset, each its own seed. Per target, the noise
+    variance is the mean over subsets of the variance across a subset's models, and the
+    variance of the expected loss across subsets is that of the R-model means less noise / R
+    (at least 0); the ceiling is sqrt(signal / (signal + noise / seeds)) (Pearson's, which
+    Spearman's follows closely for near-normal losses)."""
+    replicates = np.asarray(replicates, dtype=np.float64)
+    if replicates.ndim != 3 or replicates.shape[0] < 2 or replicates.shape[1] < 2:
+        raise ValueError(f"replicates must be [R >= 2, n >= 2, T], got {replicates.shape}")
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    noise = replicates.var(axis=0, ddof=1).mean(axis=0)
+    signal = np.maximum(replicates.mean(axis=0).var(axis=0, ddof=1) - noise / len(replicates), 0.0)
+    total = signal + noise / seeds
+    return np.sqrt(np.divide(signal, total, out=np.zeros_like(total), where=total > 0))
+
+
 def scaled_budget(random_config: dict, multiple: float, pool_tokens: int) -> dict[str, float | int]:
     """The budget of a random selection ``multiple`` times the one ``random_config`` (a
     random_subset manifest's config: fraction or token_budget) kept; a ValueError when the

@@ -37,6 +37,7 @@ from dsdm.datamodels import proxy_subsets
 from dsdm.evaluation import (
     POOL_ENTROPY,
     example_losses,
+    lds_ceiling,
     linear_datamodeling_score,
     random_curve,
     target_columns,
@@ -353,7 +354,8 @@ def datamodel_lds(
                                     tokenized_corpus, target_tasks, compute))
     scores = pl.from_arrow(artifacts.read_parquet(f"{made.folder}/{LDS}"))
     metrics = {"lds": "lds", "lds_task_level": "task_level", "lds_raw": "lds_raw",
-               "lds_raw_task_level": "task_level_raw", "lds_one_seed": "lds_one_seed"}
+               "lds_raw_task_level": "task_level_raw", "lds_one_seed": "lds_one_seed",
+               "lds_noise_ceiling": "noise_ceiling"}
     rows = pl.concat([
         scores.select(pl.col("task"), pl.lit(metric).alias("metric"), pl.col(column).alias("value"))
         for metric, column in metrics.items() if column in scores.columns
@@ -429,9 +431,13 @@ def _measure_lds(context: dg.AssetExecutionContext, writer: AssetWriter, config:
         raw = linear_datamodeling_score(tau, subsets, measured.mean(axis=0), tasks)
         scores = scores.join(raw.select("task", lds_raw="lds", task_level_raw="task_level"),
                              on="task")
-    if config.seeds_per_subset > 1:  # the one-model-per-subset LDS, comparable with such runs
+    if config.seeds_per_subset > 1:
+        # the one-model-per-subset LDS, comparable with such runs, and the most any estimate
+        # could reach against these measurements (training noise)
         one = linear_datamodeling_score(tau, subsets, measured[0], tasks, threshold_sd=threshold)
-        scores = scores.join(one.select("task", lds_one_seed="lds"), on="task")
+        ceiling = pl.DataFrame({"task": tasks, "noise_ceiling": lds_ceiling(
+            measured, config.seeds_per_subset)}).group_by("task").agg(pl.col("noise_ceiling").mean())
+        scores = scores.join(one.select("task", lds_one_seed="lds"), on="task").join(ceiling, on="task")
     writer.write_parquet(LDS, scores.to_arrow(), kind="lds")
     return {"lds": scores.to_dicts(), "models": len(runs), "subsets": len(subsets),
             "seeds_per_subset": config.seeds_per_subset, "fraction": fraction,

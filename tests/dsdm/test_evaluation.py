@@ -13,6 +13,7 @@ from dsdm.evaluation import (
     HELDOUT_TEXT,
     compute_multiplier,
     example_losses,
+    lds_ceiling,
     linear_datamodeling_score,
     spearman,
     target_losses,
@@ -176,3 +177,23 @@ def test_unigram_model_against_hand_counts() -> None:
     assert losses[HELDOUT_TEXT] == pytest.approx(-(expected[1] + expected[0] + expected[3]) / 3)
     with pytest.raises(ValueError, match="vocab_size is 2"):  # real tokens reach id 2
         unigram_log_probs(pool, 2)
+
+
+def test_lds_ceiling_by_hand_and_against_simulated_noise() -> None:
+    """Two subsets, two models each: expected losses 1 and 3, each model 0.5 off. Noise
+    variance 0.5 (each pair's sample variance), the means' variance 2 less 0.5 / 2: signal
+    1.75; one seed: sqrt(1.75 / 2.25), two: sqrt(1.75 / 2)."""
+    replicates = np.array([[[0.5], [2.5]], [[1.5], [3.5]]])  # [R=2, n=2, T=1]
+    assert lds_ceiling(replicates, 1) == pytest.approx([math.sqrt(1.75 / 2.25)])
+    assert lds_ceiling(replicates, 2) == pytest.approx([math.sqrt(1.75 / 2.0)])
+    # simulated: signal sd 1, noise sd 2; the ceiling is the correlation an exact predictor
+    # of the expected loss reaches with the k-model mean
+    rng = np.random.default_rng(0)
+    expected = rng.normal(size=(4000, 3))
+    models = expected + rng.normal(scale=2.0, size=(3, 4000, 3))
+    for k in (1, 3):
+        reached = [np.corrcoef(expected[:, j], models[:k, :, j].mean(0))[0, 1] for j in range(3)]
+        assert lds_ceiling(models, k) == pytest.approx(reached, abs=0.03)
+        assert lds_ceiling(models, k) == pytest.approx(math.sqrt(1 / (1 + 4 / k)), abs=0.03)
+    with pytest.raises(ValueError, match="R >= 2"):
+        lds_ceiling(models[:1], 1)

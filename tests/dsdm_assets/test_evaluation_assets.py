@@ -219,9 +219,11 @@ def test_more_seeds_per_subset_train_only_the_new_models(evaluated, monkeypatch)
                               "evaluation_id = ?", [_meta(first, "datamodel_lds")["config_hash"]]).fetchall())
     now = {metric: dict(con.execute("SELECT task, value FROM evaluations WHERE metric = ? AND "
                                     "evaluation_id = ?", [metric, lds_id]).fetchall())
-           for metric in ("lds", "lds_one_seed")}
+           for metric in ("lds", "lds_one_seed", "lds_noise_ceiling")}
     assert now["lds_one_seed"] == pytest.approx(before)
     assert now["lds"] != pytest.approx(before)
+    assert set(now["lds_noise_ceiling"]) == set(before)
+    assert all(0 <= v <= 1 for v in now["lds_noise_ceiling"].values())
 
     store = ArtifactStore(str(folder / "store"))
     path = _meta(again, "datamodel_lds")["dsdm/manifest"].rsplit("/", 1)[0] + "/lds_losses.parquet"
