@@ -424,11 +424,10 @@ def _measure_lds(context: dg.AssetExecutionContext, writer: AssetWriter, config:
         "model": np.tile(np.repeat(np.arange(len(subsets)), len(column_ids)), config.seeds_per_subset),
         "replicate": np.repeat(np.arange(config.seeds_per_subset), len(subsets) * len(column_ids)),
         "example_id": column_ids * len(runs), "loss": measured.ravel()}), kind="lds_losses")
-    tasks = columns["task"].to_list()
-    scores = linear_datamodeling_score(tau, subsets, measured.mean(axis=0), tasks,
-                                       threshold_sd=threshold)
+    tasks, expected = columns["task"].to_list(), measured.mean(axis=0)
+    scores = linear_datamodeling_score(tau, subsets, expected, tasks, threshold_sd=threshold)
     if threshold:
-        raw = linear_datamodeling_score(tau, subsets, measured.mean(axis=0), tasks)
+        raw = linear_datamodeling_score(tau, subsets, expected, tasks)
         scores = scores.join(raw.select("task", lds_raw="lds", task_level_raw="task_level"),
                              on="task")
     if config.seeds_per_subset > 1:
