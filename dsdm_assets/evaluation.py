@@ -330,7 +330,7 @@ def _replace_evaluations(db: LineageDB, writer: AssetWriter, run_id: str, rows: 
 
 
 @crawl_asset(
-    group=GROUP, kind="torch", code_version="2",
+    group=GROUP, kind="torch", code_version="3",
     description="Linear datamodeling score: models with the proxy recipe trained on random "
     "subsets of the pool; Spearman over subsets of each select-split target's measured loss vs "
     "the loss the datamodel weights predict (-sum of tau over the subset, soft-thresholded as "
