@@ -160,18 +160,24 @@ def test_unchanged_selections_are_reused_without_rescoring(evaluated, monkeypatc
         assert _meta(again, asset)["reused"] is True, asset
 
 
+def _trained_models(monkeypatch) -> list[tuple]:
+    """(model config, examples) of every model the evaluation assets train from now on."""
+    trained: list[tuple] = []
+    original = evaluation.train_evaluation_model
+
+    def recording(model_config, examples, **kwargs):
+        trained.append((model_config, examples))
+        return original(model_config, examples, **kwargs)
+
+    monkeypatch.setattr(evaluation, "train_evaluation_model", recording)
+    return trained
+
+
 def test_a_new_estimator_retrains_only_dsdm_models(evaluated, monkeypatch) -> None:
     """Changing only DsDm's estimator (lambda) re-trains DsDm's evaluation models; the
     baselines', the random curve's and every LDS model's results are adopted by key."""
     folder, first, instance, resources, config, assets = evaluated
-    trained: list[int] = []
-    original = evaluation.train_evaluation_model
-
-    def counting(model_config, examples, **kwargs):
-        trained.append(examples.num_rows)
-        return original(model_config, examples, **kwargs)
-
-    monkeypatch.setattr(evaluation, "train_evaluation_model", counting)
+    trained = _trained_models(monkeypatch)
     changed = copy.deepcopy(config)
     changed["ops"]["datamodel_weights"] = {"config": {"lambda_relative": 0.5}}
     names = {"datamodel_weights", "selected_subset", "evaluations", "datamodel_lds"}
@@ -187,7 +193,7 @@ def test_a_new_estimator_retrains_only_dsdm_models(evaluated, monkeypatch) -> No
         "json_extract_string(extra, '$.kind') = 'run' GROUP BY 1", [again.run_id]).fetchall()
     made = {asset: (n_made, n) for asset, n_made, n in runs}
     # one seed: DsDm's new selection is the only model trained; LDS re-uses all four
-    assert trained == [after["selected"]]
+    assert [examples.num_rows for _, examples in trained] == [after["selected"]]
     assert made["evaluations"] == (1, len(SELECTION_ASSETS) + 1)
     assert made["datamodel_lds"] == (0, 4)
 
@@ -197,21 +203,15 @@ def test_more_seeds_per_subset_train_only_the_new_models(evaluated, monkeypatch)
     subset with a new seed, and correlates with the two models' mean loss; the LDS against the
     first models alone is the one-seed run's."""
     folder, first, instance, resources, config, assets = evaluated
-    seeds: list[int] = []
-    original = evaluation.train_evaluation_model
-
-    def recording(model_config, examples, **kwargs):
-        seeds.append(model_config.seed)
-        return original(model_config, examples, **kwargs)
-
-    monkeypatch.setattr(evaluation, "train_evaluation_model", recording)
+    trained = _trained_models(monkeypatch)
     names = ["datamodel_weights", "datamodel_lds"]
     ops = {k: v for k, v in copy.deepcopy(config)["ops"].items() if k in names}
     ops["datamodel_lds"]["config"]["seeds_per_subset"] = 2
     again = dg.materialize(assets, selection=names, partition_key="small", instance=instance,
                            resources=resources, run_config={"ops": ops})
     assert again.success
-    assert seeds == [1000 + k + evaluation.REPLICATE_SEED_STRIDE for k in range(4)]
+    assert [model.seed for model, _ in trained] == [1000 + k + evaluation.REPLICATE_SEED_STRIDE
+                                                    for k in range(4)]
 
     con = duckdb.connect(str(folder / "lineage.duckdb"), read_only=True)
     lds_id = _meta(again, "datamodel_lds")["config_hash"]
