@@ -190,23 +190,25 @@ def lds_of_variants(pool: Pool, args: argparse.Namespace) -> dict:
     subsets = proxy_subsets(len(pool.ids), config["num_models"], config["fraction"], config["seed"])
     seeds = len(replicates)
     out, ceiling = {}, {}
-    for k in range(seeds, 0, -1):  # the mean of each subset's first k models
-        for variant in args.variants:
+    for variant in args.variants:
+        columns = pool.columns(variant).numpy()  # once per variant: a walk over all of tau
+        for k in range(seeds, 0, -1):  # the mean of each subset's first k models
             name = variant if k == seeds else f"{variant} ({k} seed{'s' * (k > 1)})"
-            table = linear_datamodeling_score(pool.columns(variant).numpy(), subsets,
-                                              replicates[:k].mean(0), pool.tasks.tolist())
+            table = linear_datamodeling_score(columns, subsets, replicates[:k].mean(0),
+                                              pool.tasks.tolist())
             out[name] = {r["task"]: {m: round(r[m], 4) for m in ("lds", "lds_sd", "task_level")}
                          for r in table.to_dicts()}
             out[name]["mean"] = round(float(table["lds"].mean()), 4)
             print(f"{name:>22}: LDS {out[name]['mean']:.4f}  " + "  ".join(
                 f"{t} {v['lds']:.3f}/{v['task_level']:+.2f}" for t, v in out[name].items() if t != "mean"),
                 flush=True)
-        if seeds > 1:  # what training noise leaves of a perfect LDS with k models per subset
-            per_target = lds_ceiling(replicates, k)
-            ceiling[k] = {t: round(float(per_target[pool.tasks == t].mean()), 4) for t in sorted(set(pool.tasks))}
-            ceiling[k]["mean"] = round(float(np.mean(list(ceiling[k].values()))), 4)
-            print(f"{'ceiling':>13} ({k} seed{'s' * (k > 1)}): {ceiling[k]['mean']:.4f}  " +
-                  "  ".join(f"{t} {v:.3f}" for t, v in ceiling[k].items() if t != "mean"), flush=True)
+    for k in range(seeds, 0, -1) if seeds > 1 else ():
+        # what training noise leaves of a perfect LDS with k models per subset (needs two)
+        per_target = lds_ceiling(replicates, k)
+        ceiling[k] = {t: round(float(per_target[pool.tasks == t].mean()), 4) for t in sorted(set(pool.tasks))}
+        ceiling[k]["mean"] = round(float(np.mean(list(ceiling[k].values()))), 4)
+        print(f"{'ceiling':>13} ({k} seed{'s' * (k > 1)}): {ceiling[k]['mean']:.4f}  " +
+              "  ".join(f"{t} {v:.3f}" for t, v in ceiling[k].items() if t != "mean"), flush=True)
     return {"lds_folder": manifest["config_hash"], "subsets": config["num_models"],
             "seeds_per_subset": seeds, "variants": out, "noise_ceiling": ceiling}
 

@@ -227,10 +227,10 @@ def test_more_seeds_per_subset_train_only_the_new_models(evaluated, monkeypatch)
 
     store = ArtifactStore(str(folder / "store"))
     path = _meta(again, "datamodel_lds")["dsdm/manifest"].rsplit("/", 1)[0] + "/lds_losses.parquet"
-    ids = pl.read_parquet(folder / "store" / path)["example_id"].unique(maintain_order=True).to_list()
+    rows = pl.read_parquet(folder / "store" / path)
+    ids = rows["example_id"].unique(maintain_order=True).to_list()
     both = load_lds_losses(store, path, ids)
     one = load_lds_losses(store, path, ids, replicates=1)
-    rows = pl.read_parquet(folder / "store" / path)
     second = rows.filter(pl.col("replicate") == 1).pivot("example_id", index="model", values="loss")
     assert both == pytest.approx((one + second.select(ids).to_numpy()) / 2)
     with pytest.raises(ValueError, match="holds 2 models per subset, asked for 3"):
