@@ -16,6 +16,7 @@ development ones, and the development targets alone. ``fit`` fits the mixture to
 without the development targets, as `selected_subset` does (`dsdm.mixture.mixture_quotas`,
 the ``mean`` objective), and writes a mixture-fit JSON whose quotas `bench/tau_variants.py
 --quotas` takes. One JSON per run under ``--out``: a rerun trains only what is missing.
+The bench's records are committed: ``--out bench/results/mixture_dev fit`` refits from them.
 """
 
 from __future__ import annotations
