@@ -4,6 +4,7 @@ levers on them (docs/EVALUATION.md, "The decisions on development targets").
     python bench/mixture_dev.py runs --first 0 --last 12 &    # two processes, one thread each
     python bench/mixture_dev.py runs --first 12 --last 24
     python bench/mixture_dev.py fit --result bench/results/mixture-fit-nodev.json
+    python bench/mixture_dev.py fit --bootstrap 40 --result bench/results/mixture-fit-nodev-bagged.json
     python bench/tau_variants.py --datamodel 8a8e8b47b42c9f61 --evaluations 2f153b7455ea9abd \\
         --variants soft1 --dev --quotas bench/results/mixture-fit-nodev.json
 
@@ -109,8 +110,11 @@ def train_runs(runs: Runs, first: int, last: int) -> None:
               f"stored losses {gap:.4f} nats", flush=True)
 
 
-def fit(runs: Runs, losses_key: str) -> dict:
-    """The chosen mixture from every run's ``losses_key`` losses (the ``mean`` objective)."""
+def fit(runs: Runs, losses_key: str, bootstrap: int = 0, seed: int = 0) -> dict:
+    """The chosen mixture from every run's ``losses_key`` losses (the ``mean`` objective).
+    With ``bootstrap`` B > 0 the quotas are bagged: the allocation of the mean of the shares
+    chosen by B fits, each to the runs resampled with replacement (the sd of those shares
+    says how well 24 runs determine the mix)."""
     missing = [r["run"] for r in runs.records if not runs.path(r["run"]).exists()]
     if missing:
         raise SystemExit(f"runs {missing} are not retrained yet under {runs.out}")
@@ -123,14 +127,24 @@ def fit(runs: Runs, losses_key: str) -> dict:
     shares = np.array([[r["counts"][s] for s in runs.names] for r in results], float)
     shares /= shares.sum(1, keepdims=True)
     losses = np.array([[r[losses_key][t] for t in tasks] for r in results])
+    concentration = runs.config["concentration"]
     quotas, model = mixture_quotas(shares, losses, runs.available, runs.budget,
-                                   concentration=runs.config["concentration"])
+                                   concentration=concentration)
     names = runs.names.tolist()
-    return {"runs": len(results), "losses": losses_key, "tasks": tasks, "sources": names,
-            "max_gap_to_stored": max(gaps),
-            "chosen_shares": dict(zip(names, np.round(quotas / runs.budget, 4).tolist(), strict=True)),
-            "quotas": dict(zip(names, quotas.tolist(), strict=True)),
-            "r2_leave_one_out": dict(zip(tasks, np.round(model.r2_loo, 3).tolist(), strict=True))}
+    out = {"runs": len(results), "losses": losses_key, "tasks": tasks, "sources": names,
+           "max_gap_to_stored": max(gaps),
+           "r2_leave_one_out": dict(zip(tasks, np.round(model.r2_loo, 3).tolist(), strict=True))}
+    if bootstrap:
+        rng = np.random.default_rng(seed)
+        chosen = np.array([mixture_quotas(shares[i], losses[i], runs.available, runs.budget,
+                                          concentration=concentration)[0] / runs.budget
+                           for i in rng.integers(0, len(results), (bootstrap, len(results)))])
+        out |= {"bootstrap": bootstrap, "bootstrap_seed": seed,
+                "unbagged_quotas": dict(zip(names, quotas.tolist(), strict=True)),
+                "bootstrap_sd_of_shares": dict(zip(names, np.round(chosen.std(0), 4).tolist(), strict=True))}
+        quotas = allocate(chosen.mean(0), runs.budget, runs.available)
+    return out | {"chosen_shares": dict(zip(names, np.round(quotas / runs.budget, 4).tolist(), strict=True)),
+                  "quotas": dict(zip(names, quotas.tolist(), strict=True))}
 
 
 def main() -> None:
@@ -146,13 +160,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p = sub.add_parser("fit", help="fit the mixture without the development targets")
     p.add_argument("--result", help="write the fit here (a mixture-fit JSON for tau_variants --quotas)")
+    p.add_argument("--bootstrap", type=int, default=0,
+                   help="bag the fit over this many resamples of the runs (0: one fit)")
+    p.add_argument("--seed", type=int, default=0, help="the resamples' seed")
     args = parser.parse_args()
     runs = Runs(args)
     if args.command == "runs":
         torch.set_num_threads(args.threads)
         train_runs(runs, args.first, args.last)
         return
-    without, every = fit(runs, "select_without_dev"), fit(runs, "select")
+    without, every = fit(runs, "select_without_dev", args.bootstrap, args.seed), fit(runs, "select")
     summary = {"config": {"store": portable(Path(args.store).resolve()), "crawl": args.crawl,
                           "runs": runs.manifest["config_hash"], "dev_targets": int(runs.dev.sum())},
                **without, "with_dev_targets": {k: every[k] for k in ("quotas", "r2_leave_one_out")}}
