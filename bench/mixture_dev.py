@@ -1,10 +1,11 @@
 """The source quotas fitted without the development targets: the last leak in deciding
 levers on them (docs/EVALUATION.md, "The decisions on development targets").
 
-    python bench/mixture_dev.py runs --first 0 --last 12 &    # two processes, one thread each
-    python bench/mixture_dev.py runs --first 12 --last 24
-    python bench/mixture_dev.py fit --result bench/results/mixture-fit-nodev.json
-    python bench/mixture_dev.py fit --bootstrap 40 --result bench/results/mixture-fit-nodev-bagged.json
+    M="--mixture e62d5f920bc0cda2"    # the bench store's mixture_runs folder with 24 runs
+    python bench/mixture_dev.py $M runs --first 0 --last 12 &    # two processes, one thread each
+    python bench/mixture_dev.py $M runs --first 12 --last 24
+    python bench/mixture_dev.py $M fit --result bench/results/mixture-fit-nodev.json
+    python bench/mixture_dev.py $M fit --bootstrap 40 --result bench/results/mixture-fit-nodev-bagged.json
     python bench/tau_variants.py --datamodel 8a8e8b47b42c9f61 --evaluations 2f153b7455ea9abd \\
         --variants soft1 --dev --quotas bench/results/mixture-fit-nodev.json
 
@@ -16,7 +17,8 @@ every select target (checked against the stored record), the select targets with
 development ones, and the development targets alone. ``fit`` fits the mixture to the losses
 without the development targets, as `selected_subset` does (`dsdm.mixture.mixture_quotas`,
 the ``mean`` objective), and writes a mixture-fit JSON whose quotas `bench/tau_variants.py
---quotas` takes. One JSON per run under ``--out``: a rerun trains only what is missing.
+--quotas` takes; ``--bootstrap B`` bags it over B resamples of the runs. One JSON per run
+under ``--out``: a rerun trains only what is missing.
 The bench's records are committed: ``--out bench/results/mixture_dev fit`` refits from them.
 """
 
