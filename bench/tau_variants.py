@@ -75,13 +75,18 @@ CURVE = REPO / "bench" / "results" / "selection_quality.json"
 PATH_FLAGS = ("store", "quotas", "out", "summary")
 
 
+#: the flag that names each asset's folder, in this script and in bench/mixture_dev.py
+FOLDER_FLAGS = {"datamodel_weights": "--datamodel", "evaluations": "--evaluations",
+                "datamodel_lds": "--lds-folder", "mixture_runs": "--mixture"}
+
+
 def only_manifest(store: Path, asset: str, crawl: str, folder: str | None = None) -> dict:
     """The manifest of ``asset``'s one folder (or of ``folder``) for ``crawl``."""
     found = sorted((store / asset / crawl).glob(f"{folder or '*'}/manifest.json"))
     if len(found) != 1:
         options = {p.parent.name: json.loads(p.read_text())["config"] for p in found}
         raise SystemExit(f"{asset}: expected one folder, found {len(found)}: {options}; "
-                         f"name one with --{asset.split('_')[0]}")
+                         f"name one with {FOLDER_FLAGS.get(asset, 'a re-made store')}")
     return json.loads(found[0].read_text())
 
 
