@@ -39,13 +39,12 @@ sys.path.insert(0, str(REPO))
 from bench.common import portable  # noqa: E402
 from bench.levers import dev_targets, with_dev_split  # noqa: E402
 from bench.tau_variants import STORE, only_manifest, tables  # noqa: E402
-from dsdm.evaluation import target_losses  # noqa: E402
+from dsdm.evaluation import HELDOUT_TEXT, target_losses  # noqa: E402
 from dsdm.mixture import allocate, mixture_plan, mixture_quotas, mixture_subset  # noqa: E402
 from dsdm.proxy import ProxyConfig, train_proxy  # noqa: E402
 from dsdm.store import ArtifactStore  # noqa: E402
 from dsdm.tokenization import to_tensors  # noqa: E402
 
-HELDOUT = "heldout_text"
 #: retrained select-split losses must reproduce the stored ones to this many nats
 AGREEMENT = 0.02
 
@@ -78,7 +77,7 @@ class Runs:
 def task_losses(model: torch.nn.Module, targets, split: str) -> dict[str, float]:
     """Loss per target task on ``split`` (the pooled held-out text left out)."""
     frame = target_losses(model, targets, split=split)
-    return {t: v for t, v in zip(frame["task"], frame["loss"], strict=True) if t != HELDOUT}
+    return {t: v for t, v in zip(frame["task"], frame["loss"], strict=True) if t != HELDOUT_TEXT}
 
 
 def train_runs(runs: Runs, first: int, last: int) -> None:
