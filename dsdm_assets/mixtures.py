@@ -19,7 +19,7 @@ import torch
 from pydantic import Field, field_validator
 
 from dsdm.artifacts import Upstream, mixture_run_file, read_examples
-from dsdm.evaluation import target_losses
+from dsdm.evaluation import HELDOUT_TEXT, target_losses
 from dsdm.mixture import allocate, mixture_plan, mixture_subset
 from dsdm.proxy import ProxyConfig, check_trainable, train_proxy
 from dsdm.tokenization import to_tensors
@@ -30,8 +30,6 @@ from dsdm_assets.recording import AssetWriter, produce
 from dsdm_assets.tables import markdown_table
 from resources import ArtifactStoreResource, ComputeResource, LineageResource
 
-#: not a target task: the pooled text of every task, which target_losses also reports
-HELDOUT = "heldout_text"
 MIN_RUNS = 3
 
 
@@ -147,7 +145,7 @@ def _train_runs(context: dg.AssetExecutionContext, writer: AssetWriter,
         losses = target_losses(model, targets, split="select", device=device)
         run = {"run": r, "counts": counts, "seconds": round(time.perf_counter() - start, 1),
                "losses": {t: v for t, v in zip(losses["task"], losses["loss"], strict=True)
-                          if t != HELDOUT}}
+                          if t != HELDOUT_TEXT}}
         writer.write_bytes(name, json.dumps(run).encode(), "mixture_run")
         runs.append(run)
         context.log.info(f"mixture run {r + 1}/{config.runs}: {run['seconds']:.0f} s, losses "
