@@ -7,6 +7,7 @@ Benchmarks print JSON; they are not tests and assert nothing about speed.
 from __future__ import annotations
 
 import gzip
+import json
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,14 @@ MODELS = {
     # ~7.6M parameters: the size of the earlier measurement that traker's figures come from.
     "7m": {"hidden_size": 256, "num_layers": 7, "num_heads": 4},
 }
+
+
+def emit(result: dict, path: str | None) -> None:
+    """Print ``result`` as indented JSON and, given a ``path``, write the same text there."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n")
 
 
 def portable(value: object) -> object:

@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import emit  # noqa: E402
 from dsdm.evaluation import example_losses  # noqa: E402
 from dsdm.proxy import ProxyConfig, build_proxy, train_proxy  # noqa: E402
 
@@ -399,10 +400,7 @@ def mixture_fit(args: argparse.Namespace) -> None:
     """Print (and with --result write) the domain datamodel's fit and chosen mixture."""
     out, data = Path(args.out), Data(Path(args.out))
     result = chosen_mixture(out, data, args.runs, args.fraction, args.top, args.objective)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.result:
-        Path(args.result).write_text(text + "\n")
+    emit(result, args.result)
 
 
 # --- features ------------------------------------------------------------------------------
@@ -696,10 +694,7 @@ def diagnose(args: argparse.Namespace) -> None:
             "between_documents": round(between_share(whole[:, i], docs), 3),
             "top_source_share": {s: round(int(c) / k, 3) for s, c in
                                  sorted(mix.items(), key=lambda kv: -kv[1])}}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.result:
-        Path(args.result).write_text(text)
+    emit(result, args.result)
 
 
 # --- evaluation models ----------------------------------------------------------------------
@@ -923,10 +918,7 @@ def mixing(args: argparse.Namespace) -> None:
             "mean_z": {t: round(float(z[chosen, i].mean()), 3) for i, t in enumerate(names)},
             "overlap_with_sum": round(len(np.intersect1d(chosen, rules["sum"])) / k, 3)}
     result["own_top"] = {t: round(float(z[own[t], i].mean()), 3) for i, t in enumerate(names)}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.result:
-        Path(args.result).write_text(text)
+    emit(result, args.result)
 
 
 def report(args: argparse.Namespace) -> None:

@@ -36,7 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import portable  # noqa: E402
+from bench.common import emit, portable  # noqa: E402
 from bench.levers import dev_targets, with_dev_split  # noqa: E402
 from bench.tau_variants import STORE, only_manifest, tables  # noqa: E402
 from dsdm.evaluation import HELDOUT_TEXT, target_losses  # noqa: E402
@@ -174,10 +174,7 @@ def main() -> None:
     summary = {"config": {"store": portable(Path(args.store).resolve()), "crawl": args.crawl,
                           "runs": runs.manifest["config_hash"], "dev_targets": int(runs.dev.sum())},
                **without, "with_dev_targets": {k: every[k] for k in ("quotas", "r2_leave_one_out")}}
-    text = json.dumps(summary, indent=1)
-    if args.result:
-        Path(args.result).write_text(text + "\n")
-    print(text)
+    emit(summary, args.result)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import portable  # noqa: E402
+from bench.common import emit, portable  # noqa: E402
 from bench.levers import dev_targets, with_dev_split  # noqa: E402
 from dsdm.artifacts import TARGET_COLUMNS, load_lds_replicates, load_tau  # noqa: E402
 from dsdm.datamodels import proxy_subsets  # noqa: E402
@@ -298,10 +298,7 @@ def main() -> None:
             results.setdefault(name, []).append(json.loads(path.read_text()))
     flags = {k: portable(Path(v).resolve()) if k in PATH_FLAGS and v else v for k, v in vars(args).items()}
     summary = {"config": {**flags, "recipe": pool.recipe}, "variants": summarise(results)}
-    text = json.dumps(summary, indent=1)
-    if args.summary:
-        Path(args.summary).write_text(text + "\n")
-    print(text)
+    emit(summary, args.summary)
 
 
 if __name__ == "__main__":
