@@ -7,14 +7,19 @@ the bench's evaluation models and without re-scoring anything.
     python bench/tau_variants.py --lds --variants soft0 soft0.5 soft1 soft2   # no training
 
 Reads a store that `bench/selection_quality.py` filled (``--store``): the pool, the target
-tasks, one datamodel_weights folder (its tau shards) and the evaluation models' recipe. Each
+tasks, one datamodel_weights folder (its tau shards) and the evaluation models' recipe (or,
+with ``--recipe``, the recipe of an earlier summary, for a store without evaluations). Each
 variant turns tau [N, T] into task scores its own way: ``softS`` soft-thresholds each target
 column at S sd of its values over the pool (`dsdm.trak.soft_threshold`; ``soft0`` is the raw
 tau, ``soft1`` the pipeline's default), ``standardised`` standardises each column over the pool (every
 target one vote), ``rank_mean`` replaces each column by its pool ranks, ``hardS`` zeroes the
 entries within S sd and keeps the rest as they are, ``madS`` soft-thresholds at S robust sd
 (1.4826 x the column's median absolute deviation), ``lowrankK`` keeps tau's projection onto
-its top K singular directions over targets. For each it makes
+its top K singular directions over targets. An aggregation may be followed by selection
+rules: ``+groupsK`` splits each task's targets into K groups by their columns of tau
+(`target_groups`), mixed like tasks; ``+doccapC`` ranks each document's examples after its
+C best below all others (`document_cap`); ``+docmeanA`` moves each example's score a share A
+of the way to its document's mean score; e.g. ``soft1+groups4``. For each it makes
 the DsDm selection as `selected_subset` does (the task means, the
 standardised scores under `task_mixing: max`, optionally each source's quota filled by that
 ranking, the top 20%), trains an evaluation model per seed with the bench's recipe, and
@@ -72,7 +77,7 @@ from dsdm.trak import soft_threshold  # noqa: E402
 
 STORE = REPO / "bench" / "out" / "selection_quality" / "bench-5200" / "store"
 CURVE = REPO / "bench" / "results" / "selection_quality.json"
-PATH_FLAGS = ("store", "quotas", "out", "summary")
+PATH_FLAGS = ("store", "quotas", "out", "summary", "recipe")
 
 
 #: the flag that names each asset's folder, in this script and in bench/mixture_dev.py
@@ -104,11 +109,15 @@ class Pool:
         corpus_m = only_manifest(root, "tokenized_corpus", args.crawl)
         weights_m = only_manifest(root, "datamodel_weights", args.crawl, args.datamodel)
         self.scores_id = weights_m["config_hash"]
-        self.recipe = only_manifest(root, "evaluations", args.crawl, args.evaluations)["config"]["model"]
+        if args.recipe:  # a store whose evaluations were never materialised
+            self.recipe = json.loads(Path(args.recipe).read_text())["config"]["recipe"]
+        else:
+            self.recipe = only_manifest(root, "evaluations", args.crawl, args.evaluations)["config"]["model"]
         self.corpus = tables(store, corpus_m, "examples")
         self.targets = tables(store, only_manifest(root, "target_tasks", args.crawl), "targets")
         self.ids = np.array(self.corpus.column("example_id").to_pylist())
         self.sources = np.array(self.corpus.column("source").to_pylist())
+        self.documents = np.array(self.corpus.column("doc_id").to_pylist())
         self.tau = torch.cat([load_tau(store, f["path"]) for f in weights_m["files"]
                               if f["kind"] == "tau"]).double()
         columns = pq.read_table(root / weights_m["files"][0]["path"].rsplit("/", 1)[0] / TARGET_COLUMNS)
@@ -163,16 +172,96 @@ class Pool:
         return self._low_rank[key]
 
     def keep(self, variant: str, dev: bool) -> np.ndarray:
-        """[N] bool in corpus order (the order the training shards keep)."""
+        """[N] bool in corpus order (the order the training shards keep). ``variant`` is an
+        aggregation, optionally followed by selection rules: ``+groupsK`` splits each task's
+        targets into K groups (`target_groups`) mixed like tasks, ``+doccapC`` keeps at most
+        C examples of a document before any of its others (`document_cap`), ``+docmeanA``
+        moves each example's mixed score a share A of the way to its document's mean."""
+        aggregation, *rules = variant.split("+")
         scored = ~self.dev if dev else np.ones(len(self.tasks), bool)
-        tau = self.columns(variant, scored)
-        means = {t: tau[:, (self.tasks == t) & scored].mean(1).numpy() for t in sorted(set(self.tasks))}
+        tau = self.columns(aggregation, scored)
+        groups = {t: (self.tasks == t) & scored for t in sorted(set(self.tasks))}
+        cap, pull = None, 0.0
+        for rule in rules:
+            if rule.startswith("groups"):
+                groups = {f"{t}/{i}": part for t, mask in groups.items()
+                          for i, part in enumerate(target_groups(tau, mask, int(rule[6:])))}
+                print(f"{variant}: targets per group " + ", ".join(
+                    f"{name} {int(mask.sum())}" for name, mask in groups.items()), flush=True)
+            elif rule.startswith("doccap"):
+                cap = int(rule[6:])
+            elif rule.startswith("docmean"):
+                pull = float(rule[7:])
+            else:
+                raise SystemExit(f"unknown selection rule {rule!r} in {variant!r}: groupsK, "
+                                 "doccapC or docmeanA")
+        means = {name: tau[:, mask].mean(1).numpy() for name, mask in groups.items()}
         combined = combine_task_scores(means, standardise=True, mixing="max")
+        if pull:  # each example's score moved a share `pull` of the way to its document's mean
+            _, document, count = np.unique(self.documents, return_inverse=True, return_counts=True)
+            document_mean = np.bincount(document, weights=combined) / count
+            combined = (1 - pull) * combined + pull * document_mean[document]
+        if cap is not None:
+            combined = document_cap(combined, self.documents, cap)
         if self.quotas is not None:
             combined = quota_scores(self.sources, combined, self.quotas)
         keep = np.zeros(len(self.ids), bool)
         keep[select_top(combined, self.ids, fraction=self.fraction)] = True
         return keep
+
+
+def target_groups(tau: torch.Tensor, mask: np.ndarray, k: int, restarts: int = 8) -> list[np.ndarray]:
+    """The targets that ``mask`` [T] marks, split into ``k`` groups by what they predict:
+    spherical k-means (seeded, best of ``restarts``) on each target's column of ``tau`` [N, T]
+    over the pool, centred and reduced to its top 32 principal directions. Returns k [T] bool
+    masks, each a subset of ``mask``. A task whose items come from several kinds of text
+    (the mixed tasks) has targets that want different examples; as groups mixed by the
+    ``max`` rule, each kind brings its own top examples instead of the task's average."""
+    rows = np.flatnonzero(mask)
+    x = tau[:, rows].T  # [T_task, N]
+    x = x - x.mean(0)
+    u, s, _ = torch.linalg.svd(x, full_matrices=False)
+    z = (u[:, :32] * s[:32]).numpy()
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    rng = np.random.default_rng(0)
+    best, best_fit = None, -np.inf
+    for _ in range(restarts):
+        centres = z[rng.choice(len(z), k, replace=False)]
+        for _ in range(100):
+            label = (z @ centres.T).argmax(1)
+            moved = np.stack([z[label == c].sum(0) if (label == c).any() else centres[c]
+                              for c in range(k)])
+            moved /= np.linalg.norm(moved, axis=1, keepdims=True)
+            if np.allclose(moved, centres):
+                break
+            centres = moved
+        fit = float((z * centres[label]).sum())
+        if fit > best_fit:
+            best, best_fit = label, fit
+    out = []
+    for c in range(k):
+        part = np.zeros_like(mask)
+        part[rows[best == c]] = True
+        out.append(part)
+    return [part for part in out if part.any()]
+
+
+def document_cap(scores: np.ndarray, documents: np.ndarray, cap: int) -> np.ndarray:
+    """[N] scores in which each document's examples after its ``cap`` best rank below every
+    example within its document's cap (in their own order): a selection takes at most ``cap``
+    examples of a document until no other candidate is left. The linear datamodel adds up
+    examples' effects; windows of one document overlap in content, so their effects do not
+    add, and the cap spends the budget on more documents instead."""
+    order = np.lexsort((-scores, documents))  # by document, best first within each
+    first = np.r_[True, documents[order][1:] != documents[order][:-1]]
+    start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+    within = np.empty(len(order), int)
+    within[order] = np.arange(len(order)) - start
+    out = np.asarray(scores, float).copy()
+    over = within >= cap
+    if over.any() and (~over).any():
+        out[over] = out[over] - (out[over].max() - out[~over].min()) - 1.0
+    return out
 
 
 def lds_of_variants(pool: Pool, args: argparse.Namespace) -> dict:
@@ -196,6 +285,9 @@ def lds_of_variants(pool: Pool, args: argparse.Namespace) -> dict:
     seeds = len(replicates)
     out, ceiling = {}, {}
     for variant in args.variants:
+        if "+" in variant:
+            raise SystemExit(f"{variant!r}: selection rules leave tau's columns as they are; "
+                             "--lds takes aggregations only")
         columns = pool.columns(variant).numpy()  # once per variant: a walk over all of tau
         for k in range(seeds, 0, -1):  # the mean of each subset's first k models
             name = variant if k == seeds else f"{variant} ({k} seed{'s' * (k > 1)})"
@@ -255,6 +347,8 @@ def main() -> None:
     parser.add_argument("--crawl", default="bench-5200")
     parser.add_argument("--datamodel", help="datamodel_weights folder (its config hash)")
     parser.add_argument("--evaluations", help="evaluations folder whose model recipe to use")
+    parser.add_argument("--recipe", help="a summary JSON of this script whose evaluation-model "
+                        "recipe to use instead of the store's evaluations folder's")
     parser.add_argument("--variants", nargs="+", default=["soft0", "soft1"])
     parser.add_argument("--quotas", help="a mixture-fit JSON with per-source quotas (none: the whole pool)")
     parser.add_argument("--dev", action="store_true", help="leave the development targets out of the scores")
@@ -278,6 +372,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     raw = pool.keep("soft0", args.dev)
     kept = {variant: pool.keep(variant, args.dev) for variant in args.variants}
+    for variant, keep in kept.items():  # how far the selection spreads over documents
+        _, per_document = np.unique(pool.documents[keep], return_counts=True)
+        print(f"{variant}: {int(keep.sum())} examples of {len(per_document)} documents "
+              f"(at most {per_document.max()} of one; the pool {len(np.unique(pool.documents))})",
+              flush=True)
     results = {}
     mix = Path(args.quotas).stem if args.quotas else "pool"  # which quotas, in every name
     for seed in args.seeds:  # every variant's seed 0 first: a cut-short run is still paired
