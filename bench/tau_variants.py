@@ -77,7 +77,7 @@ from dsdm.trak import soft_threshold  # noqa: E402
 
 STORE = REPO / "bench" / "out" / "selection_quality" / "bench-5200" / "store"
 CURVE = REPO / "bench" / "results" / "selection_quality.json"
-PATH_FLAGS = ("store", "quotas", "out", "summary", "recipe")
+PATH_FLAGS = ("store", "quotas", "out", "summary", "recipe_from")
 
 
 #: the flag that names each asset's folder, in this script and in bench/mixture_dev.py
@@ -109,8 +109,8 @@ class Pool:
         corpus_m = only_manifest(root, "tokenized_corpus", args.crawl)
         weights_m = only_manifest(root, "datamodel_weights", args.crawl, args.datamodel)
         self.scores_id = weights_m["config_hash"]
-        if args.recipe:  # a store whose evaluations were never materialised
-            self.recipe = json.loads(Path(args.recipe).read_text())["config"]["recipe"]
+        if args.recipe_from:  # a store whose evaluations were never materialised
+            self.recipe = json.loads(Path(args.recipe_from).read_text())["config"]["recipe"]
         else:
             self.recipe = only_manifest(root, "evaluations", args.crawl, args.evaluations)["config"]["model"]
         self.corpus = tables(store, corpus_m, "examples")
@@ -347,7 +347,7 @@ def main() -> None:
     parser.add_argument("--crawl", default="bench-5200")
     parser.add_argument("--datamodel", help="datamodel_weights folder (its config hash)")
     parser.add_argument("--evaluations", help="evaluations folder whose model recipe to use")
-    parser.add_argument("--recipe", help="a summary JSON of this script whose evaluation-model "
+    parser.add_argument("--recipe", dest="recipe_from", help="a summary JSON of this script whose evaluation-model "
                         "recipe to use instead of the store's evaluations folder's")
     parser.add_argument("--variants", nargs="+", default=["soft0", "soft1"])
     parser.add_argument("--quotas", help="a mixture-fit JSON with per-source quotas (none: the whole pool)")
