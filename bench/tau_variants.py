@@ -19,7 +19,8 @@ its top K singular directions over targets. An aggregation may be followed by se
 rules: ``+groupsK`` splits each task's targets into K groups by their columns of tau
 (`target_groups`), mixed like tasks; ``+doccapC`` ranks each document's examples after its
 C best below all others (`document_cap`); ``+docmeanA`` moves each example's score a share A
-of the way to its document's mean score; e.g. ``soft1+groups4``. For each it makes
+of the way to its document's mean score; ``+sum`` mixes the tasks by the standardised sum
+instead of ``max``; e.g. ``soft1+groups4``. For each it makes
 the DsDm selection as `selected_subset` does (the task means, the
 standardised scores under `task_mixing: max`, optionally each source's quota filled by that
 ranking, the top 20%), trains an evaluation model per seed with the bench's recipe, and
@@ -176,12 +177,13 @@ class Pool:
         aggregation, optionally followed by selection rules: ``+groupsK`` splits each task's
         targets into K groups (`target_groups`) mixed like tasks, ``+doccapC`` keeps at most
         C examples of a document before any of its others (`document_cap`), ``+docmeanA``
-        moves each example's mixed score a share A of the way to its document's mean."""
+        moves each example's mixed score a share A of the way to its document's mean,
+        ``+sum`` mixes the standardised task scores by their sum instead of `max`."""
         aggregation, *rules = variant.split("+")
         scored = ~self.dev if dev else np.ones(len(self.tasks), bool)
         tau = self.columns(aggregation, scored)
         groups = {t: (self.tasks == t) & scored for t in sorted(set(self.tasks))}
-        cap, pull = None, 0.0
+        cap, pull, mixing = None, 0.0, "max"
         for rule in rules:
             if rule.startswith("groups"):
                 groups = {f"{t}/{i}": part for t, mask in groups.items()
@@ -192,11 +194,13 @@ class Pool:
                 cap = int(rule[6:])
             elif rule.startswith("docmean"):
                 pull = float(rule[7:])
+            elif rule == "sum":
+                mixing = "sum"
             else:
                 raise SystemExit(f"unknown selection rule {rule!r} in {variant!r}: groupsK, "
-                                 "doccapC or docmeanA")
+                                 "doccapC, docmeanA or sum")
         means = {name: tau[:, mask].mean(1).numpy() for name, mask in groups.items()}
-        combined = combine_task_scores(means, standardise=True, mixing="max")
+        combined = combine_task_scores(means, standardise=True, mixing=mixing)
         if pull:  # each example's score moved a share `pull` of the way to its document's mean
             _, document, count = np.unique(self.documents, return_inverse=True, return_counts=True)
             document_mean = np.bincount(document, weights=combined) / count
