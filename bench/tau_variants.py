@@ -218,9 +218,10 @@ def target_groups(tau: torch.Tensor, mask: np.ndarray, k: int, restarts: int = 8
     """The targets that ``mask`` [T] marks, split into ``k`` groups by what they predict:
     spherical k-means (seeded, best of ``restarts``) on each target's column of ``tau`` [N, T]
     over the pool, centred and reduced to its top 32 principal directions. Returns k [T] bool
-    masks, each a subset of ``mask``. A task whose items come from several kinds of text
-    (the mixed tasks) has targets that want different examples; as groups mixed by the
-    ``max`` rule, each kind brings its own top examples instead of the task's average."""
+    masks, each a subset of ``mask``. The hypothesis it tests: a task whose items come from
+    several kinds of text (the mixed tasks) has targets that want different examples, so as
+    groups mixed by the ``max`` rule each kind would bring its own top examples instead of
+    the task's average (measured: no; docs/EVALUATION.md, "Selection rules")."""
     rows = np.flatnonzero(mask)
     x = tau[:, rows].T  # [T_task, N]
     x = x - x.mean(0)
@@ -253,9 +254,10 @@ def target_groups(tau: torch.Tensor, mask: np.ndarray, k: int, restarts: int = 8
 def document_cap(scores: np.ndarray, documents: np.ndarray, cap: int) -> np.ndarray:
     """[N] scores in which each document's examples after its ``cap`` best rank below every
     example within its document's cap (in their own order): a selection takes at most ``cap``
-    examples of a document until no other candidate is left. The linear datamodel adds up
-    examples' effects; windows of one document overlap in content, so their effects do not
-    add, and the cap spends the budget on more documents instead."""
+    examples of a document until no other candidate is left. The hypothesis it tests: the
+    linear datamodel adds up examples' effects, but windows of one document overlap in
+    content, so theirs may not add, and the budget would do more spread over more documents
+    (measured: no; docs/EVALUATION.md, "Selection rules")."""
     order = np.lexsort((-scores, documents))  # by document, best first within each
     first = np.r_[True, documents[order][1:] != documents[order][:-1]]
     start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
