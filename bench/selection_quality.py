@@ -7,6 +7,8 @@
                                                                        # the baselines' models
     python bench/selection_quality.py --no-out-to-loss-weight --methods dsdm random \
         --multiples 2 --lds-models 0 --name bench-5200-q-off     # one estimator lever, DsDm only
+    python bench/selection_quality.py --methods dsdm random --multiples 2 --mixture-runs 0 \
+        --seeds 0 --soft-threshold 0 --lds-models 8 --lds-only   # LDS models, no evaluation
 
 The standard configuration (docs/EVALUATION.md, "The bench"): every k-th document of the
 bench crawl, 5,200 documents of all ten sources (26k examples of 128 tokens), all five target
@@ -148,6 +150,9 @@ def main() -> None:
                         help="selections made and evaluated (random is required: the "
                         "multipliers are measured against it)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--lds-only", action="store_true",
+                        help="only the datamodel and its LDS models (datamodel_lds), no evaluation "
+                        "models: for bench/tau_variants.py --lds on a store built without them")
     parser.add_argument("--baselines-only", action="store_true",
                         help="only the baselines' selections and their evaluation models (the "
                         "random curve included), for a second process beside the full run: its "
@@ -180,6 +185,12 @@ def main() -> None:
     if args.baselines_only:
         print(f"baselines' evaluation models stored in {wall:.0f} s; the full run adopts them")
         return
+    if args.lds_only:
+        lds = {e.step_materialization_data.materialization.asset_key.to_user_string():
+               e.step_materialization_data.materialization.metadata
+               for e in result.get_asset_materialization_events()}["datamodel_lds"]
+        print(f"datamodel_lds {lds['config_hash'].value} in {wall:.0f} s:\n{lds['lds'].value}")
+        return
     print(json.dumps(summary(result, folder, name, args, config, wall), indent=2))
 
 
@@ -192,6 +203,11 @@ def asset_selection(args: argparse.Namespace) -> tuple[list[str] | None, list[st
                              "--lds-models at their defaults")
         # the baselines' selections and evaluations (SemDeDup embeds with the proxies)
         methods, lds_models = BASELINE_METHODS, 0
+    if args.lds_only:
+        if lds_models == 0 or "dsdm" not in methods:
+            raise SystemExit("--lds-only measures DsDm's datamodel: keep dsdm in --methods and "
+                             "--lds-models above 0")
+        methods = ["dsdm", "random"]
     if "random" not in methods:
         raise SystemExit("--methods must include random: the multipliers are measured against it")
     left_out = {selection.SELECTION_ASSETS[m] for m in selection.SELECTION_ASSETS
@@ -202,6 +218,8 @@ def asset_selection(args: argparse.Namespace) -> tuple[list[str] | None, list[st
         left_out.add("mixture_runs")
         if lds_models == 0:
             left_out |= {"gradient_shards", "target_gradients", "datamodel_weights"}
+    if args.lds_only:  # the selections stay (cheap); no model is trained on them
+        left_out.add("evaluations")
     if not left_out:
         return None, methods
     keys = [key.to_user_string() for asset in ASSETS for key in asset.keys]

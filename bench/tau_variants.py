@@ -5,6 +5,7 @@ the bench's evaluation models and without re-scoring anything.
     python bench/tau_variants.py --quotas bench/results/levers/bench-5200/mixture-fit.json
     python bench/tau_variants.py --variants soft0 soft0.5 soft1 soft2 --quotas ... --dev
     python bench/tau_variants.py --lds --variants soft0 soft0.5 soft1 soft2   # no training
+    python bench/tau_variants.py --per-proxy bench/out/tau_per_proxy --variants se1 psoft1 ...
 
 Reads a store that `bench/selection_quality.py` filled (``--store``): the pool, the target
 tasks, one datamodel_weights folder (its tau shards) and the evaluation models' recipe (or,
@@ -15,7 +16,12 @@ tau, ``soft1`` the pipeline's default), ``standardised`` standardises each colum
 target one vote), ``rank_mean`` replaces each column by its pool ranks, ``hardS`` zeroes the
 entries within S sd and keeps the rest as they are, ``madS`` soft-thresholds at S robust sd
 (1.4826 x the column's median absolute deviation), ``lowrankK`` keeps tau's projection onto
-its top K singular directions over targets. An aggregation may be followed by selection
+its top K singular directions over targets. Three use each proxy's own scores (``--per-proxy``,
+written by `bench/tau_per_proxy.py`): ``seS`` soft-thresholds each entry at S times its
+standard error over the proxies, ``psoftS`` soft-thresholds each proxy's columns at S sd before
+the ensemble mean, ``medianS`` takes the median over proxies instead of the mean (then S sd
+per column), ``proxiesIJ..`` the mean of the named proxies alone (``--overlaps-only`` prints how
+much two disjoint halves' selections share, and trains nothing). An aggregation may be followed by selection
 rules: ``+groupsK`` splits each task's targets into K groups by their columns of tau
 (`target_groups`), mixed like tasks; ``+doccapC`` ranks each document's examples after its
 C best below all others (`document_cap`); ``+docmeanA`` moves each example's score a share A
@@ -78,7 +84,7 @@ from dsdm.trak import soft_threshold  # noqa: E402
 
 STORE = REPO / "bench" / "out" / "selection_quality" / "bench-5200" / "store"
 CURVE = REPO / "bench" / "results" / "selection_quality.json"
-PATH_FLAGS = ("store", "quotas", "out", "summary", "recipe_from")
+PATH_FLAGS = ("store", "quotas", "out", "summary", "recipe_from", "per_proxy")
 
 
 #: the flag that names each asset's folder, in this script and in bench/mixture_dev.py
@@ -125,6 +131,7 @@ class Pool:
         self.tasks = np.array(columns["task"].to_pylist())
         self.target_ids = columns["example_id"].to_pylist()
         self._low_rank: dict[tuple, torch.Tensor] = {}
+        self.per_proxy = Path(args.per_proxy) / self.scores_id if args.per_proxy else None
         self.dev = dev_targets(self.target_ids)
         if self.tau.shape != (len(self.ids), len(self.tasks)):
             raise SystemExit(f"tau is {tuple(self.tau.shape)}, pool x targets "
@@ -151,11 +158,58 @@ class Pool:
             return soft_threshold(self.tau, float(variant[3:]) * 1.4826 * deviation)
         if variant.startswith("hard"):  # keep the effects beyond S sd unshrunk
             return self.tau * (self.tau.abs() > float(variant[4:]) * self.tau.std(0))
+        if variant.startswith(("se", "psoft", "median", "proxies")):
+            return self.ensemble_aggregate(variant)
         if not variant.startswith("soft"):
-            raise SystemExit(f"unknown variant {variant!r}: softS, hardS, madS, lowrankK, "
-                             "standardised or rank_mean")
+            raise SystemExit(f"unknown variant {variant!r}: softS, hardS, madS, lowrankK, seS, "
+                             "psoftS, medianS, proxiesIJ.., standardised or rank_mean")
         threshold = float(variant[4:])
         return self.tau if threshold == 0 else soft_threshold(self.tau, threshold * self.tau.std(0))
+
+    def ensemble_aggregate(self, variant: str) -> torch.Tensor:
+        """tau [N, T] from the proxies' own scores tau_m = S_m * q (`bench/tau_per_proxy.py`),
+        column block by column block: ``seS`` soft-thresholds each entry of their mean at S
+        times its standard error over the M proxies (sd_m / sqrt(M)), ``psoftS`` soft-thresholds
+        each proxy's columns at S sd before the mean, ``medianS`` takes the median over proxies
+        and soft-thresholds its columns at S sd (S = 0: none). The hypothesis: the column-wide
+        threshold treats every candidate's score as equally noisy, but the proxies disagree
+        more on some candidates than on others. ``proxiesIJK..`` (digits) is the mean of those
+        proxies alone, thresholded as the default (1 sd): two disjoint halves show how much
+        of a selection is the ensemble's own noise."""
+        if self.per_proxy is None:
+            raise SystemExit(f"{variant!r} needs each proxy's scores: run bench/tau_per_proxy.py "
+                             "and pass --per-proxy")
+        kind = next(k for k in ("se", "psoft", "median", "proxies") if variant.startswith(k))
+        proxies = sorted(self.per_proxy.glob("proxy-*.npy"))
+        level = 1.0 if kind == "proxies" else float(variant[len(kind):])
+        if kind == "proxies":
+            chosen = [int(c) for c in variant[len(kind):]]
+            if not chosen or max(chosen) >= len(proxies) or len(set(chosen)) != len(chosen):
+                raise SystemExit(f"{variant!r}: name distinct proxies 0-{len(proxies) - 1}, e.g. proxies0123")
+        stack = [np.load(path, mmap_mode="r") for path in proxies]
+        q = torch.from_numpy(np.load(self.per_proxy / "q.npy"))[:, None]
+        out = torch.empty_like(self.tau)
+        for start in range(0, out.shape[1], 256):
+            cols = slice(start, start + 256)
+            block = torch.stack([torch.from_numpy(np.asarray(s[:, cols], np.float64)) for s in stack]) * q
+            if kind == "se":
+                error = block.std(0) / len(stack) ** 0.5
+                x = block.mean(0)
+                out[:, cols] = torch.sign(x) * torch.clamp(x.abs() - level * error, min=0)
+            elif kind == "psoft":
+                out[:, cols] = torch.stack([soft_threshold(b, level * b.std(0)) for b in block]).mean(0)
+            elif kind == "median":  # numpy's: the mean of the middle two of an even count
+                out[:, cols] = torch.from_numpy(np.median(block.numpy(), axis=0))
+            else:
+                out[:, cols] = block[chosen].mean(0)
+        if kind in ("median", "proxies") and level:
+            out = soft_threshold(out, level * out.std(0))
+        # the files must be this tau's proxies: their mean reproduces tau's first columns
+        gap = float((sum(torch.from_numpy(np.asarray(s[:, :8], np.float64)) for s in stack) / len(stack)
+                     * q - self.tau[:, :8]).abs().max() / self.tau[:, :8].abs().max())
+        if gap > 1e-4:
+            raise SystemExit(f"{self.per_proxy}: the proxies' mean is not this store's tau ({gap:.1e})")
+        return out
 
     def low_rank(self, rank: int, scored: np.ndarray | None) -> torch.Tensor:
         """The ``scored`` columns of tau projected onto their top ``rank`` right singular
@@ -356,6 +410,10 @@ def main() -> None:
     parser.add_argument("--recipe", dest="recipe_from", help="a summary JSON of this script whose evaluation-model "
                         "recipe to use instead of the store's evaluations folder's")
     parser.add_argument("--variants", nargs="+", default=["soft0", "soft1"])
+    parser.add_argument("--per-proxy", help="the folder of bench/tau_per_proxy.py (each proxy's scores), "
+                        "for the seS, psoftS and medianS variants")
+    parser.add_argument("--overlaps-only", action="store_true",
+                        help="print the variants' selections' overlaps and train nothing")
     parser.add_argument("--quotas", help="a mixture-fit JSON with per-source quotas (none: the whole pool)")
     parser.add_argument("--dev", action="store_true", help="leave the development targets out of the scores")
     parser.add_argument("--fraction", type=float, default=0.2)
@@ -381,8 +439,12 @@ def main() -> None:
     for variant, keep in kept.items():  # how far the selection spreads over documents
         _, per_document = np.unique(pool.documents[keep], return_counts=True)
         print(f"{variant}: {int(keep.sum())} examples of {len(per_document)} documents "
-              f"(at most {per_document.max()} of one; the pool {len(np.unique(pool.documents))})",
+              f"(at most {per_document.max()} of one; the pool {len(np.unique(pool.documents))}); "
+              "shares with " + ", ".join(f"{other} {int((keep & k).sum()) / int(keep.sum()):.3f}"
+                                         for other, k in kept.items() if other != variant),
               flush=True)
+    if args.overlaps_only:
+        return
     results = {}
     mix = Path(args.quotas).stem if args.quotas else "pool"  # which quotas, in every name
     for seed in args.seeds:  # every variant's seed 0 first: a cut-short run is still paired
