@@ -1,6 +1,7 @@
 """Each proxy's own TRAK scores of the bench pool, kept apart instead of averaged, so that
 `bench/tau_variants.py` can test aggregations that use the ensemble's spread (``seS``,
-``psoftS``, ``medianS``).
+``psoftS``, ``medianS``) and how much of a selection two halves of the ensemble share
+(``proxiesIJ..``).
 
     python bench/tau_per_proxy.py            # the store of bench/selection_quality.py
 

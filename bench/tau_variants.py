@@ -16,13 +16,13 @@ tau, ``soft1`` the pipeline's default), ``standardised`` standardises each colum
 target one vote), ``rank_mean`` replaces each column by its pool ranks, ``hardS`` zeroes the
 entries within S sd and keeps the rest as they are, ``madS`` soft-thresholds at S robust sd
 (1.4826 x the column's median absolute deviation), ``lowrankK`` keeps tau's projection onto
-its top K singular directions over targets. Three use each proxy's own scores (``--per-proxy``,
+its top K singular directions over targets. Four use each proxy's own scores (``--per-proxy``,
 written by `bench/tau_per_proxy.py`): ``seS`` soft-thresholds each entry at S times its
 standard error over the proxies, ``psoftS`` soft-thresholds each proxy's columns at S sd before
 the ensemble mean, ``medianS`` takes the median over proxies instead of the mean (then S sd
 per column), ``proxiesIJ..`` the mean of the named proxies alone (``--overlaps-only`` prints how
-much two disjoint halves' selections share, and trains nothing). An aggregation may be followed by selection
-rules: ``+groupsK`` splits each task's targets into K groups by their columns of tau
+much, say, two disjoint halves' selections share, and trains nothing). An aggregation may be
+followed by selection rules: ``+groupsK`` splits each task's targets into K groups by their columns of tau
 (`target_groups`), mixed like tasks; ``+doccapC`` ranks each document's examples after its
 C best below all others (`document_cap`); ``+docmeanA`` moves each example's score a share A
 of the way to its document's mean score; ``+sum`` mixes the tasks by the standardised sum
@@ -411,7 +411,7 @@ def main() -> None:
                         "recipe to use instead of the store's evaluations folder's")
     parser.add_argument("--variants", nargs="+", default=["soft0", "soft1"])
     parser.add_argument("--per-proxy", help="the folder of bench/tau_per_proxy.py (each proxy's scores), "
-                        "for the seS, psoftS and medianS variants")
+                        "for the seS, psoftS, medianS and proxiesIJ.. variants")
     parser.add_argument("--overlaps-only", action="store_true",
                         help="print the variants' selections' overlaps and train nothing")
     parser.add_argument("--quotas", help="a mixture-fit JSON with per-source quotas (none: the whole pool)")
