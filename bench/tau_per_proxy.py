@@ -9,6 +9,7 @@ Reads the store's one datamodel_weights folder (or ``--datamodel``), its gradien
 target_gradients, and writes under ``--out``/<scores_id>/:
 - ``proxy-MM.npy``: S_m [N, T] float32, proxy m's Phi_m (Phi_m^T Phi_m + lambda_m I)^{-1} G_m^T,
   pool rows in corpus order, targets in the order of tau's columns;
+- ``q-MM.npy``: proxy m's out-to-loss weights q_m [N];
 - ``q.npy``: the ensemble's out-to-loss weight [N] (mean over proxies), or ones when the
   folder was scored without it;
 - ``done.json``: the check that mean_m(S_m) * q reproduces the stored tau (largest
