@@ -176,9 +176,10 @@ class Pool:
         more on some candidates than on others. ``proxiesIJK..`` (digits) is the mean of those
         proxies alone, thresholded as the default (1 sd): two disjoint halves show how much
         of a selection is the ensemble's own noise."""
-        if self.per_proxy is None:
-            raise SystemExit(f"{variant!r} needs each proxy's scores: run bench/tau_per_proxy.py "
-                             "and pass --per-proxy")
+        if self.per_proxy is None or not (self.per_proxy / "done.json").exists():
+            # done.json is written once the proxies' mean has reproduced this tau
+            raise SystemExit(f"{variant!r} needs each proxy's scores of {self.scores_id}: run "
+                             "bench/tau_per_proxy.py to its end and pass --per-proxy")
         kind = next(k for k in ("se", "psoft", "median", "proxies") if variant.startswith(k))
         proxies = sorted(self.per_proxy.glob("proxy-*.npy"))
         level = 1.0 if kind == "proxies" else float(variant[len(kind):])
@@ -192,7 +193,7 @@ class Pool:
         for start in range(0, out.shape[1], 256):
             cols = slice(start, start + 256)
             block = torch.stack([torch.from_numpy(np.asarray(s[:, cols], np.float64)) for s in stack]) * q
-            if kind == "se":
+            if kind == "se":  # `soft_threshold`'s formula with a threshold per entry
                 error = block.std(0) / len(stack) ** 0.5
                 x = block.mean(0)
                 out[:, cols] = torch.sign(x) * torch.clamp(x.abs() - level * error, min=0)
@@ -204,11 +205,6 @@ class Pool:
                 out[:, cols] = block[chosen].mean(0)
         if kind in ("median", "proxies") and level:
             out = soft_threshold(out, level * out.std(0))
-        # the files must be this tau's proxies: their mean reproduces tau's first columns
-        gap = float((sum(torch.from_numpy(np.asarray(s[:, :8], np.float64)) for s in stack) / len(stack)
-                     * q - self.tau[:, :8]).abs().max() / self.tau[:, :8].abs().max())
-        if gap > 1e-4:
-            raise SystemExit(f"{self.per_proxy}: the proxies' mean is not this store's tau ({gap:.1e})")
         return out
 
     def low_rank(self, rank: int, scored: np.ndarray | None) -> torch.Tensor:
