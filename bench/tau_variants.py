@@ -26,7 +26,10 @@ followed by selection rules: ``+groupsK`` splits each task's targets into K grou
 (`target_groups`), mixed like tasks; ``+doccapC`` ranks each document's examples after its
 C best below all others (`document_cap`); ``+docmeanA`` moves each example's score a share A
 of the way to its document's mean score; ``+sum`` mixes the tasks by the standardised sum
-instead of ``max``; e.g. ``soft1+groups4``. For each it makes
+instead of ``max``; ``+trimP`` takes each task score as a mean without the candidate's P%
+largest and P% smallest target effects (`trimmed_mean`); ``+targetsP`` scores only a seeded
+P% of each task's origins (`origin_share`); e.g. ``soft1+groups4``. ``--tau DIR`` replaces
+the stored tau by another estimate of the same pool and targets (`bench/target_span.py`'s). For each it makes
 the DsDm selection as `selected_subset` does (the task means, the
 standardised scores under `task_mixing: max`, optionally each source's quota filled by that
 ranking, the top 20%), trains an evaluation model per seed with the bench's recipe, and
@@ -52,6 +55,7 @@ written to ``--summary``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -84,12 +88,22 @@ from dsdm.trak import soft_threshold  # noqa: E402
 
 STORE = REPO / "bench" / "out" / "selection_quality" / "bench-5200" / "store"
 CURVE = REPO / "bench" / "results" / "selection_quality.json"
-PATH_FLAGS = ("store", "quotas", "out", "summary", "recipe_from", "per_proxy")
+PATH_FLAGS = ("store", "quotas", "out", "summary", "recipe_from", "per_proxy", "tau")
 
 
 #: the flag that names each asset's folder, in this script and in bench/mixture_dev.py
 FOLDER_FLAGS = {"datamodel_weights": "--datamodel", "evaluations": "--evaluations",
                 "datamodel_lds": "--lds-folder", "mixture_runs": "--mixture"}
+
+
+def replacement_tau(folder: Path, scores_id: str) -> Path:
+    """The tau.npy that ``--tau`` names, once its ``done.json`` says it was finished (and
+    checked) for the store's scores ``scores_id``."""
+    done = folder / "done.json"
+    if not done.exists() or json.loads(done.read_text())["scores_id"] != scores_id:
+        raise SystemExit(f"{folder} holds no finished tau of scores {scores_id} (no done.json "
+                         "naming them); run bench/target_span.py to its end")
+    return folder / "tau.npy"
 
 
 def only_manifest(store: Path, asset: str, crawl: str, folder: str | None = None) -> dict:
@@ -127,6 +141,9 @@ class Pool:
         self.documents = np.array(self.corpus.column("doc_id").to_pylist())
         self.tau = torch.cat([load_tau(store, f["path"]) for f in weights_m["files"]
                               if f["kind"] == "tau"]).double()
+        if args.tau:  # another estimate of the same pool and targets (bench/target_span.py)
+            self.tau = torch.from_numpy(np.load(replacement_tau(Path(args.tau), self.scores_id))).double()
+            self.scores_id = f"{self.scores_id}-{Path(args.tau).name}"
         columns = pq.read_table(root / weights_m["files"][0]["path"].rsplit("/", 1)[0] / TARGET_COLUMNS)
         self.tasks = np.array(columns["task"].to_pylist())
         self.target_ids = columns["example_id"].to_pylist()
@@ -233,7 +250,7 @@ class Pool:
         scored = ~self.dev if dev else np.ones(len(self.tasks), bool)
         tau = self.columns(aggregation, scored)
         groups = {t: (self.tasks == t) & scored for t in sorted(set(self.tasks))}
-        cap, pull, mixing = None, 0.0, "max"
+        cap, pull, mixing, trim = None, 0.0, "max", 0.0
         for rule in rules:
             if rule.startswith("groups"):
                 groups = {f"{t}/{i}": part for t, mask in groups.items()
@@ -246,10 +263,17 @@ class Pool:
                 pull = float(rule[7:])
             elif rule == "sum":
                 mixing = "sum"
+            elif rule.startswith("trim"):
+                trim = float(rule[4:]) / 100
+            elif rule.startswith("targets"):
+                kept_origins = origin_share(self.target_ids, float(rule[7:]) / 100)
+                groups = {name: mask & kept_origins for name, mask in groups.items()}
+                print(f"{variant}: scored targets per task " + ", ".join(
+                    f"{name} {int(mask.sum())}" for name, mask in groups.items()), flush=True)
             else:
                 raise SystemExit(f"unknown selection rule {rule!r} in {variant!r}: groupsK, "
-                                 "doccapC, docmeanA or sum")
-        means = {name: tau[:, mask].mean(1).numpy() for name, mask in groups.items()}
+                                 "doccapC, docmeanA, trimP, targetsP or sum")
+        means = {name: trimmed_mean(tau[:, mask], trim).numpy() for name, mask in groups.items()}
         combined = combine_task_scores(means, standardise=True, mixing=mixing)
         if pull:  # each example's score moved a share `pull` of the way to its document's mean
             _, document, count = np.unique(self.documents, return_inverse=True, return_counts=True)
@@ -262,6 +286,32 @@ class Pool:
         keep = np.zeros(len(self.ids), bool)
         keep[select_top(combined, self.ids, fraction=self.fraction)] = True
         return keep
+
+
+def origin_share(target_ids: list[str], share: float) -> np.ndarray:
+    """[T] bool: the targets of a seeded ``share`` of each task's origins (the document,
+    chapter, article or FAQ file an item comes from, as its id names it; the select and eval
+    splits are cut along the same lines). The question it answers: how a task's loss depends
+    on how many items describe it, at whole origins, as a user's new items would differ."""
+    def origin(target_id: str) -> str:
+        parts = target_id.split("/")
+        return parts[1] if parts[0] in ("wiki_qa", "tech_faq") else "/".join(parts[:-1])
+
+    return np.array([int(hashlib.sha256(f"origin/{origin(i)}".encode()).hexdigest()[:8], 16)
+                     % 10_000 < share * 10_000 for i in target_ids])
+
+
+def trimmed_mean(block: torch.Tensor, share: float) -> torch.Tensor:
+    """[N] each row's mean of ``block`` [N, T] without its ``share`` largest and ``share``
+    smallest values (rounded down to whole targets; 0: the plain mean). The hypothesis it
+    tests: a candidate's few largest entries are effects on single targets (the answer word
+    of one cloze item) that a new item of the task will not share, while an effect spread
+    over many targets is the task's; the development targets scored in the task mean are
+    0.03-0.27 nats better than scored out of it, so such effects are real but item-bound."""
+    cut = int(share * block.shape[1])
+    if cut == 0:
+        return block.mean(1)
+    return block.sort(1).values[:, cut:block.shape[1] - cut].mean(1)
 
 
 def target_groups(tau: torch.Tensor, mask: np.ndarray, k: int, restarts: int = 8) -> list[np.ndarray]:
@@ -408,6 +458,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["soft0", "soft1"])
     parser.add_argument("--per-proxy", help="the folder of bench/tau_per_proxy.py (each proxy's scores), "
                         "for the seS, psoftS, medianS and proxiesIJ.. variants")
+    parser.add_argument("--tau", help="a folder of bench/target_span.py: its tau replaces the "
+                        "stored one (results are named by both)")
     parser.add_argument("--overlaps-only", action="store_true",
                         help="print the variants' selections' overlaps and train nothing")
     parser.add_argument("--quotas", help="a mixture-fit JSON with per-source quotas (none: the whole pool)")
