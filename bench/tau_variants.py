@@ -28,7 +28,7 @@ C best below all others (`document_cap`); ``+docmeanA`` moves each example's sco
 of the way to its document's mean score; ``+sum`` mixes the tasks by the standardised sum
 instead of ``max``; ``+trimP`` takes each task score as a mean without the candidate's P%
 largest and P% smallest target effects (`trimmed_mean`); ``+targetsP`` scores only a seeded
-P% of each task's origins (`origin_share`); e.g. ``soft1+groups4``. ``--tau DIR`` replaces
+P% of each task's origins (`origin_share`), ``+itemsP`` a seeded P% of its items; e.g. ``soft1+groups4``. ``--tau DIR`` replaces
 the stored tau by another estimate of the same pool and targets (`bench/target_span.py`'s). For each it makes
 the DsDm selection as `selected_subset` does (the task means, the
 standardised scores under `task_mixing: max`, optionally each source's quota filled by that
@@ -265,14 +265,15 @@ class Pool:
                 mixing = "sum"
             elif rule.startswith("trim"):
                 trim = float(rule[4:]) / 100
-            elif rule.startswith("targets"):
-                kept_origins = origin_share(self.target_ids, float(rule[7:]) / 100)
-                groups = {name: mask & kept_origins for name, mask in groups.items()}
+            elif rule.startswith(("targets", "items")):
+                share = float(rule[7:] if rule.startswith("targets") else rule[5:]) / 100
+                kept = origin_share(self.target_ids, share, by_item=rule.startswith("items"))
+                groups = {name: mask & kept for name, mask in groups.items()}
                 print(f"{variant}: scored targets per task " + ", ".join(
                     f"{name} {int(mask.sum())}" for name, mask in groups.items()), flush=True)
             else:
                 raise SystemExit(f"unknown selection rule {rule!r} in {variant!r}: groupsK, "
-                                 "doccapC, docmeanA, trimP, targetsP or sum")
+                                 "doccapC, docmeanA, trimP, targetsP, itemsP or sum")
         means = {name: trimmed_mean(tau[:, mask], trim).numpy() for name, mask in groups.items()}
         combined = combine_task_scores(means, standardise=True, mixing=mixing)
         if pull:  # each example's score moved a share `pull` of the way to its document's mean
@@ -288,17 +289,19 @@ class Pool:
         return keep
 
 
-def origin_share(target_ids: list[str], share: float) -> np.ndarray:
+def origin_share(target_ids: list[str], share: float, by_item: bool = False) -> np.ndarray:
     """[T] bool: the targets of a seeded ``share`` of each task's origins (the document,
     chapter, article or FAQ file an item comes from, as its id names it; the select and eval
-    splits are cut along the same lines). The question it answers: how a task's loss depends
-    on how many items describe it, at whole origins, as a user's new items would differ."""
+    splits are cut along the same lines), or with ``by_item`` a seeded ``share`` of the items
+    themselves, every origin keeping some. The question it answers: how a task's loss
+    depends on how many items describe it, and whether it is the items or their origins."""
     def origin(target_id: str) -> str:
         parts = target_id.split("/")
         return parts[1] if parts[0] in ("wiki_qa", "tech_faq") else "/".join(parts[:-1])
 
-    return np.array([int(hashlib.sha256(f"origin/{origin(i)}".encode()).hexdigest()[:8], 16)
-                     % 10_000 < share * 10_000 for i in target_ids])
+    keys = [f"item/{i}" if by_item else f"origin/{origin(i)}" for i in target_ids]
+    return np.array([int(hashlib.sha256(k.encode()).hexdigest()[:8], 16) % 10_000 < share * 10_000
+                     for k in keys])
 
 
 def trimmed_mean(block: torch.Tensor, share: float) -> torch.Tensor:
