@@ -38,10 +38,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.tau_per_proxy import proxy_scores  # noqa: E402
 from bench.tau_variants import STORE, only_manifest, tables  # noqa: E402
-from dsdm import trak  # noqa: E402
 from dsdm.artifacts import (  # noqa: E402
-    feature_shard,
     load_features,
     load_proxy_checkpoint,
     load_tau,
@@ -78,7 +77,7 @@ def main() -> None:
     grads = only_manifest(root, "gradient_shards", args.crawl)
     stored_targets = only_manifest(root, "target_gradients", args.crawl)
     proxies = only_manifest(root, "proxy_checkpoints", args.crawl)
-    grads_folder = f"gradient_shards/{args.crawl}/{grads['config_hash']}"
+    grads_input = {"manifest": grads, "folder": f"gradient_shards/{args.crawl}/{grads['config_hash']}"}
     targets_folder = f"target_gradients/{args.crawl}/{stored_targets['config_hash']}"
     checkpoints = [f["path"] for f in proxies["files"] if f["kind"] == "checkpoint"]
     if len(checkpoints) != grads["summary"]["proxies"]:
@@ -109,19 +108,10 @@ def main() -> None:
     total, q_sum, seconds = None, None, {}
     for m in range(len(checkpoints)):
         started = time.time()
-        shards = [load_features(store, f"{grads_folder}/{feature_shard(m, k)}")
-                  for k in range(grads["summary"]["shards"])]
-        inverse_path = out_root / f"inverse-{m:02d}.pt"
-        if inverse_path.exists():
-            inverse = torch.load(inverse_path)
-        else:
-            k_matrix = trak.kernel(s.phi for s in shards)
-            inverse = trak.regularised_inverse(k_matrix, trak.default_lambda(k_matrix, lambda_relative))
-            torch.save(inverse, inverse_path.with_suffix(".tmp"))
-            inverse_path.with_suffix(".tmp").rename(inverse_path)
-        target_phi = featurise(m, changed)
-        block = torch.cat([b for s in shards for b in trak.scores([s.phi], inverse, target_phi)]).double()
-        q = torch.cat([s.q for s in shards]).double()
+        s_m, q_m = proxy_scores(store, grads_input, {}, m, lambda_relative,
+                                target_phi=featurise(m, changed),
+                                inverse_cache=out_root / f"inverse-{m:02d}.pt")
+        block, q = torch.from_numpy(s_m).double(), torch.from_numpy(q_m).double()
         total = block if total is None else total + block
         q_sum = q if q_sum is None else q_sum + q
         seconds[m] = round(time.time() - started, 1)

@@ -39,17 +39,27 @@ from dsdm.store import ArtifactStore  # noqa: E402
 
 
 def proxy_scores(store: ArtifactStore, grads: dict, targets: dict, m: int,
-                 lambda_relative: float) -> tuple[np.ndarray, np.ndarray]:
+                 lambda_relative: float, target_phi: torch.Tensor | None = None,
+                 inverse_cache: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Proxy m's S_m [N, T] float32 and q_m [N], as `dsdm.datamodels.ensemble_scores` forms
-    them before it averages over proxies."""
+    them before it averages over proxies: of the stored target features, or of
+    ``target_phi`` [T, d] (`bench/target_span.py`'s). With ``inverse_cache`` (a file) the
+    regularised kernel inverse is read from there, or computed once and written there."""
     folder, shards = grads["folder"], grads["manifest"]["summary"]["shards"]
 
     def shard(k: int):
         return load_features(store, f"{folder}/{feature_shard(m, k)}")
 
-    k_matrix = trak.kernel(shard(k).phi for k in range(shards))
-    inverse = trak.regularised_inverse(k_matrix, trak.default_lambda(k_matrix, lambda_relative))
-    target_phi = load_features(store, f"{targets['folder']}/{target_features(m)}").phi
+    if inverse_cache is not None and inverse_cache.exists():
+        inverse = torch.load(inverse_cache)
+    else:
+        k_matrix = trak.kernel(shard(k).phi for k in range(shards))
+        inverse = trak.regularised_inverse(k_matrix, trak.default_lambda(k_matrix, lambda_relative))
+        if inverse_cache is not None:
+            torch.save(inverse, inverse_cache.with_suffix(".tmp"))
+            inverse_cache.with_suffix(".tmp").rename(inverse_cache)
+    if target_phi is None:
+        target_phi = load_features(store, f"{targets['folder']}/{target_features(m)}").phi
     blocks, q = [], []
     for k in range(shards):
         features = shard(k)
