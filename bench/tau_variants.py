@@ -28,9 +28,15 @@ C best below all others (`document_cap`); ``+docmeanA`` moves each example's sco
 of the way to its document's mean score; ``+sum`` mixes the tasks by the standardised sum
 instead of ``max``; ``+trimP`` takes each task score as a mean without the candidate's P%
 largest and P% smallest target effects (`trimmed_mean`); ``+targetsP`` scores only a seeded
-P% of each task's origins (`origin_share`), ``+itemsP`` a seeded P% of its items; e.g.
-``soft1+groups4``. ``--tau DIR`` replaces the stored tau by another estimate of the same
-pool and targets (`bench/target_span.py`'s). For each it makes the DsDm selection as
+P% of each task's origins (`origin_share`), ``+itemsP`` a seeded P% of its items;
+``+centre`` subtracts each task score's pool mean before the mixing (under ``max`` a task's
+zero is then its average example, not no effect); e.g. ``soft1+groups4``. ``uniform``
+ignores tau: seeded random keys, so each source's quota is a uniform sample of it (the mix
+alone). ``--tau DIR`` replaces the stored tau by another estimate of the same pool and
+targets (`bench/target_span.py`'s). ``--fraction F --epochs E`` spends the same training
+steps another way (``--fraction 0.1 --epochs 6``: half the examples, twice the passes); the
+quotas keep their shares, scaled to the budget by `dsdm.mixture.allocate`, and the results'
+names say ``topFxE``. For each it makes the DsDm selection as
 `selected_subset` does (the task means, the standardised scores under `task_mixing: max`,
 optionally each source's quota filled by that ranking, the top 20%), trains an evaluation model per seed with the bench's recipe, and
 records its eval-split losses and its losses on the development targets (one in five select
@@ -57,6 +63,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -80,7 +87,7 @@ from dsdm.evaluation import (  # noqa: E402
     target_losses,
     train_evaluation_model,
 )
-from dsdm.mixture import quota_scores  # noqa: E402
+from dsdm.mixture import allocate, quota_scores  # noqa: E402
 from dsdm.proxy import ProxyConfig  # noqa: E402
 from dsdm.selection import combine_task_scores, select_top  # noqa: E402
 from dsdm.store import ArtifactStore  # noqa: E402
@@ -153,8 +160,16 @@ class Pool:
         if self.tau.shape != (len(self.ids), len(self.tasks)):
             raise SystemExit(f"tau is {tuple(self.tau.shape)}, pool x targets "
                              f"{(len(self.ids), len(self.tasks))}")
-        self.quotas = json.loads(Path(args.quotas).read_text())["quotas"] if args.quotas else None
+        if args.epochs:  # with --fraction, the same steps spent on fewer or more examples
+            self.recipe = {**self.recipe, "epochs": args.epochs}
         self.fraction = args.fraction
+        self.quotas = json.loads(Path(args.quotas).read_text())["quotas"] if args.quotas else None
+        budget = math.floor(self.fraction * len(self.ids))
+        if self.quotas is not None and sum(self.quotas.values()) != budget:  # the same mix, scaled
+            names = sorted(self.quotas)
+            available = np.array([int((self.sources == s).sum()) for s in names])
+            counts = allocate(np.array([self.quotas[s] for s in names], float), budget, available)
+            self.quotas = dict(zip(names, counts.tolist(), strict=True))
         select_rows = np.flatnonzero(np.asarray(self.targets.column("split").to_pylist()) == "select")
         if self.targets.column("example_id").take(pa.array(select_rows)).to_pylist() != \
                 columns["example_id"].to_pylist():
@@ -245,12 +260,19 @@ class Pool:
         targets into K groups (`target_groups`) mixed like tasks, ``+doccapC`` keeps at most
         C examples of a document before any of its others (`document_cap`), ``+docmeanA``
         moves each example's mixed score a share A of the way to its document's mean,
-        ``+sum`` mixes the standardised task scores by their sum instead of `max`."""
+        ``+sum`` mixes the standardised task scores by their sum instead of `max`, ``+centre``
+        subtracts each task score's pool mean first. ``uniform`` ignores tau: seeded random
+        keys, so each source's quota is a uniform sample of it (the mix alone)."""
         aggregation, *rules = variant.split("+")
+        if aggregation == "uniform":
+            if rules:
+                raise SystemExit(f"{variant!r}: 'uniform' takes no selection rules")
+            combined = np.random.default_rng(0).random(len(self.ids))
+            return self.top(combined)
         scored = ~self.dev if dev else np.ones(len(self.tasks), bool)
         tau = self.columns(aggregation, scored)
         groups = {t: (self.tasks == t) & scored for t in sorted(set(self.tasks))}
-        cap, pull, mixing, trim = None, 0.0, "max", 0.0
+        cap, pull, mixing, trim, centre = None, 0.0, "max", 0.0, False
         for rule in rules:
             if rule.startswith("groups"):
                 groups = {f"{t}/{i}": part for t, mask in groups.items()
@@ -263,6 +285,8 @@ class Pool:
                 pull = float(rule[7:])
             elif rule == "sum":
                 mixing = "sum"
+            elif rule == "centre":
+                centre = True
             elif rule.startswith("trim"):
                 trim = float(rule[4:]) / 100
             elif rule.startswith(("targets", "items")):
@@ -273,8 +297,10 @@ class Pool:
                     f"{name} {int(mask.sum())}" for name, mask in groups.items()), flush=True)
             else:
                 raise SystemExit(f"unknown selection rule {rule!r} in {variant!r}: groupsK, "
-                                 "doccapC, docmeanA, trimP, targetsP, itemsP or sum")
+                                 "doccapC, docmeanA, trimP, targetsP, itemsP, sum or centre")
         means = {name: trimmed_mean(tau[:, mask], trim).numpy() for name, mask in groups.items()}
+        if centre:  # under `max`, zero is then a task's average example, not no effect
+            means = {name: score - score.mean() for name, score in means.items()}
         combined = combine_task_scores(means, standardise=True, mixing=mixing)
         if pull:  # each example's score moved a share `pull` of the way to its document's mean
             _, document, count = np.unique(self.documents, return_inverse=True, return_counts=True)
@@ -282,6 +308,11 @@ class Pool:
             combined = (1 - pull) * combined + pull * document_mean[document]
         if cap is not None:
             combined = document_cap(combined, self.documents, cap)
+        return self.top(combined)
+
+    def top(self, combined: np.ndarray) -> np.ndarray:
+        """[N] bool: the top ``fraction`` of ``combined`` [N], each source's quota filled by
+        its best when quotas are given."""
         if self.quotas is not None:
             combined = quota_scores(self.sources, combined, self.quotas)
         keep = np.zeros(len(self.ids), bool)
@@ -469,7 +500,10 @@ def main() -> None:
                         help="print the variants' selections' overlaps and train nothing")
     parser.add_argument("--quotas", help="a mixture-fit JSON with per-source quotas (none: the whole pool)")
     parser.add_argument("--dev", action="store_true", help="leave the development targets out of the scores")
-    parser.add_argument("--fraction", type=float, default=0.2)
+    parser.add_argument("--fraction", type=float, default=0.2,
+                        help="the share of the pool selected (quotas are scaled to it)")
+    parser.add_argument("--epochs", type=int, help="passes over the selection (default: the "
+                        "recipe's); --fraction 0.1 --epochs 6 trains the same steps on half the examples")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "tau_variants"))
     parser.add_argument("--summary", help="write the summary JSON here too")
@@ -500,6 +534,8 @@ def main() -> None:
         return
     results = {}
     mix = Path(args.quotas).stem if args.quotas else "pool"  # which quotas, in every name
+    if args.fraction != 0.2 or args.epochs:  # another budget shape, in every name too
+        mix += f"-top{args.fraction * 100:g}x{pool.recipe['epochs']}"
     for seed in args.seeds:  # every variant's seed 0 first: a cut-short run is still paired
         for variant, keep in kept.items():
             name = f"{mix}-{'dev' if args.dev else 'all'}-{variant}"
