@@ -96,6 +96,8 @@ from dsdm.trak import soft_threshold  # noqa: E402
 STORE = REPO / "bench" / "out" / "selection_quality" / "bench-5200" / "store"
 CURVE = REPO / "bench" / "results" / "selection_quality.json"
 PATH_FLAGS = ("store", "quotas", "out", "summary", "recipe_from", "per_proxy", "tau")
+#: the bench's selection share; results of any other are named by their shape
+FRACTION = 0.2
 
 
 #: the flag that names each asset's folder, in this script and in bench/mixture_dev.py
@@ -500,7 +502,7 @@ def main() -> None:
                         help="print the variants' selections' overlaps and train nothing")
     parser.add_argument("--quotas", help="a mixture-fit JSON with per-source quotas (none: the whole pool)")
     parser.add_argument("--dev", action="store_true", help="leave the development targets out of the scores")
-    parser.add_argument("--fraction", type=float, default=0.2,
+    parser.add_argument("--fraction", type=float, default=FRACTION,
                         help="the share of the pool selected (quotas are scaled to it)")
     parser.add_argument("--epochs", type=int, help="passes over the selection (default: the "
                         "recipe's); --fraction 0.1 --epochs 6 trains the same steps on half the examples")
@@ -534,7 +536,7 @@ def main() -> None:
         return
     results = {}
     mix = Path(args.quotas).stem if args.quotas else "pool"  # which quotas, in every name
-    if args.fraction != 0.2 or args.epochs:  # another budget shape, in every name too
+    if args.fraction != FRACTION or args.epochs:  # another budget shape, in every name too
         mix += f"-top{args.fraction * 100:g}x{pool.recipe['epochs']}"
     for seed in args.seeds:  # every variant's seed 0 first: a cut-short run is still paired
         for variant, keep in kept.items():
